@@ -1,0 +1,307 @@
+//! The normalised event: what ingest appends to the log and projectors fold.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::time::format_micros;
+
+/// The six Segment call types. A closed set: every `match` on it is exhaustive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventType {
+    /// An action the user performed (`event` + `properties`).
+    Track,
+    /// Who the user is (`traits`).
+    Identify,
+    /// A web page view (`name`, `category`, `properties`).
+    Page,
+    /// A mobile screen view (`name`, `category`, `properties`).
+    Screen,
+    /// Membership of a group or account (`groupId`, `traits`).
+    Group,
+    /// Two user identities are the same person (`previousId` → `userId`).
+    Alias,
+}
+
+impl EventType {
+    /// Every event type, in a fixed order.
+    pub const ALL: [EventType; 6] = [
+        EventType::Track,
+        EventType::Identify,
+        EventType::Page,
+        EventType::Screen,
+        EventType::Group,
+        EventType::Alias,
+    ];
+
+    /// The lowercase wire name (`track`, `identify`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Track => "track",
+            EventType::Identify => "identify",
+            EventType::Page => "page",
+            EventType::Screen => "screen",
+            EventType::Group => "group",
+            EventType::Alias => "alias",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn from_wire(s: &str) -> Option<Self> {
+        EventType::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The kind of an identifier. The first three are Segment's built-in id types;
+/// any other `context.externalIds[].type` is an external id type.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IdKind {
+    /// Segment's `anonymous_id`.
+    AnonymousId,
+    /// An email address, from `traits.email`.
+    Email,
+    /// Segment's `user_id`.
+    UserId,
+    /// Any other id type, such as `ga_client_id` or `stripe_customer_id`.
+    External(String),
+}
+
+impl IdKind {
+    /// The id type as used in `{id_type}:{id}` lookups.
+    pub fn as_str(&self) -> &str {
+        match self {
+            IdKind::AnonymousId => "anonymous_id",
+            IdKind::Email => "email",
+            IdKind::UserId => "user_id",
+            IdKind::External(s) => s,
+        }
+    }
+
+    /// Parses an id type; anything that is not built in is external.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "anonymous_id" => IdKind::AnonymousId,
+            "email" => IdKind::Email,
+            "user_id" => IdKind::UserId,
+            other => IdKind::External(other.to_owned()),
+        }
+    }
+}
+
+/// One identifier of a person: an id type and a value.
+///
+/// Identifiers order by type then value; the smallest identifier of a linked
+/// set names the set, so the choice never depends on arrival order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identifier {
+    /// The id type.
+    pub kind: IdKind,
+    /// The id value.
+    pub value: String,
+}
+
+impl Identifier {
+    /// An identifier of `kind` with `value`.
+    pub fn new(kind: IdKind, value: impl Into<String>) -> Self {
+        Self {
+            kind,
+            value: value.into(),
+        }
+    }
+
+    /// Parses `{id_type}:{id}`, splitting at the first colon.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (kind, value) = s.split_once(':')?;
+        if kind.is_empty() || value.is_empty() {
+            return None;
+        }
+        Some(Self::new(IdKind::parse(kind), value))
+    }
+}
+
+impl fmt::Display for Identifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.kind.as_str(), self.value)
+    }
+}
+
+/// A validated, normalised event as it stands in the log.
+///
+/// Nested JSON objects (`properties`, `traits`, `context`, `integrations`) are
+/// kept as their JSON text: ingest never needs to look inside most of them, and
+/// the log stores them verbatim. Times are microseconds since the Unix epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// The workspace (tenant), decided by the write key, never by the payload.
+    pub workspace_id: String,
+    /// The source within the workspace, decided by the write key.
+    pub source_id: String,
+    /// The de-duplication key within the workspace.
+    pub message_id: String,
+    /// The call type.
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// Segment `userId`.
+    pub user_id: Option<String>,
+    /// Segment `anonymousId`.
+    pub anonymous_id: Option<String>,
+    /// The `track` event name.
+    pub event: Option<String>,
+    /// The `page`/`screen` name.
+    pub name: Option<String>,
+    /// The `page`/`screen` category.
+    pub category: Option<String>,
+    /// The `group` call's group id.
+    pub group_id: Option<String>,
+    /// The `alias` call's previous id.
+    pub previous_id: Option<String>,
+    /// When the event happened, corrected for client clock skew.
+    pub timestamp: i64,
+    /// The client's own clock reading when the call was made.
+    pub original_timestamp: Option<i64>,
+    /// The client's clock reading when the request was sent.
+    pub sent_at: Option<i64>,
+    /// When ingest received the request.
+    pub received_at: i64,
+    /// `properties` as JSON text.
+    pub properties: Option<String>,
+    /// `traits` as JSON text.
+    pub traits: Option<String>,
+    /// `context` as JSON text.
+    pub context: Option<String>,
+    /// `integrations` as JSON text.
+    pub integrations: Option<String>,
+    /// The client address ingest saw (schema v2; `None` in v1 records).
+    #[serde(default)]
+    pub request_ip: Option<String>,
+}
+
+impl Event {
+    /// The identifier under which this event's timeline entry, traits and
+    /// counts are stored: `userId` when present, else `anonymousId`.
+    pub fn primary_identifier(&self) -> Identifier {
+        match (&self.user_id, &self.anonymous_id) {
+            (Some(u), _) => Identifier::new(IdKind::UserId, u.clone()),
+            (None, Some(a)) => Identifier::new(IdKind::AnonymousId, a.clone()),
+            // Ingest rejects events with neither; keep the fold total anyway.
+            (None, None) => Identifier::new(IdKind::AnonymousId, String::new()),
+        }
+    }
+
+    /// The log partition key: workspace plus the primary identity, so that one
+    /// person's events stay in order within a partition.
+    pub fn partition_key(&self) -> Vec<u8> {
+        let id = self
+            .user_id
+            .as_deref()
+            .or(self.anonymous_id.as_deref())
+            .unwrap_or("");
+        let mut key = Vec::with_capacity(self.workspace_id.len() + id.len() + 1);
+        key.extend_from_slice(self.workspace_id.as_bytes());
+        key.push(0);
+        key.extend_from_slice(id.as_bytes());
+        key
+    }
+
+    /// The event as the query API returns it in a timeline, in the snake_case
+    /// shape of Segment's Profile API.
+    pub fn to_api_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("message_id".into(), self.message_id.clone().into());
+        m.insert("type".into(), self.kind.as_str().into());
+        m.insert("source_id".into(), self.source_id.clone().into());
+        let opt = |v: &Option<String>| v.clone().map(Value::String).unwrap_or(Value::Null);
+        m.insert("user_id".into(), opt(&self.user_id));
+        m.insert("anonymous_id".into(), opt(&self.anonymous_id));
+        match self.kind {
+            EventType::Track => {
+                m.insert("event".into(), opt(&self.event));
+            }
+            EventType::Page | EventType::Screen => {
+                m.insert("name".into(), opt(&self.name));
+                m.insert("category".into(), opt(&self.category));
+            }
+            EventType::Group => {
+                m.insert("group_id".into(), opt(&self.group_id));
+            }
+            EventType::Alias => {
+                m.insert("previous_id".into(), opt(&self.previous_id));
+            }
+            EventType::Identify => {}
+        }
+        let json = |v: &Option<String>| {
+            v.as_deref()
+                .and_then(|s| serde_json::from_str::<Value>(s).ok())
+                .unwrap_or(Value::Null)
+        };
+        match self.kind {
+            EventType::Track | EventType::Page | EventType::Screen => {
+                m.insert(
+                    "properties".into(),
+                    json(&self.properties).or_empty_object(),
+                );
+            }
+            EventType::Identify | EventType::Group => {
+                m.insert("traits".into(), json(&self.traits).or_empty_object());
+            }
+            EventType::Alias => {}
+        }
+        m.insert("context".into(), json(&self.context).or_empty_object());
+        m.insert("timestamp".into(), format_micros(self.timestamp).into());
+        m.insert(
+            "original_timestamp".into(),
+            self.original_timestamp
+                .map(|t| Value::String(format_micros(t)))
+                .unwrap_or(Value::Null),
+        );
+        m.insert(
+            "sent_at".into(),
+            self.sent_at
+                .map(|t| Value::String(format_micros(t)))
+                .unwrap_or(Value::Null),
+        );
+        m.insert("received_at".into(), format_micros(self.received_at).into());
+        Value::Object(m)
+    }
+}
+
+trait OrEmptyObject {
+    fn or_empty_object(self) -> Value;
+}
+
+impl OrEmptyObject for Value {
+    fn or_empty_object(self) -> Value {
+        if self.is_null() {
+            Value::Object(Map::new())
+        } else {
+            self
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_parse_and_order() {
+        let a = Identifier::parse("user_id:42").unwrap();
+        assert_eq!(a.kind, IdKind::UserId);
+        assert_eq!(a.value, "42");
+        let e = Identifier::parse("email:a:b@c").unwrap();
+        assert_eq!(e.value, "a:b@c");
+        let x = Identifier::parse("stripe_id:cus_1").unwrap();
+        assert_eq!(x.kind, IdKind::External("stripe_id".into()));
+        assert!(Identifier::parse("nocolon").is_none());
+        assert!(Identifier::parse("user_id:").is_none());
+        assert!(Identifier::new(IdKind::AnonymousId, "z") < Identifier::new(IdKind::UserId, "a"));
+    }
+}

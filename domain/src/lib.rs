@@ -1,0 +1,31 @@
+//! The pure domain of Trailmark: everything that decides *what* happens to an
+//! event, with no IO and no async.
+//!
+//! # Layout
+//! - [`event`]: the normalised [`Event`] that ingest writes to the log and the
+//!   projector reads back, its closed set of [`EventType`]s and the
+//!   [`Identifier`]s it carries.
+//! - [`parse`]: the Segment HTTP Tracking API parser. It validates a request
+//!   body, merges batch-level `context`/`integrations`, assigns `messageId`s and
+//!   corrects clock skew, producing [`Event`]s or per-item [`ValidationError`]s.
+//! - [`profile`]: the fold. [`profile::project`] turns one event into the
+//!   [`profile::Projection`] of facts it contributes (identifiers, links, traits,
+//!   counts, timeline entry); [`profile::ProfileModel`] folds projections in
+//!   memory with commutative, idempotent rules (last event time wins per trait,
+//!   min/max seen times, identity union with a deterministic root). The stores
+//!   persist exactly these rules, and their conformance suite checks them
+//!   against this model.
+//! - [`clock`]: the injected [`Clock`], so tests control time.
+//!
+//! Everything above this crate (log, store, services) depends on it; it
+//! depends on nothing of Trailmark's.
+
+pub mod clock;
+pub mod event;
+pub mod parse;
+pub mod profile;
+pub mod time;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use event::{Event, EventType, IdKind, Identifier};
+pub use parse::{Limits, ParsedBatch, RejectedItem, ValidationError};
