@@ -1,1 +1,259 @@
-//! placeholder
+//! The stores: where projections and workspaces live.
+//!
+//! Two traits, because they are read and written by different parts:
+//!
+//! - [`ProfileStore`] holds the projections the projector folds from the log
+//!   (identities, traits, counts, seen times, timelines, the de-duplication
+//!   window) together with the projector's checkpoints, and serves them to the
+//!   query API. [`ProfileStore::apply`] writes a batch of events *and* the
+//!   position after it in one atomic step: a crash at any point either keeps
+//!   both or neither, so no event is lost or applied twice.
+//! - [`WorkspaceDirectory`] holds tenants and their credentials: write keys
+//!   (which can only write) and secret tokens (stored as SHA-256 digests).
+//!
+//! The rules of the fold are the domain's ([`trailmark_domain::profile`]); a
+//! store only persists them. Stores are an open set behind these traits: this
+//! crate holds the embedded [`embedded::EmbeddedStore`] (`embedded://` URIs, on
+//! fjall) and, behind the `conformance` feature, the suite every store passes.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use serde_json::value::RawValue;
+use trailmark_domain::profile::TraitValue;
+use trailmark_domain::{Event, Identifier};
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+pub mod embedded;
+
+/// Store failures, each either retryable or permanent.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot serve right now; retrying later may succeed.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data could not be read back.
+    #[error("corrupt store data: {0}")]
+    Corrupt(String),
+    /// The request cannot succeed as asked.
+    #[error("{0}")]
+    Invalid(String),
+    /// The thing asked for already exists.
+    #[error("{0} already exists")]
+    Conflict(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same call may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Unavailable(_) => true,
+            StoreError::Corrupt(_) | StoreError::Invalid(_) | StoreError::Conflict(_) => false,
+        }
+    }
+}
+
+/// The stores' result type.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A batch of events read from one log partition, to apply atomically with
+/// the position after it.
+#[derive(Debug, Clone)]
+pub struct ApplyBatch {
+    /// The consumer (projector group) whose checkpoint moves.
+    pub consumer: String,
+    /// The log partition the events came from.
+    pub partition: u32,
+    /// The log position after the last event: the new checkpoint.
+    pub next_position: u64,
+    /// The events, in log order.
+    pub events: Vec<Event>,
+    /// The de-duplication window, in microseconds of `receivedAt`.
+    pub dedup_window_micros: i64,
+}
+
+/// What [`ProfileStore::apply`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// Events folded.
+    pub applied: usize,
+    /// Events dropped as duplicates.
+    pub duplicates: usize,
+}
+
+/// A resolved profile: its root identifier and every linked identifier with
+/// the earliest event time it was seen at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileRef {
+    /// The smallest identifier of the profile; names it.
+    pub root: Identifier,
+    /// Every linked identifier and when it was first seen.
+    pub identifiers: BTreeMap<Identifier, i64>,
+}
+
+/// First and last seen and event counts of a profile.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProfileMetadata {
+    /// The earliest event time.
+    pub first_seen: i64,
+    /// The latest event time.
+    pub last_seen: i64,
+    /// Events by counter name (the event name for `track`, `$page` and so on).
+    pub counts: BTreeMap<String, u64>,
+}
+
+/// A timeline query. Times are microseconds; `start` is inclusive, `end`
+/// exclusive.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TimelineQuery {
+    /// Earliest event time to include.
+    pub start: Option<i64>,
+    /// Event time to stop before.
+    pub end: Option<i64>,
+    /// Only events with this counter name.
+    pub event: Option<String>,
+    /// Newest first.
+    pub descending: bool,
+    /// At most this many events.
+    pub limit: usize,
+    /// Resume after this `(time, messageId)` (exclusive), from a cursor.
+    pub after: Option<(i64, String)>,
+}
+
+/// One timeline entry.
+#[derive(Debug, Clone)]
+pub struct TimelineEntry {
+    /// The event time.
+    pub time: i64,
+    /// The `messageId`.
+    pub message_id: String,
+    /// The event as the query API renders it.
+    pub json: Box<RawValue>,
+}
+
+/// A page of a timeline.
+#[derive(Debug, Clone, Default)]
+pub struct TimelinePage {
+    /// The entries, in the order asked for.
+    pub entries: Vec<TimelineEntry>,
+    /// Whether more entries match after the last one.
+    pub has_more: bool,
+}
+
+/// Projections and projector checkpoints.
+#[async_trait]
+pub trait ProfileStore: Send + Sync + 'static {
+    /// Folds `batch.events` and moves `batch.consumer`'s checkpoint for
+    /// `batch.partition` to `batch.next_position`, atomically. Applying a
+    /// batch again changes nothing: its events are duplicates.
+    async fn apply(&self, batch: ApplyBatch) -> Result<ApplyOutcome>;
+
+    /// The checkpoints of `consumer`: partition → position to resume from.
+    async fn checkpoints(&self, consumer: &str) -> Result<BTreeMap<u32, u64>>;
+
+    /// Deletes every projection and checkpoint, keeping workspaces; for a
+    /// rebuild from the log.
+    async fn reset_projections(&self) -> Result<()>;
+
+    /// The profile `id` belongs to in `workspace`, if any event named it.
+    async fn resolve(&self, workspace: &str, id: &Identifier) -> Result<Option<ProfileRef>>;
+
+    /// The winning value of each trait of a profile.
+    async fn traits(
+        &self,
+        workspace: &str,
+        profile: &ProfileRef,
+    ) -> Result<BTreeMap<String, TraitValue>>;
+
+    /// First and last seen and event counts of a profile.
+    async fn metadata(&self, workspace: &str, profile: &ProfileRef) -> Result<ProfileMetadata>;
+
+    /// A page of a profile's timeline across all its identifiers, ordered by
+    /// `(time, messageId)`.
+    async fn timeline(
+        &self,
+        workspace: &str,
+        profile: &ProfileRef,
+        query: &TimelineQuery,
+    ) -> Result<TimelinePage>;
+
+    /// Succeeds when the store can serve reads and writes.
+    async fn check_ready(&self) -> Result<()>;
+}
+
+/// A workspace (tenant).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Workspace {
+    /// Its id, such as `ws_...`.
+    pub id: String,
+    /// A human name.
+    pub name: String,
+    /// When it was created, microseconds since the epoch.
+    pub created_at: i64,
+}
+
+/// A newly created workspace and its credentials, shown once.
+#[derive(Debug, Clone)]
+pub struct CreatedWorkspace {
+    /// The workspace.
+    pub workspace: Workspace,
+    /// The id of its first source.
+    pub source_id: String,
+    /// The write key of that source.
+    pub write_key: String,
+    /// The secret token for reading and administration.
+    pub token: String,
+}
+
+/// What a write key grants: appending events to one source of one workspace.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WriteGrant {
+    /// The workspace.
+    pub workspace_id: String,
+    /// The source.
+    pub source_id: String,
+}
+
+/// What a secret token grants: reading one workspace.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReadGrant {
+    /// The workspace.
+    pub workspace_id: String,
+}
+
+/// Tenants and their credentials.
+#[async_trait]
+pub trait WorkspaceDirectory: Send + Sync + 'static {
+    /// Creates a workspace with one source. Credentials are generated unless
+    /// given (for scripted deployments).
+    async fn create_workspace(
+        &self,
+        name: &str,
+        write_key: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<CreatedWorkspace>;
+
+    /// Every workspace.
+    async fn workspaces(&self) -> Result<Vec<Workspace>>;
+
+    /// What a write key grants, if it is one.
+    async fn resolve_write_key(&self, write_key: &str) -> Result<Option<WriteGrant>>;
+
+    /// What a secret token grants, if it is one.
+    async fn resolve_token(&self, token: &str) -> Result<Option<ReadGrant>>;
+}
+
+/// A fresh random credential with a readable prefix.
+pub fn new_secret(prefix: &str) -> String {
+    let a = uuid::Uuid::new_v4().simple().to_string();
+    let b = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}{a}{}", &b[..16])
+}
+
+/// The SHA-256 digest of a token, hex encoded; only digests are stored.
+pub fn token_digest(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(token.as_bytes());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,848 @@
+//! The embedded store, on fjall (an LSM tree): the default for one process.
+//!
+//! # Layout
+//! One fjall database, one keyspace per kind of fact. Key components are
+//! joined by a NUL byte (ingest refuses identifiers that contain one); an
+//! identifier is `kind NUL value`; times are 8 big-endian bytes with the sign
+//! bit flipped, so byte order is time order.
+//!
+//! | keyspace     | key                                   | value                      |
+//! |--------------|---------------------------------------|----------------------------|
+//! | `workspaces` | workspace id                          | [`Workspace`] JSON         |
+//! | `credentials`| `w` NUL write key / `t` NUL digest     | grant JSON                 |
+//! | `checkpoints`| consumer NUL partition (BE u32)       | position (BE u64)          |
+//! | `dedup`      | ws NUL messageId                      | receivedAt (BE)            |
+//! | `dedup_time` | receivedAt (BE) ws NUL messageId      | empty (purge index)        |
+//! | `identity`   | ws NUL id                             | root id NUL created (BE)   |
+//! | `members`    | ws NUL root id NUL id                 | created (BE)               |
+//! | `traits`     | ws NUL id NUL trait name              | [`TraitValue`] JSON        |
+//! | `counts`     | ws NUL id NUL counter name            | count (BE u64)             |
+//! | `seen`       | ws NUL id                             | first, last (BE)           |
+//! | `timeline`   | ws NUL id NUL time (BE) messageId      | counter len, counter, JSON |
+//!
+//! Facts are kept per identifier and merged on read (see the domain's
+//! profile module), so linking two profiles only rewrites the small
+//! `identity`/`members` index, never traits or timelines.
+//!
+//! # Atomicity
+//! [`ProfileStore::apply`] runs in one single-writer fjall transaction that
+//! also writes the checkpoint. fjall's journal recovers a prefix of committed
+//! transactions, so after a crash the checkpoint and the state it describes
+//! always agree.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use fjall::{
+    KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace,
+};
+use serde_json::value::RawValue;
+use trailmark_domain::profile::{Seen, TraitValue, counter_name, is_duplicate, merge_trait, project};
+use trailmark_domain::{Event, IdKind, Identifier};
+
+use crate::{
+    ApplyBatch, ApplyOutcome, CreatedWorkspace, ProfileMetadata, ProfileRef, ProfileStore,
+    ReadGrant, Result, StoreError, TimelineEntry, TimelinePage, TimelineQuery, Workspace,
+    WorkspaceDirectory, WriteGrant, new_secret, token_digest,
+};
+
+/// How far past the de-duplication window an entry is kept before it is
+/// purged, so that small reorderings of `receivedAt` within a partition never
+/// change a decision.
+const DEDUP_PURGE_SLACK_MICROS: i64 = 3_600 * 1_000_000;
+
+struct Keyspaces {
+    workspaces: SingleWriterTxKeyspace,
+    credentials: SingleWriterTxKeyspace,
+    checkpoints: SingleWriterTxKeyspace,
+    dedup: SingleWriterTxKeyspace,
+    dedup_time: SingleWriterTxKeyspace,
+    identity: SingleWriterTxKeyspace,
+    members: SingleWriterTxKeyspace,
+    traits: SingleWriterTxKeyspace,
+    counts: SingleWriterTxKeyspace,
+    seen: SingleWriterTxKeyspace,
+    timeline: SingleWriterTxKeyspace,
+}
+
+impl Keyspaces {
+    fn projections(&self) -> [&SingleWriterTxKeyspace; 9] {
+        [
+            &self.checkpoints,
+            &self.dedup,
+            &self.dedup_time,
+            &self.identity,
+            &self.members,
+            &self.traits,
+            &self.counts,
+            &self.seen,
+            &self.timeline,
+        ]
+    }
+}
+
+struct Inner {
+    db: SingleWriterTxDatabase,
+    ks: Keyspaces,
+}
+
+/// The embedded [`ProfileStore`] and [`WorkspaceDirectory`].
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(what.to_owned())
+}
+
+// ---- key encoding -------------------------------------------------------
+
+fn time_bytes(t: i64) -> [u8; 8] {
+    ((t as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn time_from(b: &[u8]) -> Result<i64> {
+    let arr: [u8; 8] = b.try_into().map_err(|_| corrupt("time field"))?;
+    Ok((u64::from_be_bytes(arr) ^ (1 << 63)) as i64)
+}
+
+fn push_id(key: &mut Vec<u8>, id: &Identifier) {
+    key.extend_from_slice(id.kind.as_str().as_bytes());
+    key.push(0);
+    key.extend_from_slice(id.value.as_bytes());
+}
+
+fn ws_id_key(ws: &str, id: &Identifier) -> Vec<u8> {
+    let mut k = Vec::with_capacity(ws.len() + id.value.len() + 16);
+    k.extend_from_slice(ws.as_bytes());
+    k.push(0);
+    push_id(&mut k, id);
+    k
+}
+
+/// `ws NUL id NUL`: the prefix of an identifier's rows.
+fn ws_id_prefix(ws: &str, id: &Identifier) -> Vec<u8> {
+    let mut k = ws_id_key(ws, id);
+    k.push(0);
+    k
+}
+
+fn parse_id(b: &[u8]) -> Result<Identifier> {
+    let s = std::str::from_utf8(b).map_err(|_| corrupt("identifier is not utf-8"))?;
+    let (kind, value) = s.split_once('\0').ok_or_else(|| corrupt("identifier"))?;
+    Ok(Identifier::new(IdKind::parse(kind), value))
+}
+
+fn id_bytes(id: &Identifier) -> Vec<u8> {
+    let mut k = Vec::new();
+    push_id(&mut k, id);
+    k
+}
+
+fn encode_identity(root: &Identifier, created: i64) -> Vec<u8> {
+    let mut v = id_bytes(root);
+    v.push(0);
+    v.extend_from_slice(&time_bytes(created));
+    v
+}
+
+fn decode_identity(v: &[u8]) -> Result<(Identifier, i64)> {
+    if v.len() < 9 {
+        return Err(corrupt("identity row"));
+    }
+    let (id, t) = v.split_at(v.len() - 8);
+    Ok((parse_id(&id[..id.len() - 1])?, time_from(t)?))
+}
+
+fn checkpoint_key(consumer: &str, partition: u32) -> Vec<u8> {
+    let mut k = consumer.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("plain data serialises")
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(b: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(b).map_err(|_| corrupt(what))
+}
+
+fn u64_from(b: &[u8], what: &str) -> Result<u64> {
+    Ok(u64::from_be_bytes(b.try_into().map_err(|_| corrupt(what))?))
+}
+
+fn encode_seen(s: Seen) -> Vec<u8> {
+    let mut v = time_bytes(s.first).to_vec();
+    v.extend_from_slice(&time_bytes(s.last));
+    v
+}
+
+fn decode_seen(b: &[u8]) -> Result<Seen> {
+    if b.len() != 16 {
+        return Err(corrupt("seen row"));
+    }
+    Ok(Seen {
+        first: time_from(&b[..8])?,
+        last: time_from(&b[8..])?,
+    })
+}
+
+fn encode_timeline_value(ev: &Event) -> Vec<u8> {
+    let counter = counter_name(ev);
+    let mut v = Vec::with_capacity(counter.len() + 512);
+    v.extend_from_slice(&(counter.len() as u32).to_be_bytes());
+    v.extend_from_slice(counter.as_bytes());
+    serde_json::to_writer(&mut v, &ev.to_api_json()).expect("json value serialises");
+    v
+}
+
+fn split_timeline_value(v: &[u8]) -> Result<(&[u8], &[u8])> {
+    if v.len() < 4 {
+        return Err(corrupt("timeline row"));
+    }
+    let n = u32::from_be_bytes(v[..4].try_into().expect("4")) as usize;
+    if v.len() < 4 + n {
+        return Err(corrupt("timeline row"));
+    }
+    Ok((&v[4..4 + n], &v[4 + n..]))
+}
+
+// ---- opening ------------------------------------------------------------
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let db = SingleWriterTxDatabase::builder(dir.as_ref())
+            .open()
+            .map_err(unavailable)?;
+        let open = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(unavailable)
+        };
+        let ks = Keyspaces {
+            workspaces: open("workspaces")?,
+            credentials: open("credentials")?,
+            checkpoints: open("checkpoints")?,
+            dedup: open("dedup")?,
+            dedup_time: open("dedup_time")?,
+            identity: open("identity")?,
+            members: open("members")?,
+            traits: open("traits")?,
+            counts: open("counts")?,
+            seen: open("seen")?,
+            timeline: open("timeline")?,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner { db, ks }),
+        })
+    }
+
+    /// Flushes the journal to disk.
+    pub fn persist(&self) -> Result<()> {
+        self.inner
+            .db
+            .persist(PersistMode::SyncAll)
+            .map_err(unavailable)
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+    }
+}
+
+// ---- the fold, persisted ------------------------------------------------
+
+impl Inner {
+    fn apply(&self, batch: &ApplyBatch) -> Result<ApplyOutcome> {
+        let ks = &self.ks;
+        let mut tx = self.db.write_tx();
+        let mut outcome = ApplyOutcome::default();
+        let mut max_received = i64::MIN;
+        for ev in &batch.events {
+            let ws = ev.workspace_id.as_str();
+            let mut dkey = ws.as_bytes().to_vec();
+            dkey.push(0);
+            dkey.extend_from_slice(ev.message_id.as_bytes());
+            let previous = match tx.get(&ks.dedup, &dkey).map_err(unavailable)? {
+                Some(v) => Some(time_from(&v)?),
+                None => None,
+            };
+            if is_duplicate(previous, ev.received_at, batch.dedup_window_micros) {
+                outcome.duplicates += 1;
+                continue;
+            }
+            if let Some(prev) = previous {
+                let mut old = time_bytes(prev).to_vec();
+                old.extend_from_slice(&dkey);
+                tx.remove(&ks.dedup_time, old);
+            }
+            tx.insert(&ks.dedup, dkey.clone(), time_bytes(ev.received_at));
+            let mut tkey = time_bytes(ev.received_at).to_vec();
+            tkey.extend_from_slice(&dkey);
+            tx.insert(&ks.dedup_time, tkey, []);
+            max_received = max_received.max(ev.received_at);
+
+            self.fold(&mut tx, ev)?;
+            outcome.applied += 1;
+        }
+        tx.insert(
+            &ks.checkpoints,
+            checkpoint_key(&batch.consumer, batch.partition),
+            batch.next_position.to_be_bytes(),
+        );
+        if max_received > i64::MIN {
+            let horizon = max_received
+                .saturating_sub(batch.dedup_window_micros)
+                .saturating_sub(DEDUP_PURGE_SLACK_MICROS);
+            self.purge_dedup(&mut tx, horizon)?;
+        }
+        tx.commit().map_err(unavailable)?;
+        Ok(outcome)
+    }
+
+    fn purge_dedup(&self, tx: &mut fjall::SingleWriterWriteTx<'_>, horizon: i64) -> Result<()> {
+        let ks = &self.ks;
+        let end = time_bytes(horizon);
+        let old: Vec<Vec<u8>> = tx
+            .range(&ks.dedup_time, ..end.to_vec())
+            .take(10_000)
+            .map(|kv| kv.key().map(|k| k.to_vec()).map_err(unavailable))
+            .collect::<Result<_>>()?;
+        for k in old {
+            tx.remove(&ks.dedup, k[8..].to_vec());
+            tx.remove(&ks.dedup_time, k);
+        }
+        Ok(())
+    }
+
+    fn fold(&self, tx: &mut fjall::SingleWriterWriteTx<'_>, ev: &Event) -> Result<()> {
+        let ks = &self.ks;
+        let ws = ev.workspace_id.as_str();
+        let p = project(ev);
+
+        // Identities: note each, keep the earliest time, then link them all.
+        let mut roots = Vec::with_capacity(p.identifiers.len());
+        for id in &p.identifiers {
+            let key = ws_id_key(ws, id);
+            match tx.get(&ks.identity, &key).map_err(unavailable)? {
+                None => {
+                    tx.insert(&ks.identity, key, encode_identity(id, p.time));
+                    self.put_member(tx, ws, id, id, p.time);
+                    roots.push(id.clone());
+                }
+                Some(v) => {
+                    let (root, created) = decode_identity(&v)?;
+                    if p.time < created {
+                        tx.insert(&ks.identity, key, encode_identity(&root, p.time));
+                        self.put_member(tx, ws, &root, id, p.time);
+                    }
+                    roots.push(root);
+                }
+            }
+        }
+        roots.sort();
+        roots.dedup();
+        if roots.len() > 1 {
+            let keep = roots[0].clone();
+            for gone in &roots[1..] {
+                self.move_members(tx, ws, gone, &keep)?;
+            }
+        }
+
+        // Traits: the latest event time wins, per trait.
+        let prefix = ws_id_prefix(ws, &p.primary);
+        for (name, value) in p.traits {
+            let mut key = prefix.clone();
+            key.extend_from_slice(name.as_bytes());
+            let candidate = TraitValue {
+                value,
+                updated_at: p.time,
+                message_id: p.message_id.clone(),
+            };
+            let wins = match tx.get(&ks.traits, &key).map_err(unavailable)? {
+                None => true,
+                Some(v) => candidate.supersedes(&from_json::<TraitValue>(&v, "trait row")?),
+            };
+            if wins {
+                tx.insert(&ks.traits, key, json(&candidate));
+            }
+        }
+
+        // Counts and seen times.
+        let mut ckey = prefix.clone();
+        ckey.extend_from_slice(p.counter.as_bytes());
+        let count = match tx.get(&ks.counts, &ckey).map_err(unavailable)? {
+            Some(v) => u64_from(&v, "count row")?,
+            None => 0,
+        };
+        tx.insert(&ks.counts, ckey, (count + 1).to_be_bytes());
+        let skey = ws_id_key(ws, &p.primary);
+        let seen = match tx.get(&ks.seen, &skey).map_err(unavailable)? {
+            Some(v) => decode_seen(&v)?.include(p.time),
+            None => Seen {
+                first: p.time,
+                last: p.time,
+            },
+        };
+        tx.insert(&ks.seen, skey, encode_seen(seen));
+
+        // The timeline entry.
+        let mut lkey = prefix;
+        lkey.extend_from_slice(&time_bytes(p.time));
+        lkey.extend_from_slice(p.message_id.as_bytes());
+        tx.insert(&ks.timeline, lkey, encode_timeline_value(ev));
+        Ok(())
+    }
+
+    fn put_member(
+        &self,
+        tx: &mut fjall::SingleWriterWriteTx<'_>,
+        ws: &str,
+        root: &Identifier,
+        id: &Identifier,
+        created: i64,
+    ) {
+        let mut key = ws_id_prefix(ws, root);
+        push_id(&mut key, id);
+        tx.insert(&self.ks.members, key, time_bytes(created));
+    }
+
+    /// Re-points every member of the profile rooted at `gone` to `keep`.
+    fn move_members(
+        &self,
+        tx: &mut fjall::SingleWriterWriteTx<'_>,
+        ws: &str,
+        gone: &Identifier,
+        keep: &Identifier,
+    ) -> Result<()> {
+        let ks = &self.ks;
+        let prefix = ws_id_prefix(ws, gone);
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = tx
+            .prefix(&ks.members, &prefix)
+            .map(|kv| {
+                kv.into_inner()
+                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(unavailable)
+            })
+            .collect::<Result<_>>()?;
+        for (key, created) in rows {
+            let member = parse_id(&key[prefix.len()..])?;
+            let created_at = time_from(&created)?;
+            tx.remove(&ks.members, key);
+            self.put_member(tx, ws, keep, &member, created_at);
+            tx.insert(
+                &ks.identity,
+                ws_id_key(ws, &member),
+                encode_identity(keep, created_at),
+            );
+        }
+        Ok(())
+    }
+
+    // ---- reads ----------------------------------------------------------
+
+    fn resolve(&self, ws: &str, id: &Identifier) -> Result<Option<ProfileRef>> {
+        let ks = &self.ks;
+        let snap = self.db.read_tx();
+        let Some(v) = snap.get(&ks.identity, ws_id_key(ws, id)).map_err(unavailable)? else {
+            return Ok(None);
+        };
+        let (root, _) = decode_identity(&v)?;
+        let prefix = ws_id_prefix(ws, &root);
+        let mut identifiers = BTreeMap::new();
+        for kv in snap.prefix(&ks.members, &prefix) {
+            let (k, v) = kv.into_inner().map_err(unavailable)?;
+            identifiers.insert(parse_id(&k[prefix.len()..])?, time_from(&v)?);
+        }
+        if identifiers.is_empty() {
+            return Err(corrupt("a profile root without members"));
+        }
+        Ok(Some(ProfileRef { root, identifiers }))
+    }
+
+    fn traits(&self, ws: &str, profile: &ProfileRef) -> Result<BTreeMap<String, TraitValue>> {
+        let snap = self.db.read_tx();
+        let mut out = BTreeMap::new();
+        for id in profile.identifiers.keys() {
+            let prefix = ws_id_prefix(ws, id);
+            for kv in snap.prefix(&self.ks.traits, &prefix) {
+                let (k, v) = kv.into_inner().map_err(unavailable)?;
+                let name = String::from_utf8(k[prefix.len()..].to_vec())
+                    .map_err(|_| corrupt("trait name"))?;
+                merge_trait(&mut out, name, from_json(&v, "trait row")?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn metadata(&self, ws: &str, profile: &ProfileRef) -> Result<ProfileMetadata> {
+        let snap = self.db.read_tx();
+        let mut meta = ProfileMetadata {
+            first_seen: i64::MAX,
+            last_seen: i64::MIN,
+            counts: BTreeMap::new(),
+        };
+        for id in profile.identifiers.keys() {
+            if let Some(v) = snap.get(&self.ks.seen, ws_id_key(ws, id)).map_err(unavailable)? {
+                let s = decode_seen(&v)?;
+                meta.first_seen = meta.first_seen.min(s.first);
+                meta.last_seen = meta.last_seen.max(s.last);
+            }
+            let prefix = ws_id_prefix(ws, id);
+            for kv in snap.prefix(&self.ks.counts, &prefix) {
+                let (k, v) = kv.into_inner().map_err(unavailable)?;
+                let name = String::from_utf8(k[prefix.len()..].to_vec())
+                    .map_err(|_| corrupt("counter name"))?;
+                *meta.counts.entry(name).or_default() += u64_from(&v, "count row")?;
+            }
+        }
+        if meta.first_seen == i64::MAX {
+            meta.first_seen = 0;
+            meta.last_seen = 0;
+        }
+        Ok(meta)
+    }
+
+    fn timeline(&self, ws: &str, profile: &ProfileRef, q: &TimelineQuery) -> Result<TimelinePage> {
+        let snap = self.db.read_tx();
+        let limit = q.limit.max(1);
+        // One ordered stream per identifier, merged by (time, messageId).
+        let mut streams = Vec::new();
+        for id in profile.identifiers.keys() {
+            let prefix = ws_id_prefix(ws, id);
+            let mut lo = prefix.clone();
+            lo.extend_from_slice(&time_bytes(q.start.unwrap_or(i64::MIN)));
+            let mut hi = prefix.clone();
+            match q.end {
+                Some(end) => hi.extend_from_slice(&time_bytes(end)),
+                None => hi.extend_from_slice(&[0xff; 9]),
+            }
+            if let Some((t, m)) = &q.after {
+                let mut cursor = prefix.clone();
+                cursor.extend_from_slice(&time_bytes(*t));
+                cursor.extend_from_slice(m.as_bytes());
+                if q.descending {
+                    if cursor < hi {
+                        hi = cursor;
+                    }
+                } else {
+                    // Exclusive of the cursor itself: the next possible key.
+                    cursor.push(0);
+                    if cursor > lo {
+                        lo = cursor;
+                    }
+                }
+            }
+            if lo >= hi {
+                continue;
+            }
+            let iter = snap.range(&self.ks.timeline, lo..hi);
+            let iter: Box<dyn Iterator<Item = fjall::Guard>> = if q.descending {
+                Box::new(iter.rev())
+            } else {
+                Box::new(iter)
+            };
+            streams.push((prefix.len(), iter.peekable_rows()));
+        }
+        let mut entries = Vec::new();
+        let mut has_more = false;
+        loop {
+            // Pick the stream whose head comes first in the asked order.
+            for s in streams.iter_mut() {
+                s.1.peek()?;
+            }
+            let mut best: Option<usize> = None;
+            for (i, s) in streams.iter().enumerate() {
+                let Some(head) = s.1.head.as_ref() else { continue };
+                best = match best {
+                    None => Some(i),
+                    Some(b) => {
+                        let a = &head.0[s.0..];
+                        let c = &streams[b].1.head.as_ref().expect("filled").0[streams[b].0..];
+                        let first = if q.descending { a > c } else { a < c };
+                        Some(if first { i } else { b })
+                    }
+                };
+            }
+            let Some(b) = best else { break };
+            let plen = streams[b].0;
+            let (key, value) = streams[b].1.next_row()?.expect("peeked");
+            let (counter, body) = split_timeline_value(&value)?;
+            if let Some(want) = &q.event {
+                if counter != want.as_bytes() {
+                    continue;
+                }
+            }
+            if entries.len() == limit {
+                has_more = true;
+                break;
+            }
+            let suffix = &key[plen..];
+            let time = time_from(&suffix[..8])?;
+            let message_id =
+                String::from_utf8(suffix[8..].to_vec()).map_err(|_| corrupt("message id"))?;
+            let text = String::from_utf8(body.to_vec()).map_err(|_| corrupt("timeline json"))?;
+            let json = RawValue::from_string(text).map_err(|_| corrupt("timeline json"))?;
+            entries.push(TimelineEntry {
+                time,
+                message_id,
+                json,
+            });
+        }
+        Ok(TimelinePage { entries, has_more })
+    }
+}
+
+/// A one-row look-ahead over a fjall iterator whose rows may fail to read.
+struct PeekableRows<I: Iterator<Item = fjall::Guard>> {
+    inner: I,
+    head: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+trait PeekableRowsExt: Iterator<Item = fjall::Guard> + Sized {
+    fn peekable_rows(self) -> PeekableRows<Self> {
+        PeekableRows {
+            inner: self,
+            head: None,
+        }
+    }
+}
+
+impl<I: Iterator<Item = fjall::Guard>> PeekableRowsExt for I {}
+
+impl<I: Iterator<Item = fjall::Guard>> PeekableRows<I> {
+    fn peek(&mut self) -> Result<Option<&(Vec<u8>, Vec<u8>)>> {
+        if self.head.is_none() {
+            if let Some(g) = self.inner.next() {
+                let (k, v) = g.into_inner().map_err(unavailable)?;
+                self.head = Some((k.to_vec(), v.to_vec()));
+            }
+        }
+        Ok(self.head.as_ref())
+    }
+
+    fn next_row(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        self.peek()?;
+        Ok(self.head.take())
+    }
+}
+
+// ---- trait impls --------------------------------------------------------
+
+#[async_trait]
+impl ProfileStore for EmbeddedStore {
+    async fn apply(&self, batch: ApplyBatch) -> Result<ApplyOutcome> {
+        self.blocking(move |inner| inner.apply(&batch)).await
+    }
+
+    async fn checkpoints(&self, consumer: &str) -> Result<BTreeMap<u32, u64>> {
+        let mut prefix = consumer.as_bytes().to_vec();
+        prefix.push(0);
+        let snap = self.inner.db.read_tx();
+        let mut out = BTreeMap::new();
+        for kv in snap.prefix(&self.inner.ks.checkpoints, &prefix) {
+            let (k, v) = kv.into_inner().map_err(unavailable)?;
+            let p: [u8; 4] = k[prefix.len()..]
+                .try_into()
+                .map_err(|_| corrupt("checkpoint key"))?;
+            out.insert(u32::from_be_bytes(p), u64_from(&v, "checkpoint")?);
+        }
+        Ok(out)
+    }
+
+    async fn reset_projections(&self) -> Result<()> {
+        self.blocking(|inner| {
+            for ks in inner.ks.projections() {
+                loop {
+                    let mut tx = inner.db.write_tx();
+                    let keys: Vec<Vec<u8>> = tx
+                        .iter(ks)
+                        .take(10_000)
+                        .map(|kv| kv.key().map(|k| k.to_vec()).map_err(unavailable))
+                        .collect::<Result<_>>()?;
+                    if keys.is_empty() {
+                        break;
+                    }
+                    for k in keys {
+                        tx.remove(ks, k);
+                    }
+                    tx.commit().map_err(unavailable)?;
+                }
+            }
+            inner.db.persist(PersistMode::SyncAll).map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn resolve(&self, workspace: &str, id: &Identifier) -> Result<Option<ProfileRef>> {
+        self.inner.resolve(workspace, id)
+    }
+
+    async fn traits(
+        &self,
+        workspace: &str,
+        profile: &ProfileRef,
+    ) -> Result<BTreeMap<String, TraitValue>> {
+        self.inner.traits(workspace, profile)
+    }
+
+    async fn metadata(&self, workspace: &str, profile: &ProfileRef) -> Result<ProfileMetadata> {
+        self.inner.metadata(workspace, profile)
+    }
+
+    async fn timeline(
+        &self,
+        workspace: &str,
+        profile: &ProfileRef,
+        query: &TimelineQuery,
+    ) -> Result<TimelinePage> {
+        let (ws, profile, query) = (workspace.to_owned(), profile.clone(), query.clone());
+        self.blocking(move |inner| inner.timeline(&ws, &profile, &query))
+            .await
+    }
+
+    async fn check_ready(&self) -> Result<()> {
+        // A read through the journal-backed keyspaces fails once fjall has
+        // poisoned itself after a fatal IO error.
+        self.inner
+            .ks
+            .workspaces
+            .contains_key(b"readyz")
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}
+
+#[async_trait]
+impl WorkspaceDirectory for EmbeddedStore {
+    async fn create_workspace(
+        &self,
+        name: &str,
+        write_key: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<CreatedWorkspace> {
+        let ks = &self.inner.ks;
+        let workspace = Workspace {
+            id: format!("ws_{}", uuid::Uuid::now_v7().simple()),
+            name: name.to_owned(),
+            created_at: trailmark_domain::Clock::now_micros(&trailmark_domain::SystemClock),
+        };
+        let source_id = format!("src_{}", uuid::Uuid::now_v7().simple());
+        let write_key = write_key.map_or_else(|| new_secret("wk_"), str::to_owned);
+        let token = token.map_or_else(|| new_secret("tmk_"), str::to_owned);
+        if write_key == token {
+            return Err(StoreError::Invalid(
+                "the write key and the token must differ".into(),
+            ));
+        }
+        let wkey = [b"w\0".as_slice(), write_key.as_bytes()].concat();
+        let tkey = [b"t\0".as_slice(), token_digest(&token).as_bytes()].concat();
+        let mut tx = self.inner.db.write_tx();
+        if tx.contains_key(&ks.credentials, &wkey).map_err(unavailable)? {
+            return Err(StoreError::Conflict("write key".into()));
+        }
+        if tx.contains_key(&ks.credentials, &tkey).map_err(unavailable)? {
+            return Err(StoreError::Conflict("token".into()));
+        }
+        tx.insert(&ks.workspaces, workspace.id.as_bytes(), json(&workspace));
+        tx.insert(
+            &ks.credentials,
+            wkey,
+            json(&WriteGrant {
+                workspace_id: workspace.id.clone(),
+                source_id: source_id.clone(),
+            }),
+        );
+        tx.insert(
+            &ks.credentials,
+            tkey,
+            json(&ReadGrant {
+                workspace_id: workspace.id.clone(),
+            }),
+        );
+        tx.commit().map_err(unavailable)?;
+        self.persist()?;
+        Ok(CreatedWorkspace {
+            workspace,
+            source_id,
+            write_key,
+            token,
+        })
+    }
+
+    async fn workspaces(&self) -> Result<Vec<Workspace>> {
+        let snap = self.inner.db.read_tx();
+        snap.iter(&self.inner.ks.workspaces)
+            .map(|kv| {
+                let (_, v) = kv.into_inner().map_err(unavailable)?;
+                from_json(&v, "workspace row")
+            })
+            .collect()
+    }
+
+    async fn resolve_write_key(&self, write_key: &str) -> Result<Option<WriteGrant>> {
+        let key = [b"w\0".as_slice(), write_key.as_bytes()].concat();
+        match self
+            .inner
+            .ks
+            .credentials
+            .get(key)
+            .map_err(unavailable)?
+        {
+            Some(v) => Ok(Some(from_json(&v, "write grant")?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn resolve_token(&self, token: &str) -> Result<Option<ReadGrant>> {
+        let key = [b"t\0".as_slice(), token_digest(token).as_bytes()].concat();
+        match self
+            .inner
+            .ks
+            .credentials
+            .get(key)
+            .map_err(unavailable)?
+        {
+            Some(v) => Ok(Some(from_json(&v, "read grant")?)),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    crate::store_conformance!(|dir: &std::path::Path| {
+        let store = EmbeddedStore::open(dir).expect("open store");
+        (
+            std::sync::Arc::new(store.clone()) as std::sync::Arc<dyn crate::ProfileStore>,
+            std::sync::Arc::new(store) as std::sync::Arc<dyn crate::WorkspaceDirectory>,
+        )
+    });
+
+    #[test]
+    fn time_encoding_orders_like_time() {
+        let ts = [i64::MIN, -5, -1, 0, 1, 1_700_000_000_000_000, i64::MAX];
+        for w in ts.windows(2) {
+            assert!(time_bytes(w[0]) < time_bytes(w[1]));
+            assert_eq!(time_from(&time_bytes(w[0])).unwrap(), w[0]);
+        }
+    }
+}
