@@ -1,1 +1,120 @@
-//! placeholder
+//! What Trailmark's HTTP services share.
+//!
+//! - [`AppState`]: the handles every handler needs (the log, the stores, the
+//!   codec, the clock, metrics, limits), built by [`AppStateBuilder`].
+//! - [`ApiError`]: the one place where errors become HTTP responses. Handlers
+//!   return `Result<_, ApiError>`; its `IntoResponse` maps each kind to a
+//!   status code and a JSON body `{"error":{"code","message","field"?}}`.
+//! - [`auth`]: write keys (for ingest) and secret tokens (for reads).
+//! - [`metrics`]: the Prometheus registry and the request-timing middleware.
+//! - [`health`]: `/healthz`, `/readyz` and `/metrics`.
+//!
+//! `ingest` and `query-api` each expose `routes() -> Router<AppState>`; the
+//! binary merges them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use trailmark_domain::{Clock, Limits, SystemClock};
+use trailmark_log::EventLog;
+use trailmark_schemas::EventCodec;
+use trailmark_store::{ProfileStore, WorkspaceDirectory};
+
+pub mod auth;
+pub mod error;
+pub mod health;
+pub mod metrics;
+
+pub use error::ApiError;
+pub use metrics::Metrics;
+
+/// The handles shared by every handler. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The event log.
+    pub log: Arc<dyn EventLog>,
+    /// Projections.
+    pub store: Arc<dyn ProfileStore>,
+    /// Workspaces and credentials.
+    pub directory: Arc<dyn WorkspaceDirectory>,
+    /// The log record codec.
+    pub codec: Arc<EventCodec>,
+    /// The clock.
+    pub clock: Arc<dyn Clock>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Ingest size limits.
+    pub limits: Limits,
+    /// How long ingest waits for the log before answering 503.
+    pub append_timeout: Duration,
+}
+
+impl AppState {
+    /// Starts building the state from its three backends.
+    pub fn builder(
+        log: Arc<dyn EventLog>,
+        store: Arc<dyn ProfileStore>,
+        directory: Arc<dyn WorkspaceDirectory>,
+    ) -> AppStateBuilder {
+        AppStateBuilder {
+            log,
+            store,
+            directory,
+            clock: Arc::new(SystemClock),
+            metrics: None,
+            limits: Limits::default(),
+            append_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Builds an [`AppState`].
+pub struct AppStateBuilder {
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn ProfileStore>,
+    directory: Arc<dyn WorkspaceDirectory>,
+    clock: Arc<dyn Clock>,
+    metrics: Option<Arc<Metrics>>,
+    limits: Limits,
+    append_timeout: Duration,
+}
+
+impl AppStateBuilder {
+    /// Uses `clock` instead of the wall clock.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Uses an existing metrics registry.
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Sets the ingest size limits.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Sets how long ingest waits for the log.
+    pub fn append_timeout(mut self, timeout: Duration) -> Self {
+        self.append_timeout = timeout;
+        self
+    }
+
+    /// The state.
+    pub fn build(self) -> Result<AppState, trailmark_schemas::CodecError> {
+        Ok(AppState {
+            log: self.log,
+            store: self.store,
+            directory: self.directory,
+            codec: Arc::new(EventCodec::new()?),
+            clock: self.clock,
+            metrics: self.metrics.unwrap_or_else(|| Arc::new(Metrics::new())),
+            limits: self.limits,
+            append_timeout: self.append_timeout,
+        })
+    }
+}

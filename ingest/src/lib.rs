@@ -1,1 +1,273 @@
-//! placeholder
+//! Ingest: the Segment HTTP Tracking API.
+//!
+//! `POST /v1/{track,identify,page,screen,group,alias}`, `/v1/batch` and
+//! `/v1/import` (plus analytics.js's short forms `/v1/t`, `/v1/i`, ...) take
+//! Segment's payloads unchanged, so a site switches by changing one host name.
+//! A request is answered 200 **only after its events are durable in the log**;
+//! when the log cannot take them it is answered 503 with `Retry-After`, and
+//! the client retries.
+//!
+//! The flow of one request: decompress (gzip) under a size cap, authenticate
+//! the write key (header, query or body), parse and normalise with the domain
+//! parser, encode each event with the shared Avro codec, append them to the
+//! log in one call (one group commit), answer. In a batch, invalid items are
+//! reported by index and `messageId` and the valid ones are kept.
+//!
+//! This crate knows only the [`trailmark_log::EventLog`] trait; the binary
+//! chooses the backend.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, FromRequestParts, RawQuery, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::json;
+use tower_http::cors::{Any, CorsLayer};
+use tower_http::decompression::RequestDecompressionLayer;
+use trailmark_domain::parse::{RequestMeta, parse_batch, parse_single};
+use trailmark_domain::{Event, EventType};
+use trailmark_http::auth::{authorize_write, credential_from_headers, write_key_from_query};
+use trailmark_http::{ApiError, AppState};
+use trailmark_log::Record;
+
+/// The ingest routes, with CORS (any origin: the browser snippet posts from
+/// customers' pages) and gzip request decompression. Size limits are applied
+/// by the handlers to the *decompressed* body.
+pub fn routes() -> Router<AppState> {
+    let mut router = Router::new();
+    for kind in EventType::ALL {
+        let handler = move |state, conn, query, headers, body| {
+            single(state, conn, query, headers, body, kind)
+        };
+        let short = &kind.as_str()[..1];
+        router = router
+            .route(&format!("/v1/{}", kind.as_str()), post(handler))
+            .route(&format!("/v1/{short}"), post(handler));
+    }
+    router
+        .route("/v1/batch", post(batch))
+        .route("/v1/import", post(batch))
+        .route("/v1/b", post(batch))
+        .layer(RequestDecompressionLayer::new().gzip(true))
+        .layer(
+            CorsLayer::new()
+                .allow_origin(Any)
+                .allow_methods([Method::POST, Method::OPTIONS])
+                .allow_headers([
+                    header::AUTHORIZATION,
+                    header::CONTENT_TYPE,
+                    header::CONTENT_ENCODING,
+                ])
+                .max_age(std::time::Duration::from_secs(86_400)),
+        )
+}
+
+/// Reads the whole (decompressed) body, refusing more than `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::TooLarge {
+            message: format!("body is larger than the limit of {limit} bytes"),
+            field: None,
+        }),
+        Err(e) => Err(ApiError::BadRequest {
+            code: "invalid_body",
+            message: format!("could not read the body: {e}"),
+            field: None,
+            detail: None,
+        }),
+    }
+}
+
+/// The peer address, when the server was started with connect info.
+struct ClientAddr(Option<SocketAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddr(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0),
+        ))
+    }
+}
+
+fn client_ip(headers: &HeaderMap, conn: Option<SocketAddr>) -> Option<String> {
+    headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .or_else(|| conn.map(|c| c.ip().to_string()))
+}
+
+fn new_message_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Encodes and appends events; returns once they are durable.
+async fn append(state: &AppState, events: &[Event]) -> Result<(), ApiError> {
+    let mut records = Vec::with_capacity(events.len());
+    for ev in events {
+        let payload = state
+            .codec
+            .encode(ev)
+            .map_err(|e| ApiError::Internal(format!("encoding an event failed: {e}")))?;
+        records.push(Record {
+            key: ev.partition_key(),
+            payload,
+        });
+    }
+    let start = Instant::now();
+    let result = tokio::time::timeout(state.append_timeout, state.log.append(records)).await;
+    let outcome = match &result {
+        Ok(Ok(_)) => "ok",
+        Ok(Err(_)) => "error",
+        Err(_) => "timeout",
+    };
+    state
+        .metrics
+        .log_append_duration
+        .with_label_values(&[outcome])
+        .observe(start.elapsed().as_secs_f64());
+    let failed = |state: &AppState| {
+        for ev in events {
+            state
+                .metrics
+                .ingest_events
+                .with_label_values(&[ev.kind.as_str(), "failed"])
+                .inc();
+        }
+    };
+    match result {
+        Ok(Ok(_)) => {
+            for ev in events {
+                state
+                    .metrics
+                    .ingest_events
+                    .with_label_values(&[ev.kind.as_str(), "accepted"])
+                    .inc();
+            }
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            failed(state);
+            tracing::warn!(error = %e, events = events.len(), "log append failed");
+            Err(ApiError::from(e))
+        }
+        Err(_) => {
+            failed(state);
+            tracing::warn!(events = events.len(), "log append timed out");
+            Err(ApiError::Unavailable("the log did not confirm in time".into()))
+        }
+    }
+}
+
+async fn single(
+    State(state): State<AppState>,
+    conn: ClientAddr,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+    kind: EventType,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(body, state.limits.max_event_bytes).await?;
+    let header_key =
+        credential_from_headers(&headers).or_else(|| write_key_from_query(query.as_deref()));
+    let raw = parse_single(&bytes, &state.limits);
+    // Authenticate before reporting what is wrong with the body, so that an
+    // unknown caller learns nothing but 401.
+    let body_key = match (&header_key, &raw) {
+        (None, Ok(r)) => r.write_key()?.map(|k| k.into_owned()),
+        _ => None,
+    };
+    let grant = authorize_write(&state, header_key.as_deref().or(body_key.as_deref())).await?;
+    let reject = |state: &AppState| {
+        state
+            .metrics
+            .ingest_events
+            .with_label_values(&[kind.as_str(), "rejected"])
+            .inc();
+    };
+    let raw = raw.inspect_err(|_| reject(&state))?;
+    let ip = client_ip(&headers, conn.0);
+    let meta = RequestMeta {
+        workspace_id: &grant.workspace_id,
+        source_id: &grant.source_id,
+        received_at: state.clock.now_micros(),
+        request_ip: ip.as_deref(),
+    };
+    let event = raw
+        .normalise(kind, &meta, &mut new_message_id)
+        .inspect_err(|_| reject(&state))?;
+    append(&state, std::slice::from_ref(&event)).await?;
+    Ok(Json(json!({"success": true})).into_response())
+}
+
+async fn batch(
+    State(state): State<AppState>,
+    conn: ClientAddr,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(body, state.limits.max_batch_bytes).await?;
+    let header_key =
+        credential_from_headers(&headers).or_else(|| write_key_from_query(query.as_deref()));
+    let raw = parse_batch(&bytes, &state.limits);
+    let body_key = match (&header_key, &raw) {
+        (None, Ok(r)) => r.write_key.clone(),
+        _ => None,
+    };
+    let grant = authorize_write(&state, header_key.as_deref().or(body_key.as_deref())).await?;
+    let raw = raw?;
+    let ip = client_ip(&headers, conn.0);
+    let meta = RequestMeta {
+        workspace_id: &grant.workspace_id,
+        source_id: &grant.source_id,
+        received_at: state.clock.now_micros(),
+        request_ip: ip.as_deref(),
+    };
+    let parsed = raw.normalise(&meta, &state.limits, &mut new_message_id);
+    let rejected: Vec<_> = parsed
+        .rejected
+        .iter()
+        .map(|r| {
+            let mut error = json!({"code": r.error.code, "message": r.error.message});
+            if let Some(f) = &r.error.field {
+                error["field"] = f.clone().into();
+            }
+            json!({"index": r.index, "messageId": r.message_id, "error": error})
+        })
+        .collect();
+    state
+        .metrics
+        .ingest_events
+        .with_label_values(&["batch_item", "rejected"])
+        .inc_by(parsed.rejected.len() as u64);
+    if parsed.events.is_empty() {
+        return Err(ApiError::BadRequest {
+            code: "no_valid_events",
+            message: "no event in the batch is valid".into(),
+            field: Some("batch".into()),
+            detail: Some(json!({ "rejected": rejected })),
+        });
+    }
+    append(&state, &parsed.events).await?;
+    Ok(Json(json!({
+        "success": true,
+        "accepted": parsed.events.len(),
+        "rejected": rejected,
+    }))
+    .into_response())
+}

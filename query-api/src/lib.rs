@@ -1,1 +1,314 @@
-//! placeholder
+//! The query API, shaped like Segment's Profile API.
+//!
+//! A profile is named by any of its identifiers, `{id_type}:{id}`, where
+//! `id_type` is `user_id`, `anonymous_id`, `email` or an external id type.
+//! Every route needs the workspace's secret token; a write key is refused.
+//!
+//! - `GET /v1/profiles/{id}/traits`: `{"traits":{…},"cursor":{…}}`, with
+//!   `limit` (default 10, at most 200), `include=a,b`, `verbose=true` and
+//!   `next`.
+//! - `GET /v1/profiles/{id}/events`: the timeline across all linked
+//!   identifiers, with `start`, `end`, `sort=asc|desc` (default `desc`),
+//!   `event`, `limit` (default 10, at most 200) and `next`.
+//! - `GET /v1/profiles/{id}/external_ids`: the linked identifiers.
+//! - `GET /v1/profiles/{id}/metadata`: first and last seen, event counts.
+//!
+//! Cursors are opaque (base64url JSON); they name the last item returned, so
+//! a page is stable while new events arrive. This crate knows only the
+//! [`trailmark_store::ProfileStore`] trait.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::{Map, Value, json};
+use trailmark_domain::time::{format_micros, parse_micros};
+use trailmark_domain::Identifier;
+use trailmark_http::auth::Reader;
+use trailmark_http::{ApiError, AppState};
+use trailmark_store::{ProfileRef, TimelineQuery};
+
+/// The largest page.
+pub const MAX_LIMIT: usize = 200;
+
+/// The Profile API routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/profiles/{id}/traits", get(traits))
+        .route("/v1/profiles/{id}/events", get(events))
+        .route("/v1/profiles/{id}/external_ids", get(external_ids))
+        .route("/v1/profiles/{id}/metadata", get(metadata))
+}
+
+fn parse_identifier(raw: &str) -> Result<Identifier, ApiError> {
+    Identifier::parse(raw).ok_or_else(|| {
+        ApiError::bad_field(
+            "id",
+            "a profile is named {id_type}:{id}, for example user_id:42 or email:ann@example.com",
+        )
+    })
+}
+
+async fn resolve(state: &AppState, reader: &Reader, raw: &str) -> Result<ProfileRef, ApiError> {
+    let id = parse_identifier(raw)?;
+    state
+        .store
+        .resolve(&reader.0.workspace_id, &id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no profile has the identifier {id}")))
+}
+
+fn limit(raw: Option<usize>, default: usize) -> Result<usize, ApiError> {
+    match raw {
+        None => Ok(default),
+        Some(0) => Err(ApiError::bad_field("limit", "limit must be at least 1")),
+        Some(n) if n > MAX_LIMIT => Err(ApiError::bad_field(
+            "limit",
+            format!("limit must be at most {MAX_LIMIT}"),
+        )),
+        Some(n) => Ok(n),
+    }
+}
+
+fn encode_cursor<T: Serialize>(c: &T) -> String {
+    URL_SAFE_NO_PAD.encode(serde_json::to_vec(c).expect("cursor serialises"))
+}
+
+fn decode_cursor<T: DeserializeOwned>(raw: &str) -> Result<T, ApiError> {
+    URL_SAFE_NO_PAD
+        .decode(raw)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| ApiError::bad_field("next", "next is not a cursor this api issued"))
+}
+
+/// Query string of the traits route.
+#[derive(Debug, Deserialize)]
+struct TraitsParams {
+    limit: Option<usize>,
+    include: Option<String>,
+    verbose: Option<bool>,
+    next: Option<String>,
+}
+
+async fn traits(
+    State(state): State<AppState>,
+    reader: Reader,
+    Path(id): Path<String>,
+    Query(p): Query<TraitsParams>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = limit(p.limit, 10)?;
+    let after: Option<String> = p.next.as_deref().map(decode_cursor).transpose()?;
+    let profile = resolve(&state, &reader, &id).await?;
+    let all = state.store.traits(&reader.0.workspace_id, &profile).await?;
+    let include: Option<Vec<&str>> = p
+        .include
+        .as_deref()
+        .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).collect());
+    let mut selected = all
+        .iter()
+        .filter(|(k, _)| include.as_ref().is_none_or(|inc| inc.contains(&k.as_str())))
+        .filter(|(k, _)| after.as_ref().is_none_or(|a| k.as_str() > a.as_str()));
+    let mut out = Map::new();
+    let mut last = None;
+    for (name, t) in selected.by_ref().take(limit) {
+        let value = if p.verbose.unwrap_or(false) {
+            json!({
+                "value": t.value,
+                "updated_at": format_micros(t.updated_at),
+                "message_id": t.message_id,
+            })
+        } else {
+            t.value.clone()
+        };
+        out.insert(name.clone(), value);
+        last = Some(name.clone());
+    }
+    let has_more = selected.next().is_some();
+    let next = if has_more {
+        last.map(|l| encode_cursor(&l)).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    Ok(Json(json!({
+        "traits": out,
+        "cursor": {
+            "url": format!("/v1/profiles/{id}/traits"),
+            "has_more": has_more,
+            "next": next,
+            "limit": limit,
+        }
+    })))
+}
+
+/// Query string of the events route.
+#[derive(Debug, Deserialize)]
+struct EventsParams {
+    start: Option<String>,
+    end: Option<String>,
+    sort: Option<String>,
+    event: Option<String>,
+    limit: Option<usize>,
+    next: Option<String>,
+}
+
+/// The events cursor: the last entry returned and the direction.
+#[derive(Debug, Serialize, Deserialize)]
+struct EventsCursor {
+    t: i64,
+    m: String,
+    d: bool,
+}
+
+fn time_param(raw: Option<&str>, field: &str) -> Result<Option<i64>, ApiError> {
+    raw.map(|s| {
+        parse_micros(s).ok_or_else(|| {
+            ApiError::bad_field(field, format!("{field} is not an iso 8601 timestamp"))
+        })
+    })
+    .transpose()
+}
+
+async fn events(
+    State(state): State<AppState>,
+    reader: Reader,
+    Path(id): Path<String>,
+    Query(p): Query<EventsParams>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = limit(p.limit, 10)?;
+    let descending = match p.sort.as_deref() {
+        None | Some("desc") => true,
+        Some("asc") => false,
+        Some(_) => return Err(ApiError::bad_field("sort", "sort is asc or desc")),
+    };
+    let start = time_param(p.start.as_deref(), "start")?;
+    let end = time_param(p.end.as_deref(), "end")?;
+    let cursor: Option<EventsCursor> = p.next.as_deref().map(decode_cursor).transpose()?;
+    if cursor.as_ref().is_some_and(|c| c.d != descending) {
+        return Err(ApiError::bad_field("next", "the cursor was issued for the other sort order"));
+    }
+    let profile = resolve(&state, &reader, &id).await?;
+    let query = TimelineQuery {
+        start,
+        end,
+        event: p.event.clone().filter(|e| !e.is_empty()),
+        descending,
+        limit,
+        after: cursor.map(|c| (c.t, c.m)),
+    };
+    let page = state
+        .store
+        .timeline(&reader.0.workspace_id, &profile, &query)
+        .await?;
+    let next = match (page.has_more, page.entries.last()) {
+        (true, Some(last)) => encode_cursor(&EventsCursor {
+            t: last.time,
+            m: last.message_id.clone(),
+            d: descending,
+        }),
+        _ => String::new(),
+    };
+    let mut url = format!("/v1/profiles/{id}/events?limit={limit}&sort={}", if descending { "desc" } else { "asc" });
+    for (k, v) in [("start", &p.start), ("end", &p.end), ("event", &p.event)] {
+        if let Some(v) = v {
+            url.push_str(&format!("&{k}={}", encode_query_value(v)));
+        }
+    }
+    if !next.is_empty() {
+        url.push_str(&format!("&next={next}"));
+    }
+    let data: Vec<&serde_json::value::RawValue> =
+        page.entries.iter().map(|e| e.json.as_ref()).collect();
+    Ok(Json(json!({
+        "data": data,
+        "cursor": {
+            "url": url,
+            "has_more": page.has_more,
+            "next": next,
+            "limit": limit,
+        }
+    })))
+}
+
+fn encode_query_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Query string of the external ids route.
+#[derive(Debug, Deserialize)]
+struct ExternalIdsParams {
+    limit: Option<usize>,
+    next: Option<String>,
+}
+
+async fn external_ids(
+    State(state): State<AppState>,
+    reader: Reader,
+    Path(id): Path<String>,
+    Query(p): Query<ExternalIdsParams>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = limit(p.limit, 25)?;
+    let after: Option<String> = p.next.as_deref().map(decode_cursor).transpose()?;
+    let profile = resolve(&state, &reader, &id).await?;
+    let mut items = profile
+        .identifiers
+        .iter()
+        .map(|(ident, created)| (ident.to_string(), ident, *created))
+        .filter(|(key, _, _)| after.as_ref().is_none_or(|a| key > a));
+    let mut data = Vec::new();
+    let mut last = None;
+    for (key, ident, created) in items.by_ref().take(limit) {
+        data.push(json!({
+            "id": ident.value,
+            "type": ident.kind.as_str(),
+            "collection": "users",
+            "encoding": "none",
+            "created_at": format_micros(created),
+        }));
+        last = Some(key);
+    }
+    let has_more = items.next().is_some();
+    Ok(Json(json!({
+        "data": data,
+        "cursor": {
+            "url": format!("/v1/profiles/{id}/external_ids"),
+            "has_more": has_more,
+            "next": if has_more { last.map(|l| encode_cursor(&l)).unwrap_or_default() } else { String::new() },
+            "limit": limit,
+        }
+    })))
+}
+
+async fn metadata(
+    State(state): State<AppState>,
+    reader: Reader,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let profile = resolve(&state, &reader, &id).await?;
+    let meta = state.store.metadata(&reader.0.workspace_id, &profile).await?;
+    let total: u64 = meta.counts.values().sum();
+    let counts: BTreeMap<&String, u64> = meta.counts.iter().map(|(k, v)| (k, *v)).collect();
+    Ok(Json(json!({
+        "metadata": {
+            "profile_id": profile.root.to_string(),
+            "first_seen": format_micros(meta.first_seen),
+            "last_seen": format_micros(meta.last_seen),
+            "total_events": total,
+            "event_counts": counts,
+            "identifiers": profile.identifiers.len(),
+        }
+    })))
+}

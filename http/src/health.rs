@@ -1,0 +1,54 @@
+//! Liveness, readiness and metrics endpoints.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+
+use crate::AppState;
+
+/// `/healthz`, `/readyz` and `/metrics`.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+/// 200 when the log and the store both answer, else 503 naming which does not.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let log = state.log.check_ready().await;
+    let store = state.store.check_ready().await;
+    let status = if log.is_ok() && store.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let show = |r: Result<(), String>| match r {
+        Ok(()) => json!({"status": "ok"}),
+        Err(e) => json!({"status": "down", "error": e}),
+    };
+    (
+        status,
+        axum::Json(json!({
+            "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
+            "log": show(log.map_err(|e| e.to_string())),
+            "store": show(store.map_err(|e| e.to_string())),
+        })),
+    )
+        .into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}

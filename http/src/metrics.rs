@@ -1,0 +1,137 @@
+//! Prometheus metrics. Names follow Prometheus conventions: a `trailmark_`
+//! prefix, base units, `_total` on counters. No label ever carries a user id.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+use crate::AppState;
+
+/// Latency buckets in seconds, from 100 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Every metric Trailmark exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Events seen by ingest, by `type` and `outcome` (`accepted`, `rejected`,
+    /// `failed`).
+    pub ingest_events: IntCounterVec,
+    /// HTTP request latency by `route`, `method` and `status`.
+    pub http_request_duration: HistogramVec,
+    /// Log append latency (one call, one group commit wait), by `outcome`.
+    pub log_append_duration: HistogramVec,
+    /// Events handled by the projector, by `outcome` (`applied`,
+    /// `duplicate`, `undecodable`).
+    pub projector_events: IntCounterVec,
+    /// Time to apply one projector batch to the store.
+    pub projector_batch_duration: Histogram,
+    /// Records in the log the projector has not applied yet (file log: bytes).
+    pub projector_lag: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let ingest_events = IntCounterVec::new(
+            Opts::new("trailmark_ingest_events_total", "Events seen by ingest"),
+            &["type", "outcome"],
+        )
+        .expect("valid metric");
+        let http_request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "trailmark_http_request_duration_seconds",
+                "HTTP request latency",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "method", "status"],
+        )
+        .expect("valid metric");
+        let log_append_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "trailmark_log_append_duration_seconds",
+                "Time until appended records are durable",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let projector_events = IntCounterVec::new(
+            Opts::new("trailmark_projector_events_total", "Events handled by the projector"),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let projector_batch_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "trailmark_projector_batch_duration_seconds",
+                "Time to apply one batch to the store",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let projector_lag = IntGauge::new(
+            "trailmark_projector_lag",
+            "Log not yet applied by the projector (file log: bytes)",
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(ingest_events.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http_request_duration.clone()),
+            Box::new(log_append_duration.clone()),
+            Box::new(projector_events.clone()),
+            Box::new(projector_batch_duration.clone()),
+            Box::new(projector_lag.clone()),
+        ] {
+            registry.register(c).expect("unique metric");
+        }
+        Self {
+            registry,
+            ingest_events,
+            http_request_duration,
+            log_append_duration,
+            projector_events,
+            projector_batch_duration,
+            projector_lag,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
+        String::from_utf8(buf).expect("utf-8 exposition")
+    }
+}
+
+/// Middleware: times every request by its route template.
+pub async fn track_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().as_str().to_owned();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .http_request_duration
+        .with_label_values(&[route.as_str(), method.as_str(), resp.status().as_str()])
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
