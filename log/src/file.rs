@@ -88,6 +88,8 @@ struct AppendRequest {
 
 /// The embedded, file-backed [`EventLog`].
 pub struct FileLog {
+    /// Held for the log's lifetime: one process owns a log directory.
+    _lock: File,
     shared: Arc<Shared>,
     sender: Mutex<Option<mpsc::Sender<AppendRequest>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -164,6 +166,13 @@ impl FileLog {
             return Err(LogError::Invalid("a log needs at least one partition".into()));
         }
         fs::create_dir_all(dir).map_err(|e| io_err("create log directory", e))?;
+        let lock = File::create(dir.join("LOCK")).map_err(|e| io_err("create lock file", e))?;
+        lock.try_lock().map_err(|_| {
+            LogError::Invalid(format!(
+                "the log at {} is in use by another process",
+                dir.display()
+            ))
+        })?;
         let meta_path = dir.join("partitions");
         match fs::read_to_string(&meta_path) {
             Ok(s) => {
@@ -234,6 +243,7 @@ impl FileLog {
             .spawn(move || writer.run(receiver))
             .map_err(|e| io_err("start log writer", e))?;
         Ok(Self {
+            _lock: lock,
             shared,
             sender: Mutex::new(Some(sender)),
             writer: Mutex::new(Some(handle)),
@@ -647,6 +657,13 @@ mod tests {
         let got = sub.poll(10, Duration::ZERO).await.unwrap();
         let payloads: Vec<_> = got.iter().map(|d| d.payload.to_vec()).collect();
         assert_eq!(payloads, vec![b"one".to_vec(), b"two".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_second_owner_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = FileLog::open(dir.path(), opts(1)).unwrap();
+        assert!(matches!(FileLog::open(dir.path(), opts(1)), Err(LogError::Invalid(_))));
     }
 
     #[tokio::test]

@@ -1,0 +1,283 @@
+//! Configuration: one typed struct, loaded from an optional TOML file, then
+//! overridden by `TRAILMARK_*` environment variables (declared in
+//! [`ENV_OVERRIDES`], the one place that lists them), then by command-line
+//! flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use trailmark_domain::Limits;
+use trailmark_projector::ProjectorConfig;
+
+/// Every setting of Trailmark.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where HTTP listens. In `serve`, one listener serves ingest and queries.
+    pub listen: SocketAddr,
+    /// Where the embedded log and store live unless their URIs say otherwise.
+    pub data_dir: PathBuf,
+    /// The log backend; default `file://<data_dir>/log`.
+    pub log_uri: Option<String>,
+    /// The store backend; default `embedded://<data_dir>/store`.
+    pub store_uri: Option<String>,
+    /// The embedded log.
+    pub log: LogSection,
+    /// Ingest.
+    pub ingest: IngestSection,
+    /// The projector.
+    pub projector: ProjectorSection,
+    /// The default workspace created on first start.
+    pub bootstrap: BootstrapSection,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// Partitions of a new log (fixed once created).
+    pub partitions: u32,
+    /// Segment size of the file log, in bytes.
+    pub segment_bytes: u64,
+}
+
+/// `[ingest]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestSection {
+    /// Largest event, decompressed.
+    pub max_event_bytes: usize,
+    /// Largest batch body, decompressed.
+    pub max_batch_bytes: usize,
+    /// Most events in one batch.
+    pub max_batch_events: usize,
+    /// How long to wait for the log before answering 503, in milliseconds.
+    pub append_timeout_ms: u64,
+}
+
+/// `[projector]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProjectorSection {
+    /// Consumer group name.
+    pub group: String,
+    /// Records per step.
+    pub batch_size: usize,
+    /// De-duplication window in hours (at least 24).
+    pub dedup_window_hours: u64,
+}
+
+/// `[bootstrap]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootstrapSection {
+    /// Name of the default workspace.
+    pub workspace_name: String,
+    /// Its write key; generated when unset.
+    pub write_key: Option<String>,
+    /// Its secret token; generated when unset.
+    pub token: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("valid address"),
+            data_dir: PathBuf::from("./data"),
+            log_uri: None,
+            store_uri: None,
+            log: LogSection::default(),
+            ingest: IngestSection::default(),
+            projector: ProjectorSection::default(),
+            bootstrap: BootstrapSection::default(),
+        }
+    }
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            partitions: 4,
+            segment_bytes: 256 << 20,
+        }
+    }
+}
+
+impl Default for IngestSection {
+    fn default() -> Self {
+        let l = Limits::default();
+        Self {
+            max_event_bytes: l.max_event_bytes,
+            max_batch_bytes: l.max_batch_bytes,
+            max_batch_events: l.max_batch_events,
+            append_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for ProjectorSection {
+    fn default() -> Self {
+        let p = ProjectorConfig::default();
+        Self {
+            group: p.group,
+            batch_size: p.batch_size,
+            dedup_window_hours: 24,
+        }
+    }
+}
+
+impl Default for BootstrapSection {
+    fn default() -> Self {
+        Self {
+            workspace_name: "default".into(),
+            write_key: None,
+            token: None,
+        }
+    }
+}
+
+/// Every environment variable that overrides a setting, and what it sets.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("TRAILMARK_LISTEN", "listen"),
+    ("TRAILMARK_DATA_DIR", "data_dir"),
+    ("TRAILMARK_LOG_URI", "log_uri"),
+    ("TRAILMARK_STORE_URI", "store_uri"),
+    ("TRAILMARK_LOG_PARTITIONS", "log.partitions"),
+    ("TRAILMARK_DEDUP_WINDOW_HOURS", "projector.dedup_window_hours"),
+    ("TRAILMARK_BOOTSTRAP_WRITE_KEY", "bootstrap.write_key"),
+    ("TRAILMARK_BOOTSTRAP_TOKEN", "bootstrap.token"),
+];
+
+impl Config {
+    /// Loads the file (if any), then applies the environment.
+    pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(|k| std::env::var(k).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies overrides from `get` (the environment, or a map in tests).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        for (var, _) in ENV_OVERRIDES {
+            let Some(v) = get(var).filter(|v| !v.is_empty()) else {
+                continue;
+            };
+            let bad = |e: &dyn std::fmt::Display| anyhow::anyhow!("{var}={v:?}: {e}");
+            match *var {
+                "TRAILMARK_LISTEN" => self.listen = v.parse().map_err(|e| bad(&e))?,
+                "TRAILMARK_DATA_DIR" => self.data_dir = PathBuf::from(&v),
+                "TRAILMARK_LOG_URI" => self.log_uri = Some(v),
+                "TRAILMARK_STORE_URI" => self.store_uri = Some(v),
+                "TRAILMARK_LOG_PARTITIONS" => self.log.partitions = v.parse().map_err(|e| bad(&e))?,
+                "TRAILMARK_DEDUP_WINDOW_HOURS" => {
+                    self.projector.dedup_window_hours = v.parse().map_err(|e| bad(&e))?
+                }
+                "TRAILMARK_BOOTSTRAP_WRITE_KEY" => self.bootstrap.write_key = Some(v),
+                "TRAILMARK_BOOTSTRAP_TOKEN" => self.bootstrap.token = Some(v),
+                other => unreachable!("{other} is listed but not handled"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks settings that the types cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.projector.dedup_window_hours < 24 {
+            bail!("projector.dedup_window_hours must be at least 24");
+        }
+        if self.log.partitions == 0 {
+            bail!("log.partitions must be at least 1");
+        }
+        if self.ingest.max_event_bytes > self.ingest.max_batch_bytes {
+            bail!("ingest.max_event_bytes cannot exceed ingest.max_batch_bytes");
+        }
+        Ok(())
+    }
+
+    /// A configuration for tests: port 0, everything under `dir`.
+    pub fn for_test(dir: &std::path::Path) -> Self {
+        Self {
+            listen: "127.0.0.1:0".parse().expect("valid address"),
+            data_dir: dir.to_path_buf(),
+            ..Self::default()
+        }
+    }
+
+    /// The log URI in effect.
+    pub fn log_uri(&self) -> String {
+        self.log_uri
+            .clone()
+            .unwrap_or_else(|| format!("file://{}", self.data_dir.join("log").display()))
+    }
+
+    /// The store URI in effect.
+    pub fn store_uri(&self) -> String {
+        self.store_uri
+            .clone()
+            .unwrap_or_else(|| format!("embedded://{}", self.data_dir.join("store").display()))
+    }
+
+    /// Ingest limits.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_event_bytes: self.ingest.max_event_bytes,
+            max_batch_bytes: self.ingest.max_batch_bytes,
+            max_batch_events: self.ingest.max_batch_events,
+        }
+    }
+
+    /// The projector's settings.
+    pub fn projector(&self) -> ProjectorConfig {
+        ProjectorConfig {
+            group: self.projector.group.clone(),
+            batch_size: self.projector.batch_size,
+            dedup_window: Duration::from_secs(self.projector.dedup_window_hours * 3_600),
+            ..ProjectorConfig::default()
+        }
+    }
+
+    /// How long ingest waits for the log.
+    pub fn append_timeout(&self) -> Duration {
+        Duration::from_millis(self.ingest.append_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_file_and_defaults() {
+        let mut c: Config = toml::from_str("listen = \"0.0.0.0:9000\"\n[log]\npartitions = 8\n").unwrap();
+        assert_eq!(c.log.partitions, 8);
+        c.apply_env(|k| match k {
+            "TRAILMARK_LISTEN" => Some("127.0.0.1:7000".into()),
+            "TRAILMARK_DATA_DIR" => Some("/tmp/x".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.log_uri(), "file:///tmp/x/log");
+        assert_eq!(c.store_uri(), "embedded:///tmp/x/store");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<Config>("lisen = \"x\"").is_err());
+        let mut c = Config::default();
+        assert!(c.apply_env(|k| (k == "TRAILMARK_LISTEN").then(|| "nope".into())).is_err());
+        c.projector.dedup_window_hours = 1;
+        assert!(c.validate().is_err());
+    }
+}
