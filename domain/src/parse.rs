@@ -194,7 +194,10 @@ pub struct ParsedBatch {
 }
 
 /// Parses the body of a single-event call (`/v1/track` and friends).
-pub fn parse_single<'a>(body: &'a [u8], limits: &Limits) -> Result<RawMessage<'a>, ValidationError> {
+pub fn parse_single<'a>(
+    body: &'a [u8],
+    limits: &Limits,
+) -> Result<RawMessage<'a>, ValidationError> {
     if body.len() > limits.max_event_bytes {
         return Err(ValidationError::too_large(
             None,
@@ -468,11 +471,7 @@ impl<'a> RawMessage<'a> {
         // wrong, but the gap between calling and sending is right, so the event
         // happened that long before we received it. An explicit `timestamp`
         // without `sentAt` is a server-side or historical import, kept as is.
-        let original_timestamp = original.or(if sent_at.is_some() {
-            explicit_ts
-        } else {
-            None
-        });
+        let original_timestamp = original.or(if sent_at.is_some() { explicit_ts } else { None });
         let timestamp = match (original_timestamp, sent_at, explicit_ts) {
             (Some(orig), Some(sent), _) => received_at - (sent - orig).max(0),
             (_, None, Some(ts)) => ts,
@@ -518,7 +517,9 @@ fn opt_string<'a>(
         Some(r) if is_null(r) => Ok(None),
         Some(r) => serde_json::from_str::<Cow<'a, str>>(r.get())
             .map(Some)
-            .map_err(|_| ValidationError::field("invalid_field", field, format!("{field} must be a string"))),
+            .map_err(|_| {
+                ValidationError::field("invalid_field", field, format!("{field} must be a string"))
+            }),
     }
 }
 
@@ -675,15 +676,21 @@ mod tests {
 
     #[test]
     fn wrong_types_name_their_field() {
-        let err = single(EventType::Track, r#"{"userId":"u","event":"x","properties":[1]}"#)
-            .unwrap_err();
+        let err = single(
+            EventType::Track,
+            r#"{"userId":"u","event":"x","properties":[1]}"#,
+        )
+        .unwrap_err();
         assert_eq!(err.field.as_deref(), Some("properties"));
         let err = single(EventType::Track, r#"{"userId":"u","event":7}"#).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("event"));
         let err = single(EventType::Track, r#"{"userId":{},"event":"e"}"#).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("userId"));
-        let err =
-            single(EventType::Track, r#"{"userId":"u","event":"e","timestamp":"nope"}"#).unwrap_err();
+        let err = single(
+            EventType::Track,
+            r#"{"userId":"u","event":"e","timestamp":"nope"}"#,
+        )
+        .unwrap_err();
         assert_eq!(err.field.as_deref(), Some("timestamp"));
     }
 
@@ -701,11 +708,17 @@ mod tests {
     #[test]
     fn per_type_requirements() {
         assert_eq!(
-            single(EventType::Group, r#"{"userId":"u"}"#).unwrap_err().field.as_deref(),
+            single(EventType::Group, r#"{"userId":"u"}"#)
+                .unwrap_err()
+                .field
+                .as_deref(),
             Some("groupId")
         );
         assert_eq!(
-            single(EventType::Alias, r#"{"userId":"u"}"#).unwrap_err().field.as_deref(),
+            single(EventType::Alias, r#"{"userId":"u"}"#)
+                .unwrap_err()
+                .field
+                .as_deref(),
             Some("previousId")
         );
         assert_eq!(
@@ -751,10 +764,14 @@ mod tests {
         let raw = parse_batch(body.as_bytes(), &Limits::default()).unwrap();
         let parsed = raw.normalise(&meta(), &Limits::default(), &mut ids());
         assert_eq!(parsed.events.len(), 2);
-        let ctx: Value = serde_json::from_str(parsed.events[0].context.as_deref().unwrap()).unwrap();
+        let ctx: Value =
+            serde_json::from_str(parsed.events[0].context.as_deref().unwrap()).unwrap();
         assert_eq!(ctx["ip"], "5.6.7.8");
         assert_eq!(ctx["library"]["name"], "x");
-        assert_eq!(parsed.events[1].integrations.as_deref(), Some(r#"{"All":true}"#));
+        assert_eq!(
+            parsed.events[1].integrations.as_deref(),
+            Some(r#"{"All":true}"#)
+        );
         let rejected: Vec<_> = parsed.rejected.iter().map(|r| r.index).collect();
         assert_eq!(rejected, vec![1, 2, 3]);
         assert_eq!(parsed.rejected[0].message_id.as_deref(), Some("bad-1"));
@@ -769,14 +786,28 @@ mod tests {
             max_batch_events: 2,
         };
         let three = r#"{"batch":[{"type":"track"},{"type":"track"},{"type":"track"}]}"#;
-        assert!(parse_batch(three.as_bytes(), &limits).unwrap_err().too_large);
-        let big = format!(r#"{{"batch":[{{"type":"track","userId":"u","event":"{}"}}]}}"#, "x".repeat(200));
+        assert!(
+            parse_batch(three.as_bytes(), &limits)
+                .unwrap_err()
+                .too_large
+        );
+        let big = format!(
+            r#"{{"batch":[{{"type":"track","userId":"u","event":"{}"}}]}}"#,
+            "x".repeat(200)
+        );
         let raw = parse_batch(big.as_bytes(), &limits).unwrap();
         let parsed = raw.normalise(&meta(), &limits, &mut ids());
         assert!(parsed.rejected[0].error.too_large);
-        assert!(parse_batch("x".repeat(1_001).as_bytes(), &limits).unwrap_err().too_large);
+        assert!(
+            parse_batch("x".repeat(1_001).as_bytes(), &limits)
+                .unwrap_err()
+                .too_large
+        );
         assert_eq!(
-            parse_batch(br#"{"batch":[]}"#, &limits).unwrap_err().field.as_deref(),
+            parse_batch(br#"{"batch":[]}"#, &limits)
+                .unwrap_err()
+                .field
+                .as_deref(),
             Some("batch")
         );
     }

@@ -138,20 +138,23 @@ pub fn project(ev: &Event) -> Projection {
                     Value::Number(n) => Some(n.to_string()),
                     _ => None,
                 });
-                let kind = x.get("type").and_then(Value::as_str).filter(|t| !t.is_empty());
+                let kind = x
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .filter(|t| !t.is_empty());
                 if let (Some(id), Some(kind)) = (id, kind) {
                     ids.insert(Identifier::new(IdKind::parse(kind), id));
                 }
             }
         }
     }
-    if ev.kind == EventType::Identify {
-        if let Some(t) = parse_object(ev.traits.as_deref()) {
-            if let Some(email) = email_of(&t) {
-                ids.insert(Identifier::new(IdKind::Email, email));
-            }
-            traits.extend(t);
+    if ev.kind == EventType::Identify
+        && let Some(t) = parse_object(ev.traits.as_deref())
+    {
+        if let Some(email) = email_of(&t) {
+            ids.insert(Identifier::new(IdKind::Email, email));
         }
+        traits.extend(t);
     }
     ids.retain(|i| !i.value.is_empty() && !i.value.contains('\0'));
     Projection {
@@ -305,7 +308,8 @@ impl ProfileModel {
             if r != root {
                 continue;
             }
-            view.identifiers.insert(member.clone(), self.created[member]);
+            view.identifiers
+                .insert(member.clone(), self.created[member]);
             for (name, t) in self.traits.get(member).into_iter().flatten() {
                 merge_trait(&mut view.traits, name.clone(), t.clone());
             }
@@ -346,7 +350,13 @@ impl ProfileModel {
 mod tests {
     use super::*;
 
-    pub(crate) fn ev(kind: EventType, msg: &str, user: Option<&str>, anon: Option<&str>, t: i64) -> Event {
+    pub(crate) fn ev(
+        kind: EventType,
+        msg: &str,
+        user: Option<&str>,
+        anon: Option<&str>,
+        t: i64,
+    ) -> Event {
         Event {
             workspace_id: "ws".into(),
             source_id: "src".into(),
@@ -398,7 +408,11 @@ mod tests {
         assert_eq!(by_email.counts["Clicked"], 1);
         assert_eq!(by_email.counts["$identify"], 1);
         assert_eq!(by_email.first_seen, 10);
-        assert_eq!(m.timeline(&Identifier::new(IdKind::AnonymousId, "a1")).len(), 2);
+        assert_eq!(
+            m.timeline(&Identifier::new(IdKind::AnonymousId, "a1"))
+                .len(),
+            2
+        );
     }
 
     #[test]

@@ -121,7 +121,10 @@ mod tests {
     #[test]
     fn reads_basic_and_bearer() {
         let mut h = HeaderMap::new();
-        h.insert(AUTHORIZATION, HeaderValue::from_static("Basic d2tfMTIzOg=="));
+        h.insert(
+            AUTHORIZATION,
+            HeaderValue::from_static("Basic d2tfMTIzOg=="),
+        );
         assert_eq!(credential_from_headers(&h).as_deref(), Some("wk_123"));
         h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer tmk_abc"));
         assert_eq!(credential_from_headers(&h).as_deref(), Some("tmk_abc"));
@@ -131,7 +134,10 @@ mod tests {
 
     #[test]
     fn reads_the_query_write_key() {
-        assert_eq!(write_key_from_query(Some("a=1&writeKey=wk%5F1")).as_deref(), Some("wk_1"));
+        assert_eq!(
+            write_key_from_query(Some("a=1&writeKey=wk%5F1")).as_deref(),
+            Some("wk_1")
+        );
         assert_eq!(write_key_from_query(Some("writeKey=")), None);
         assert_eq!(write_key_from_query(None), None);
     }

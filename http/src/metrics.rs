@@ -7,7 +7,8 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::AppState;
@@ -71,7 +72,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let projector_events = IntCounterVec::new(
-            Opts::new("trailmark_projector_events_total", "Events handled by the projector"),
+            Opts::new(
+                "trailmark_projector_events_total",
+                "Events handled by the projector",
+            ),
             &["outcome"],
         )
         .expect("valid metric");

@@ -168,7 +168,9 @@ async fn append(state: &AppState, events: &[Event]) -> Result<(), ApiError> {
         Err(_) => {
             failed(state);
             tracing::warn!(events = events.len(), "log append timed out");
-            Err(ApiError::Unavailable("the log did not confirm in time".into()))
+            Err(ApiError::Unavailable(
+                "the log did not confirm in time".into(),
+            ))
         }
     }
 }

@@ -30,11 +30,18 @@ pub async fn drain(
     expected: usize,
     patience: Duration,
 ) -> Vec<Delivery> {
-    let mut sub = log.subscribe("conformance", start).await.expect("subscribe");
+    let mut sub = log
+        .subscribe("conformance", start)
+        .await
+        .expect("subscribe");
     let deadline = tokio::time::Instant::now() + patience;
     let mut out = Vec::new();
     while out.len() < expected && tokio::time::Instant::now() < deadline {
-        out.extend(sub.poll(500, Duration::from_millis(200)).await.expect("poll"));
+        out.extend(
+            sub.poll(500, Duration::from_millis(200))
+                .await
+                .expect("poll"),
+        );
     }
     out
 }
@@ -44,7 +51,9 @@ fn by_key(deliveries: &[Delivery]) -> BTreeMap<String, Vec<usize>> {
     for d in deliveries {
         let text = String::from_utf8(d.payload.to_vec()).expect("utf8 payload");
         let (key, n) = text.rsplit_once(':').expect("key:n");
-        map.entry(key.to_owned()).or_default().push(n.parse().expect("n"));
+        map.entry(key.to_owned())
+            .or_default()
+            .push(n.parse().expect("n"));
     }
     map
 }
@@ -61,7 +70,11 @@ pub async fn appends_are_read_back_in_key_order(factory: &impl LogFactory, at: &
     let got = drain(&*log, Arc::new(FromEarliest), 100, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 100, "every record is read once");
     for (key, ns) in by_key(&got) {
-        assert_eq!(ns, (0..20).collect::<Vec<_>>(), "records of {key} keep their order");
+        assert_eq!(
+            ns,
+            (0..20).collect::<Vec<_>>(),
+            "records of {key} keep their order"
+        );
     }
 }
 
@@ -77,7 +90,9 @@ pub async fn resumes_from_a_position(factory: &impl LogFactory, at: &Path) {
     }
     let log = factory(at).expect("open");
     for n in 0..10 {
-        log.append(vec![record("k1", n), record("k2", n)]).await.expect("append");
+        log.append(vec![record("k1", n), record("k2", n)])
+            .await
+            .expect("append");
     }
     let first = drain(&*log, Arc::new(FromEarliest), 20, Duration::from_secs(20)).await;
     assert_eq!(first.len(), 20);
@@ -86,9 +101,17 @@ pub async fn resumes_from_a_position(factory: &impl LogFactory, at: &Path) {
         checkpoint.insert(d.partition, d.next_position);
     }
     for n in 10..15 {
-        log.append(vec![record("k1", n), record("k2", n)]).await.expect("append");
+        log.append(vec![record("k1", n), record("k2", n)])
+            .await
+            .expect("append");
     }
-    let rest = drain(&*log, Arc::new(After(checkpoint)), 10, Duration::from_secs(20)).await;
+    let rest = drain(
+        &*log,
+        Arc::new(After(checkpoint)),
+        10,
+        Duration::from_secs(20),
+    )
+    .await;
     let rest = by_key(&rest);
     assert_eq!(rest["k1"], (10..15).collect::<Vec<_>>());
     assert_eq!(rest["k2"], (10..15).collect::<Vec<_>>());
@@ -150,7 +173,11 @@ pub async fn end_positions_track_appends(factory: &impl LogFactory, at: &Path) {
         .expect("subscribe");
     let mut seen = 0;
     for _ in 0..50 {
-        seen += sub.poll(10, Duration::from_millis(100)).await.expect("poll").len();
+        seen += sub
+            .poll(10, Duration::from_millis(100))
+            .await
+            .expect("poll")
+            .len();
         if seen == 1 {
             break;
         }

@@ -108,7 +108,10 @@ fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
     for entry in fs::read_dir(dir)? {
         let name = entry?.file_name();
         let name = name.to_string_lossy();
-        if let Some(base) = name.strip_suffix(".log").and_then(|b| b.parse::<u64>().ok()) {
+        if let Some(base) = name
+            .strip_suffix(".log")
+            .and_then(|b| b.parse::<u64>().ok())
+        {
             bases.push(base);
         }
     }
@@ -163,7 +166,9 @@ impl FileLog {
     pub fn open(dir: impl AsRef<Path>, options: FileLogOptions) -> Result<Self> {
         let dir = dir.as_ref();
         if options.partitions == 0 {
-            return Err(LogError::Invalid("a log needs at least one partition".into()));
+            return Err(LogError::Invalid(
+                "a log needs at least one partition".into(),
+            ));
         }
         fs::create_dir_all(dir).map_err(|e| io_err("create log directory", e))?;
         let lock = File::create(dir.join("LOCK")).map_err(|e| io_err("create lock file", e))?;
@@ -213,9 +218,15 @@ impl FileLog {
                 .open(segment_path(&pdir, base))
                 .map_err(|e| io_err("open segment", e))?;
             let len = valid_prefix(&file).map_err(|e| io_err("scan segment", e))?;
-            if len != file.metadata().map_err(|e| io_err("stat segment", e))?.len() {
+            if len
+                != file
+                    .metadata()
+                    .map_err(|e| io_err("stat segment", e))?
+                    .len()
+            {
                 tracing::warn!(partition = p, base, valid = len, "cutting off a torn write");
-                file.set_len(len).map_err(|e| io_err("truncate segment", e))?;
+                file.set_len(len)
+                    .map_err(|e| io_err("truncate segment", e))?;
                 file.sync_all().map_err(|e| io_err("sync segment", e))?;
             }
             partitions.push(PartitionShared {
@@ -369,9 +380,10 @@ impl Writer {
                 .iter()
                 .map(|f| scope.spawn(move || f.sync_data()))
                 .collect();
-            handles
-                .into_iter()
-                .try_for_each(|h| h.join().unwrap_or_else(|_| Err(io::Error::other("sync panicked"))))
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("sync panicked")))
+            })
         })
     }
 
@@ -511,7 +523,10 @@ impl Reader {
                         "position {pos} is before the first segment of partition {p}"
                     )));
                 }
-                (segs[i - 1], segs.get(i).copied().unwrap_or(committed).min(committed))
+                (
+                    segs[i - 1],
+                    segs.get(i).copied().unwrap_or(committed).min(committed),
+                )
             };
             if pos >= seg_end {
                 return Err(LogError::Corrupt {
@@ -632,7 +647,8 @@ mod tests {
     }
 
     crate::event_log_conformance!(|dir: &std::path::Path| {
-        FileLog::open(dir, opts(3)).map(|l| std::sync::Arc::new(l) as std::sync::Arc<dyn crate::EventLog>)
+        FileLog::open(dir, opts(3))
+            .map(|l| std::sync::Arc::new(l) as std::sync::Arc<dyn crate::EventLog>)
     });
 
     #[tokio::test]
@@ -640,19 +656,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let log = FileLog::open(dir.path(), opts(1)).unwrap();
-            log.append(vec![Record { key: b"k".to_vec(), payload: b"one".to_vec() }])
-                .await
-                .unwrap();
+            log.append(vec![Record {
+                key: b"k".to_vec(),
+                payload: b"one".to_vec(),
+            }])
+            .await
+            .unwrap();
         }
         // A crash mid-write leaves half a frame behind.
-        let seg = dir.path().join("partition-0000").join(format!("{:020}.log", 0));
+        let seg = dir
+            .path()
+            .join("partition-0000")
+            .join(format!("{:020}.log", 0));
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
         f.write_all(&[9, 0, 0, 0, 1, 2]).unwrap();
         drop(f);
         let log = FileLog::open(dir.path(), opts(1)).unwrap();
-        log.append(vec![Record { key: b"k".to_vec(), payload: b"two".to_vec() }])
-            .await
-            .unwrap();
+        log.append(vec![Record {
+            key: b"k".to_vec(),
+            payload: b"two".to_vec(),
+        }])
+        .await
+        .unwrap();
         let mut sub = log.subscribe("g", Arc::new(FromEarliest)).await.unwrap();
         let got = sub.poll(10, Duration::ZERO).await.unwrap();
         let payloads: Vec<_> = got.iter().map(|d| d.payload.to_vec()).collect();
@@ -663,14 +688,20 @@ mod tests {
     async fn a_second_owner_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let _first = FileLog::open(dir.path(), opts(1)).unwrap();
-        assert!(matches!(FileLog::open(dir.path(), opts(1)), Err(LogError::Invalid(_))));
+        assert!(matches!(
+            FileLog::open(dir.path(), opts(1)),
+            Err(LogError::Invalid(_))
+        ));
     }
 
     #[tokio::test]
     async fn a_changed_partition_count_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         drop(FileLog::open(dir.path(), opts(2)).unwrap());
-        assert!(matches!(FileLog::open(dir.path(), opts(3)), Err(LogError::Invalid(_))));
+        assert!(matches!(
+            FileLog::open(dir.path(), opts(3)),
+            Err(LogError::Invalid(_))
+        ));
     }
 
     #[tokio::test]
@@ -679,7 +710,10 @@ mod tests {
         let log = FileLog::open(dir.path(), opts(1)).unwrap();
         log.close();
         let err = log
-            .append(vec![Record { key: vec![], payload: vec![1] }])
+            .append(vec![Record {
+                key: vec![],
+                payload: vec![1],
+            }])
             .await
             .unwrap_err();
         assert!(err.is_retryable());

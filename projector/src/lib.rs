@@ -140,12 +140,14 @@ impl Projector {
         let mut positions = self.store.checkpoints(&self.config.group).await?;
         let mut applied = 0u64;
         let done = |positions: &BTreeMap<u32, u64>| {
-            ends.iter()
-                .enumerate()
-                .all(|(p, end)| *end == 0 || positions.get(&(p as u32)).copied().unwrap_or(0) >= *end)
+            ends.iter().enumerate().all(|(p, end)| {
+                *end == 0 || positions.get(&(p as u32)).copied().unwrap_or(0) >= *end
+            })
         };
         while !done(&positions) {
-            let deliveries = sub.poll(self.config.batch_size, self.config.poll_wait).await?;
+            let deliveries = sub
+                .poll(self.config.batch_size, self.config.poll_wait)
+                .await?;
             applied += deliveries.len() as u64;
             for (partition, next) in self.apply(deliveries).await? {
                 positions.insert(partition, next);
@@ -167,7 +169,9 @@ impl Projector {
             let lag: u64 = ends
                 .iter()
                 .enumerate()
-                .map(|(p, end)| end.saturating_sub(positions.get(&(p as u32)).copied().unwrap_or(0)))
+                .map(|(p, end)| {
+                    end.saturating_sub(positions.get(&(p as u32)).copied().unwrap_or(0))
+                })
                 .sum();
             self.metrics.projector_lag.set(lag as i64);
         }
@@ -259,7 +263,11 @@ mod tests {
         (log, store, Arc::new(EventCodec::new().unwrap()))
     }
 
-    fn projector(log: &Arc<FileLog>, store: &Arc<EmbeddedStore>, codec: &Arc<EventCodec>) -> Projector {
+    fn projector(
+        log: &Arc<FileLog>,
+        store: &Arc<EmbeddedStore>,
+        codec: &Arc<EventCodec>,
+    ) -> Projector {
         Projector::new(
             log.clone(),
             store.clone(),
@@ -280,23 +288,35 @@ mod tests {
                 let records = (0..n)
                     .map(|_| {
                         let ev = EventBuilder::track("Ping").user("p1").build();
-                        Record { key: ev.partition_key(), payload: codec.encode(&ev).unwrap() }
+                        Record {
+                            key: ev.partition_key(),
+                            payload: codec.encode(&ev).unwrap(),
+                        }
                     })
                     .collect();
                 log.append(records).await.unwrap();
             }
         };
         append(30).await;
-        assert_eq!(projector(&log, &store, &codec).catch_up().await.unwrap(), 30);
+        assert_eq!(
+            projector(&log, &store, &codec).catch_up().await.unwrap(),
+            30
+        );
         append(12).await;
         // A new projector resumes from the stored checkpoint: only the 12 new.
-        assert_eq!(projector(&log, &store, &codec).catch_up().await.unwrap(), 12);
+        assert_eq!(
+            projector(&log, &store, &codec).catch_up().await.unwrap(),
+            12
+        );
         let p = store
             .resolve(WORKSPACE, &Identifier::new(IdKind::UserId, "p1"))
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(store.metadata(WORKSPACE, &p).await.unwrap().counts["Ping"], 42);
+        assert_eq!(
+            store.metadata(WORKSPACE, &p).await.unwrap().counts["Ping"],
+            42
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,10 +331,15 @@ mod tests {
             })
             .await
         });
-        let ev = EventBuilder::identify(json!({"plan": "pro"})).user("live").build();
-        log.append(vec![Record { key: ev.partition_key(), payload: codec.encode(&ev).unwrap() }])
-            .await
-            .unwrap();
+        let ev = EventBuilder::identify(json!({"plan": "pro"}))
+            .user("live")
+            .build();
+        log.append(vec![Record {
+            key: ev.partition_key(),
+            payload: codec.encode(&ev).unwrap(),
+        }])
+        .await
+        .unwrap();
         let id = Identifier::new(IdKind::UserId, "live");
         let mut found = false;
         for _ in 0..100 {

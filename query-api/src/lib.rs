@@ -26,8 +26,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value, json};
-use trailmark_domain::time::{format_micros, parse_micros};
 use trailmark_domain::Identifier;
+use trailmark_domain::time::{format_micros, parse_micros};
 use trailmark_http::auth::Reader;
 use trailmark_http::{ApiError, AppState};
 use trailmark_store::{ProfileRef, TimelineQuery};
@@ -105,10 +105,12 @@ async fn traits(
     let after: Option<String> = p.next.as_deref().map(decode_cursor).transpose()?;
     let profile = resolve(&state, &reader, &id).await?;
     let all = state.store.traits(&reader.0.workspace_id, &profile).await?;
-    let include: Option<Vec<&str>> = p
-        .include
-        .as_deref()
-        .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).collect());
+    let include: Option<Vec<&str>> = p.include.as_deref().map(|s| {
+        s.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    });
     let mut selected = all
         .iter()
         .filter(|(k, _)| include.as_ref().is_none_or(|inc| inc.contains(&k.as_str())))
@@ -189,7 +191,10 @@ async fn events(
     let end = time_param(p.end.as_deref(), "end")?;
     let cursor: Option<EventsCursor> = p.next.as_deref().map(decode_cursor).transpose()?;
     if cursor.as_ref().is_some_and(|c| c.d != descending) {
-        return Err(ApiError::bad_field("next", "the cursor was issued for the other sort order"));
+        return Err(ApiError::bad_field(
+            "next",
+            "the cursor was issued for the other sort order",
+        ));
     }
     let profile = resolve(&state, &reader, &id).await?;
     let query = TimelineQuery {
@@ -212,7 +217,10 @@ async fn events(
         }),
         _ => String::new(),
     };
-    let mut url = format!("/v1/profiles/{id}/events?limit={limit}&sort={}", if descending { "desc" } else { "asc" });
+    let mut url = format!(
+        "/v1/profiles/{id}/events?limit={limit}&sort={}",
+        if descending { "desc" } else { "asc" }
+    );
     for (k, v) in [("start", &p.start), ("end", &p.end), ("event", &p.event)] {
         if let Some(v) = v {
             url.push_str(&format!("&{k}={}", encode_query_value(v)));
@@ -298,7 +306,10 @@ async fn metadata(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let profile = resolve(&state, &reader, &id).await?;
-    let meta = state.store.metadata(&reader.0.workspace_id, &profile).await?;
+    let meta = state
+        .store
+        .metadata(&reader.0.workspace_id, &profile)
+        .await?;
     let total: u64 = meta.counts.values().sum();
     let counts: BTreeMap<&String, u64> = meta.counts.iter().map(|(k, v)| (k, *v)).collect();
     Ok(Json(json!({

@@ -18,11 +18,11 @@
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
+use apache_avro::Schema;
 use apache_avro::rabin::Rabin;
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::schema::ResolvedSchema;
 use apache_avro::writer::datum::GenericDatumWriter;
-use apache_avro::Schema;
 use trailmark_domain::Event;
 
 /// The schema files, oldest first. The last one is written.
@@ -161,9 +161,9 @@ impl EventCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use apache_avro::GenericSingleObjectWriter;
     use apache_avro::schema_compatibility::SchemaCompatibility;
     use apache_avro::types::Value;
-    use apache_avro::GenericSingleObjectWriter;
     use proptest::prelude::*;
     use trailmark_domain::EventType;
 
@@ -210,7 +210,10 @@ mod tests {
             .unwrap()
             .write_value_ref(&value, &mut theirs)
             .unwrap();
-        assert_eq!(ours, theirs, "our encoding is byte-identical to apache-avro's");
+        assert_eq!(
+            ours, theirs,
+            "our encoding is byte-identical to apache-avro's"
+        );
     }
 
     #[test]
@@ -229,7 +232,9 @@ mod tests {
         let mut record = sample();
         record.request_ip = None;
         let value = apache_avro::to_value(&record).unwrap();
-        let Value::Record(mut fields) = value else { panic!("record") };
+        let Value::Record(mut fields) = value else {
+            panic!("record")
+        };
         fields.retain(|(name, _)| name != "request_ip");
         let value = Value::Record(fields).resolve(v1).unwrap();
         let mut bytes = Vec::new();

@@ -43,10 +43,17 @@ fn batch(partition: u32, next: u64, events: Vec<Event>) -> ApplyBatch {
 /// A varied stream: anonymous browsing, identify with email, out-of-order
 /// trait updates, an alias, a second user, a duplicate.
 pub fn scenario() -> Vec<Event> {
-    let dup = EventBuilder::track("Clicked").anon("a1").at(5).message_id("dup-1").build();
+    let dup = EventBuilder::track("Clicked")
+        .anon("a1")
+        .at(5)
+        .message_id("dup-1")
+        .build();
     vec![
         EventBuilder::page("Home").anon("a1").at(1).build(),
-        EventBuilder::track("Viewed Product").anon("a1").at(2).build(),
+        EventBuilder::track("Viewed Product")
+            .anon("a1")
+            .at(2)
+            .build(),
         dup.clone(),
         EventBuilder::identify(json!({"email": "ann@example.com", "plan": "pro"}))
             .user("u1")
@@ -65,7 +72,10 @@ pub fn scenario() -> Vec<Event> {
             .properties(json!({"total": 30}))
             .build(),
         EventBuilder::alias("u1", "legacy-7").at(60).build(),
-        EventBuilder::track("Order Completed").user("legacy-7").at(3).build(),
+        EventBuilder::track("Order Completed")
+            .user("legacy-7")
+            .at(3)
+            .build(),
         EventBuilder::track("Clicked").user("u2").at(7).build(),
         dup,
     ]
@@ -76,7 +86,10 @@ pub fn scenario() -> Vec<Event> {
 pub async fn folds_like_the_model(factory: &impl StoreFactory, at: &Path) {
     let (store, _) = factory(at);
     let events = scenario();
-    let outcome = store.apply(batch(0, 100, events.clone())).await.expect("apply");
+    let outcome = store
+        .apply(batch(0, 100, events.clone()))
+        .await
+        .expect("apply");
     assert_eq!(outcome.duplicates, 1);
     assert_eq!(outcome.applied, events.len() - 1);
     let mut model = ProfileModel::new(DAY);
@@ -85,7 +98,10 @@ pub async fn folds_like_the_model(factory: &impl StoreFactory, at: &Path) {
     }
     assert_matches_model(&*store, &model, &[user("u1"), anon("a1"), user("u2")]).await;
     let p = store
-        .resolve(WORKSPACE, &Identifier::new(IdKind::Email, "ann@example.com"))
+        .resolve(
+            WORKSPACE,
+            &Identifier::new(IdKind::Email, "ann@example.com"),
+        )
         .await
         .expect("resolve")
         .expect("profile by email");
@@ -93,12 +109,19 @@ pub async fn folds_like_the_model(factory: &impl StoreFactory, at: &Path) {
     assert_eq!(traits["plan"].value, "pro", "the later identify wins");
     assert_eq!(traits["name"].value, "Ann");
     let meta = store.metadata(WORKSPACE, &p).await.expect("metadata");
-    assert_eq!(meta.counts["Order Completed"], 2, "alias merged legacy-7's order");
+    assert_eq!(
+        meta.counts["Order Completed"], 2,
+        "alias merged legacy-7's order"
+    );
     assert_eq!(meta.first_seen, T0 + 1_000_000);
 }
 
 /// Checks every profile reachable from `ids` against the model.
-pub async fn assert_matches_model(store: &dyn ProfileStore, model: &ProfileModel, ids: &[Identifier]) {
+pub async fn assert_matches_model(
+    store: &dyn ProfileStore,
+    model: &ProfileModel,
+    ids: &[Identifier],
+) {
     for id in ids {
         let want = model.profile(id).expect("model knows the id");
         let got = store
@@ -112,7 +135,10 @@ pub async fn assert_matches_model(store: &dyn ProfileStore, model: &ProfileModel
         assert_eq!(traits, want.traits, "traits of {id}");
         let meta = store.metadata(WORKSPACE, &got).await.expect("metadata");
         assert_eq!(meta.counts, want.counts, "counts of {id}");
-        assert_eq!((meta.first_seen, meta.last_seen), (want.first_seen, want.last_seen));
+        assert_eq!(
+            (meta.first_seen, meta.last_seen),
+            (want.first_seen, want.last_seen)
+        );
         let page = store
             .timeline(
                 WORKSPACE,
@@ -125,7 +151,11 @@ pub async fn assert_matches_model(store: &dyn ProfileStore, model: &ProfileModel
             .await
             .expect("timeline");
         let got_ids: Vec<_> = page.entries.iter().map(|e| e.message_id.clone()).collect();
-        let want_ids: Vec<_> = model.timeline(id).iter().map(|e| e.message_id.clone()).collect();
+        let want_ids: Vec<_> = model
+            .timeline(id)
+            .iter()
+            .map(|e| e.message_id.clone())
+            .collect();
         assert_eq!(got_ids, want_ids, "timeline of {id}");
     }
 }
@@ -134,29 +164,62 @@ pub async fn assert_matches_model(store: &dyn ProfileStore, model: &ProfileModel
 pub async fn replaying_a_batch_changes_nothing(factory: &impl StoreFactory, at: &Path) {
     let (store, _) = factory(at);
     let events = scenario();
-    store.apply(batch(3, 42, events.clone())).await.expect("apply");
+    store
+        .apply(batch(3, 42, events.clone()))
+        .await
+        .expect("apply");
     let before = snapshot(&*store).await;
-    let again = store.apply(batch(3, 42, events.clone())).await.expect("apply again");
+    let again = store
+        .apply(batch(3, 42, events.clone()))
+        .await
+        .expect("apply again");
     assert_eq!(again.applied, 0);
     assert_eq!(again.duplicates, events.len());
     assert_eq!(snapshot(&*store).await, before);
     let cps = store.checkpoints("projector").await.expect("checkpoints");
     assert_eq!(cps.get(&3), Some(&42));
-    assert!(store.checkpoints("other").await.expect("checkpoints").is_empty());
+    assert!(
+        store
+            .checkpoints("other")
+            .await
+            .expect("checkpoints")
+            .is_empty()
+    );
 }
 
 async fn snapshot(store: &dyn ProfileStore) -> Vec<String> {
     let mut out = Vec::new();
     for id in [user("u1"), user("u2"), anon("a1")] {
-        let p = store.resolve(WORKSPACE, &id).await.expect("resolve").expect("profile");
+        let p = store
+            .resolve(WORKSPACE, &id)
+            .await
+            .expect("resolve")
+            .expect("profile");
         out.push(format!("{p:?}"));
-        out.push(format!("{:?}", store.traits(WORKSPACE, &p).await.expect("traits")));
-        out.push(format!("{:?}", store.metadata(WORKSPACE, &p).await.expect("meta")));
+        out.push(format!(
+            "{:?}",
+            store.traits(WORKSPACE, &p).await.expect("traits")
+        ));
+        out.push(format!(
+            "{:?}",
+            store.metadata(WORKSPACE, &p).await.expect("meta")
+        ));
         let page = store
-            .timeline(WORKSPACE, &p, &TimelineQuery { limit: 1_000, ..Default::default() })
+            .timeline(
+                WORKSPACE,
+                &p,
+                &TimelineQuery {
+                    limit: 1_000,
+                    ..Default::default()
+                },
+            )
             .await
             .expect("timeline");
-        out.extend(page.entries.iter().map(|e| format!("{} {} {}", e.time, e.message_id, e.json)));
+        out.extend(
+            page.entries
+                .iter()
+                .map(|e| format!("{} {} {}", e.time, e.message_id, e.json)),
+        );
     }
     out
 }
@@ -192,9 +255,19 @@ pub async fn timelines_page_across_identifiers(factory: &impl StoreFactory, at: 
         };
         events.push(b.at(i * 86_400).build());
     }
-    events.push(EventBuilder::identify(json!({})).user("pager").anon("pager-anon").at(1).build());
+    events.push(
+        EventBuilder::identify(json!({}))
+            .user("pager")
+            .anon("pager-anon")
+            .at(1)
+            .build(),
+    );
     store.apply(batch(0, 1, events)).await.expect("apply");
-    let p = store.resolve(WORKSPACE, &user("pager")).await.expect("resolve").expect("profile");
+    let p = store
+        .resolve(WORKSPACE, &user("pager"))
+        .await
+        .expect("resolve")
+        .expect("profile");
     for descending in [false, true] {
         let mut seen = Vec::new();
         let mut after = None;
@@ -220,7 +293,11 @@ pub async fn timelines_page_across_identifiers(factory: &impl StoreFactory, at: 
             }
             after = last;
         }
-        assert_eq!(seen.len(), 26, "every event once (descending: {descending})");
+        assert_eq!(
+            seen.len(),
+            26,
+            "every event once (descending: {descending})"
+        );
         let mut sorted = seen.clone();
         sorted.sort();
         if descending {
@@ -242,57 +319,131 @@ pub async fn timelines_page_across_identifiers(factory: &impl StoreFactory, at: 
         )
         .await
         .expect("timeline");
-    let days: Vec<i64> = ranged.entries.iter().map(|e| (e.time - T0) / 86_400_000_000).collect();
-    assert_eq!(days, vec![2, 4], "start inclusive, end exclusive, only Tick");
+    let days: Vec<i64> = ranged
+        .entries
+        .iter()
+        .map(|e| (e.time - T0) / 86_400_000_000)
+        .collect();
+    assert_eq!(
+        days,
+        vec![2, 4],
+        "start inclusive, end exclusive, only Tick"
+    );
 }
 
 /// Workspaces never see each other's data.
 pub async fn workspaces_are_isolated(factory: &impl StoreFactory, at: &Path) {
     let (store, _) = factory(at);
-    let a = EventBuilder::identify(json!({"plan": "a"})).user("same").workspace("ws_a").build();
-    let b = EventBuilder::identify(json!({"plan": "b"})).user("same").workspace("ws_b").build();
+    let a = EventBuilder::identify(json!({"plan": "a"}))
+        .user("same")
+        .workspace("ws_a")
+        .build();
+    let b = EventBuilder::identify(json!({"plan": "b"}))
+        .user("same")
+        .workspace("ws_b")
+        .build();
     store.apply(batch(0, 1, vec![a, b])).await.expect("apply");
     for (ws, plan) in [("ws_a", "a"), ("ws_b", "b")] {
-        let p = store.resolve(ws, &user("same")).await.expect("resolve").expect("profile");
+        let p = store
+            .resolve(ws, &user("same"))
+            .await
+            .expect("resolve")
+            .expect("profile");
         let traits = store.traits(ws, &p).await.expect("traits");
         assert_eq!(traits["plan"].value, plan);
         let page = store
-            .timeline(ws, &p, &TimelineQuery { limit: 10, ..Default::default() })
+            .timeline(
+                ws,
+                &p,
+                &TimelineQuery {
+                    limit: 10,
+                    ..Default::default()
+                },
+            )
             .await
             .expect("timeline");
         assert_eq!(page.entries.len(), 1);
     }
-    assert!(store.resolve("ws_c", &user("same")).await.expect("resolve").is_none());
+    assert!(
+        store
+            .resolve("ws_c", &user("same"))
+            .await
+            .expect("resolve")
+            .is_none()
+    );
 }
 
 /// A duplicate outside the window counts again; inside, it does not.
 pub async fn dedup_window_is_respected(factory: &impl StoreFactory, at: &Path) {
     let (store, _) = factory(at);
-    let first = EventBuilder::track("Ping").user("w").message_id("m-w").at(0).build();
+    let first = EventBuilder::track("Ping")
+        .user("w")
+        .message_id("m-w")
+        .at(0)
+        .build();
     let mut retry = first.clone();
     retry.received_at += DAY / 2;
     let mut much_later = first.clone();
     much_later.received_at += 3 * DAY;
-    store.apply(batch(0, 1, vec![first, retry])).await.expect("apply");
-    let p = store.resolve(WORKSPACE, &user("w")).await.expect("resolve").expect("profile");
-    assert_eq!(store.metadata(WORKSPACE, &p).await.expect("meta").counts["Ping"], 1);
-    let out = store.apply(batch(0, 2, vec![much_later])).await.expect("apply");
+    store
+        .apply(batch(0, 1, vec![first, retry]))
+        .await
+        .expect("apply");
+    let p = store
+        .resolve(WORKSPACE, &user("w"))
+        .await
+        .expect("resolve")
+        .expect("profile");
+    assert_eq!(
+        store.metadata(WORKSPACE, &p).await.expect("meta").counts["Ping"],
+        1
+    );
+    let out = store
+        .apply(batch(0, 2, vec![much_later]))
+        .await
+        .expect("apply");
     assert_eq!(out.applied, 1);
-    assert_eq!(store.metadata(WORKSPACE, &p).await.expect("meta").counts["Ping"], 2);
+    assert_eq!(
+        store.metadata(WORKSPACE, &p).await.expect("meta").counts["Ping"],
+        2
+    );
 }
 
 /// Resetting projections empties them and keeps workspaces; re-applying gives
 /// the same projections as before.
 pub async fn reset_and_rebuild_is_identical(factory: &impl StoreFactory, at: &Path) {
     let (store, dir) = factory(at);
-    let created = dir.create_workspace("keep me", None, None).await.expect("create");
+    let created = dir
+        .create_workspace("keep me", None, None)
+        .await
+        .expect("create");
     let events = scenario();
-    store.apply(batch(0, 9, events.clone())).await.expect("apply");
+    store
+        .apply(batch(0, 9, events.clone()))
+        .await
+        .expect("apply");
     let before = snapshot(&*store).await;
     store.reset_projections().await.expect("reset");
-    assert!(store.resolve(WORKSPACE, &user("u1")).await.expect("resolve").is_none());
-    assert!(store.checkpoints("projector").await.expect("checkpoints").is_empty());
-    assert!(dir.resolve_write_key(&created.write_key).await.expect("key").is_some());
+    assert!(
+        store
+            .resolve(WORKSPACE, &user("u1"))
+            .await
+            .expect("resolve")
+            .is_none()
+    );
+    assert!(
+        store
+            .checkpoints("projector")
+            .await
+            .expect("checkpoints")
+            .is_empty()
+    );
+    assert!(
+        dir.resolve_write_key(&created.write_key)
+            .await
+            .expect("key")
+            .is_some()
+    );
     store.apply(batch(0, 9, events)).await.expect("apply");
     assert_eq!(snapshot(&*store).await, before);
 }
@@ -301,21 +452,51 @@ pub async fn reset_and_rebuild_is_identical(factory: &impl StoreFactory, at: &Pa
 /// workspace, and only to it; given credentials are kept.
 pub async fn workspace_credentials(factory: &impl StoreFactory, at: &Path) {
     let (_, dir) = factory(at);
-    let one = dir.create_workspace("one", None, None).await.expect("create");
+    let one = dir
+        .create_workspace("one", None, None)
+        .await
+        .expect("create");
     let two = dir
         .create_workspace("two", Some("wk_scripted"), Some("tmk_scripted"))
         .await
         .expect("create");
     assert_eq!(two.write_key, "wk_scripted");
-    let g = dir.resolve_write_key("wk_scripted").await.expect("key").expect("grant");
+    let g = dir
+        .resolve_write_key("wk_scripted")
+        .await
+        .expect("key")
+        .expect("grant");
     assert_eq!(g.workspace_id, two.workspace.id);
     assert_eq!(g.source_id, two.source_id);
-    let r = dir.resolve_token(&one.token).await.expect("token").expect("grant");
+    let r = dir
+        .resolve_token(&one.token)
+        .await
+        .expect("token")
+        .expect("grant");
     assert_eq!(r.workspace_id, one.workspace.id);
-    assert!(dir.resolve_token(&one.write_key).await.expect("token").is_none());
-    assert!(dir.resolve_write_key(&one.token).await.expect("key").is_none());
-    assert!(dir.resolve_token("tmk_nope").await.expect("token").is_none());
-    assert!(dir.create_workspace("dup", Some("wk_scripted"), None).await.is_err());
+    assert!(
+        dir.resolve_token(&one.write_key)
+            .await
+            .expect("token")
+            .is_none()
+    );
+    assert!(
+        dir.resolve_write_key(&one.token)
+            .await
+            .expect("key")
+            .is_none()
+    );
+    assert!(
+        dir.resolve_token("tmk_nope")
+            .await
+            .expect("token")
+            .is_none()
+    );
+    assert!(
+        dir.create_workspace("dup", Some("wk_scripted"), None)
+            .await
+            .is_err()
+    );
     assert_eq!(dir.workspaces().await.expect("list").len(), 2);
 }
 

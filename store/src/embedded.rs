@@ -39,7 +39,9 @@ use fjall::{
     KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace,
 };
 use serde_json::value::RawValue;
-use trailmark_domain::profile::{Seen, TraitValue, counter_name, is_duplicate, merge_trait, project};
+use trailmark_domain::profile::{
+    Seen, TraitValue, counter_name, is_duplicate, merge_trait, project,
+};
 use trailmark_domain::{Event, IdKind, Identifier};
 
 use crate::{
@@ -460,7 +462,10 @@ impl Inner {
     fn resolve(&self, ws: &str, id: &Identifier) -> Result<Option<ProfileRef>> {
         let ks = &self.ks;
         let snap = self.db.read_tx();
-        let Some(v) = snap.get(&ks.identity, ws_id_key(ws, id)).map_err(unavailable)? else {
+        let Some(v) = snap
+            .get(&ks.identity, ws_id_key(ws, id))
+            .map_err(unavailable)?
+        else {
             return Ok(None);
         };
         let (root, _) = decode_identity(&v)?;
@@ -499,7 +504,10 @@ impl Inner {
             counts: BTreeMap::new(),
         };
         for id in profile.identifiers.keys() {
-            if let Some(v) = snap.get(&self.ks.seen, ws_id_key(ws, id)).map_err(unavailable)? {
+            if let Some(v) = snap
+                .get(&self.ks.seen, ws_id_key(ws, id))
+                .map_err(unavailable)?
+            {
                 let s = decode_seen(&v)?;
                 meta.first_seen = meta.first_seen.min(s.first);
                 meta.last_seen = meta.last_seen.max(s.last);
@@ -569,7 +577,9 @@ impl Inner {
             }
             let mut best: Option<usize> = None;
             for (i, s) in streams.iter().enumerate() {
-                let Some(head) = s.1.head.as_ref() else { continue };
+                let Some(head) = s.1.head.as_ref() else {
+                    continue;
+                };
                 best = match best {
                     None => Some(i),
                     Some(b) => {
@@ -584,10 +594,10 @@ impl Inner {
             let plen = streams[b].0;
             let (key, value) = streams[b].1.next_row()?.expect("peeked");
             let (counter, body) = split_timeline_value(&value)?;
-            if let Some(want) = &q.event {
-                if counter != want.as_bytes() {
-                    continue;
-                }
+            if let Some(want) = &q.event
+                && counter != want.as_bytes()
+            {
+                continue;
             }
             if entries.len() == limit {
                 has_more = true;
@@ -628,11 +638,11 @@ impl<I: Iterator<Item = fjall::Guard>> PeekableRowsExt for I {}
 
 impl<I: Iterator<Item = fjall::Guard>> PeekableRows<I> {
     fn peek(&mut self) -> Result<Option<&(Vec<u8>, Vec<u8>)>> {
-        if self.head.is_none() {
-            if let Some(g) = self.inner.next() {
-                let (k, v) = g.into_inner().map_err(unavailable)?;
-                self.head = Some((k.to_vec(), v.to_vec()));
-            }
+        if self.head.is_none()
+            && let Some(g) = self.inner.next()
+        {
+            let (k, v) = g.into_inner().map_err(unavailable)?;
+            self.head = Some((k.to_vec(), v.to_vec()));
         }
         Ok(self.head.as_ref())
     }
@@ -754,10 +764,16 @@ impl WorkspaceDirectory for EmbeddedStore {
         let wkey = [b"w\0".as_slice(), write_key.as_bytes()].concat();
         let tkey = [b"t\0".as_slice(), token_digest(&token).as_bytes()].concat();
         let mut tx = self.inner.db.write_tx();
-        if tx.contains_key(&ks.credentials, &wkey).map_err(unavailable)? {
+        if tx
+            .contains_key(&ks.credentials, &wkey)
+            .map_err(unavailable)?
+        {
             return Err(StoreError::Conflict("write key".into()));
         }
-        if tx.contains_key(&ks.credentials, &tkey).map_err(unavailable)? {
+        if tx
+            .contains_key(&ks.credentials, &tkey)
+            .map_err(unavailable)?
+        {
             return Err(StoreError::Conflict("token".into()));
         }
         tx.insert(&ks.workspaces, workspace.id.as_bytes(), json(&workspace));
@@ -798,13 +814,7 @@ impl WorkspaceDirectory for EmbeddedStore {
 
     async fn resolve_write_key(&self, write_key: &str) -> Result<Option<WriteGrant>> {
         let key = [b"w\0".as_slice(), write_key.as_bytes()].concat();
-        match self
-            .inner
-            .ks
-            .credentials
-            .get(key)
-            .map_err(unavailable)?
-        {
+        match self.inner.ks.credentials.get(key).map_err(unavailable)? {
             Some(v) => Ok(Some(from_json(&v, "write grant")?)),
             None => Ok(None),
         }
@@ -812,13 +822,7 @@ impl WorkspaceDirectory for EmbeddedStore {
 
     async fn resolve_token(&self, token: &str) -> Result<Option<ReadGrant>> {
         let key = [b"t\0".as_slice(), token_digest(token).as_bytes()].concat();
-        match self
-            .inner
-            .ks
-            .credentials
-            .get(key)
-            .map_err(unavailable)?
-        {
+        match self.inner.ks.credentials.get(key).map_err(unavailable)? {
             Some(v) => Ok(Some(from_json(&v, "read grant")?)),
             None => Ok(None),
         }

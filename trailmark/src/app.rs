@@ -60,7 +60,11 @@ pub fn router(state: AppState, role: Role) -> Router {
 }
 
 /// Builds the state from opened backends.
-pub fn state(config: &Config, backends: &Backends, metrics: Arc<Metrics>) -> anyhow::Result<AppState> {
+pub fn state(
+    config: &Config,
+    backends: &Backends,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<AppState> {
     Ok(AppState::builder(
         backends.log.clone(),
         backends.store.clone(),

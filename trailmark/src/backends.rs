@@ -52,10 +52,10 @@ impl Backends {
         if let Some(log) = &self.file_log {
             log.close();
         }
-        if let Some(store) = &self.embedded {
-            if let Err(e) = store.persist() {
-                tracing::warn!(error = %e, "flushing the embedded store failed");
-            }
+        if let Some(store) = &self.embedded
+            && let Err(e) = store.persist()
+        {
+            tracing::warn!(error = %e, "flushing the embedded store failed");
         }
     }
 }
@@ -65,7 +65,9 @@ fn split_uri(uri: &str) -> anyhow::Result<(&str, &str)> {
         .with_context(|| format!("{uri:?} is not a backend uri (scheme://location)"))
 }
 
-fn open_log(config: &Config) -> anyhow::Result<(Arc<dyn EventLog>, Option<Arc<FileLog>>)> {
+type LogHandles = (Arc<dyn EventLog>, Option<Arc<FileLog>>);
+
+fn open_log(config: &Config) -> anyhow::Result<LogHandles> {
     let uri = config.log_uri();
     match split_uri(&uri)? {
         ("file", path) => {
@@ -82,9 +84,9 @@ fn open_log(config: &Config) -> anyhow::Result<(Arc<dyn EventLog>, Option<Arc<Fi
             );
             Ok((log.clone(), Some(log)))
         }
-        ("kafka", _) => bail!(
-            "unsupported log backend {uri}: this build has no kafka backend yet; use file://"
-        ),
+        ("kafka", _) => {
+            bail!("unsupported log backend {uri}: this build has no kafka backend yet; use file://")
+        }
         (scheme, _) => bail!("unknown log backend scheme {scheme:?} in {uri}; use file://"),
     }
 }

@@ -146,7 +146,10 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("TRAILMARK_LOG_URI", "log_uri"),
     ("TRAILMARK_STORE_URI", "store_uri"),
     ("TRAILMARK_LOG_PARTITIONS", "log.partitions"),
-    ("TRAILMARK_DEDUP_WINDOW_HOURS", "projector.dedup_window_hours"),
+    (
+        "TRAILMARK_DEDUP_WINDOW_HOURS",
+        "projector.dedup_window_hours",
+    ),
     ("TRAILMARK_BOOTSTRAP_WRITE_KEY", "bootstrap.write_key"),
     ("TRAILMARK_BOOTSTRAP_TOKEN", "bootstrap.token"),
 ];
@@ -179,7 +182,9 @@ impl Config {
                 "TRAILMARK_DATA_DIR" => self.data_dir = PathBuf::from(&v),
                 "TRAILMARK_LOG_URI" => self.log_uri = Some(v),
                 "TRAILMARK_STORE_URI" => self.store_uri = Some(v),
-                "TRAILMARK_LOG_PARTITIONS" => self.log.partitions = v.parse().map_err(|e| bad(&e))?,
+                "TRAILMARK_LOG_PARTITIONS" => {
+                    self.log.partitions = v.parse().map_err(|e| bad(&e))?
+                }
                 "TRAILMARK_DEDUP_WINDOW_HOURS" => {
                     self.projector.dedup_window_hours = v.parse().map_err(|e| bad(&e))?
                 }
@@ -259,7 +264,8 @@ mod tests {
 
     #[test]
     fn env_overrides_file_and_defaults() {
-        let mut c: Config = toml::from_str("listen = \"0.0.0.0:9000\"\n[log]\npartitions = 8\n").unwrap();
+        let mut c: Config =
+            toml::from_str("listen = \"0.0.0.0:9000\"\n[log]\npartitions = 8\n").unwrap();
         assert_eq!(c.log.partitions, 8);
         c.apply_env(|k| match k {
             "TRAILMARK_LISTEN" => Some("127.0.0.1:7000".into()),
@@ -276,7 +282,10 @@ mod tests {
     fn unknown_keys_and_bad_values_are_refused() {
         assert!(toml::from_str::<Config>("lisen = \"x\"").is_err());
         let mut c = Config::default();
-        assert!(c.apply_env(|k| (k == "TRAILMARK_LISTEN").then(|| "nope".into())).is_err());
+        assert!(
+            c.apply_env(|k| (k == "TRAILMARK_LISTEN").then(|| "nope".into()))
+                .is_err()
+        );
         c.projector.dedup_window_hours = 1;
         assert!(c.validate().is_err());
     }

@@ -69,7 +69,8 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("TRAILMARK_LOG").unwrap_or_else(|_| EnvFilter::new("info,fjall=warn,lsm_tree=warn")),
+            EnvFilter::try_from_env("TRAILMARK_LOG")
+                .unwrap_or_else(|_| EnvFilter::new("info,fjall=warn,lsm_tree=warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -97,7 +98,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::CreateWorkspace { name } => {
             let backends = Backends::open(&config)?;
-            let created = backends.directory.create_workspace(&name, None, None).await?;
+            let created = backends
+                .directory
+                .create_workspace(&name, None, None)
+                .await?;
             backends.close();
             println!(
                 "created workspace {:?} ({})\n  write key: {}\n  secret token: {}",
