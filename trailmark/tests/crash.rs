@@ -29,7 +29,10 @@ fn spawn(dir: &std::path::Path) -> (Child, String) {
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let url = loop {
-        let line = lines.next().expect("trailmark printed its address").expect("line");
+        let line = lines
+            .next()
+            .expect("trailmark printed its address")
+            .expect("line");
         if let Some(url) = line.strip_prefix("trailmark listening on ") {
             break url.to_owned();
         }
@@ -69,7 +72,13 @@ async fn load(url: String, ledger: Arc<Mutex<Ledger>>, worker: usize) {
             .await;
         match resp {
             Ok(r) if r.status() == 200 => {
-                ledger.lock().unwrap().acked.entry(user).or_default().extend(ids);
+                ledger
+                    .lock()
+                    .unwrap()
+                    .acked
+                    .entry(user)
+                    .or_default()
+                    .extend(ids);
             }
             // The process is gone: stop.
             _ => return,
@@ -85,7 +94,12 @@ async fn timeline(client: &reqwest::Client, url: &str, user: &str) -> Vec<String
         if !next.is_empty() {
             q.push_str(&format!("&next={next}"));
         }
-        let resp = client.get(q).bearer_auth(TOKEN).send().await.expect("events");
+        let resp = client
+            .get(q)
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("events");
         if resp.status() == 404 {
             return ids;
         }
@@ -134,10 +148,19 @@ async fn sigkill_under_load_loses_and_duplicates_nothing() {
             w.await.expect("worker");
         }
     }
-    let acked_total: usize = ledger.lock().unwrap().acked.values().map(BTreeSet::len).sum();
+    let acked_total: usize = ledger
+        .lock()
+        .unwrap()
+        .acked
+        .values()
+        .map(BTreeSet::len)
+        .sum();
     let sent = ledger.lock().unwrap().sent;
     eprintln!("{acked_total} events acknowledged of {sent} sent across two SIGKILLs");
-    assert!(acked_total > 100, "the load got going before the kills ({acked_total} acked)");
+    assert!(
+        acked_total > 100,
+        "the load got going before the kills ({acked_total} acked)"
+    );
 
     let (mut child, url) = spawn(dir.path());
     let client = reqwest::Client::new();
@@ -153,10 +176,17 @@ async fn sigkill_under_load_loses_and_duplicates_nothing() {
         let unique: BTreeSet<&String> = got.iter().collect();
         assert_eq!(unique.len(), got.len(), "{user}: no event appears twice");
         let missing: Vec<_> = ids.iter().filter(|id| !unique.contains(id)).collect();
-        assert!(missing.is_empty(), "{user}: acknowledged events lost: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "{user}: acknowledged events lost: {missing:?}"
+        );
         // Counts are exact: one per distinct event in the timeline (events
         // that were in flight at a kill may be there too, never twice).
-        assert_eq!(total_events(&client, &url, user).await, got.len() as u64, "{user}");
+        assert_eq!(
+            total_events(&client, &url, user).await,
+            got.len() as u64,
+            "{user}"
+        );
     }
     child.kill().expect("kill");
     child.wait().expect("reaped");

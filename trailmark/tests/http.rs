@@ -16,12 +16,27 @@ async fn every_call_type_lands_in_the_timeline() {
     let s = TestServer::start().await;
     let u = uid();
     let calls = [
-        ("/v1/identify", json!({"userId": u, "traits": {"name": "Ann"}})),
-        ("/v1/track", json!({"userId": u, "event": "Signed Up", "properties": {"plan": "pro"}})),
-        ("/v1/page", json!({"userId": u, "name": "Pricing", "category": "Docs"})),
+        (
+            "/v1/identify",
+            json!({"userId": u, "traits": {"name": "Ann"}}),
+        ),
+        (
+            "/v1/track",
+            json!({"userId": u, "event": "Signed Up", "properties": {"plan": "pro"}}),
+        ),
+        (
+            "/v1/page",
+            json!({"userId": u, "name": "Pricing", "category": "Docs"}),
+        ),
         ("/v1/screen", json!({"userId": u, "name": "Home"})),
-        ("/v1/group", json!({"userId": u, "groupId": "acme", "traits": {"seats": 5}})),
-        ("/v1/alias", json!({"userId": u, "previousId": format!("old-{u}")})),
+        (
+            "/v1/group",
+            json!({"userId": u, "groupId": "acme", "traits": {"seats": 5}}),
+        ),
+        (
+            "/v1/alias",
+            json!({"userId": u, "previousId": format!("old-{u}")}),
+        ),
     ];
     for (path, body) in &calls {
         let (status, resp) = s.post(path, body).await;
@@ -31,16 +46,27 @@ async fn every_call_type_lands_in_the_timeline() {
     let events = s.wait_for_events(&format!("user_id:{u}"), 6).await;
     let mut types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
     types.sort();
-    assert_eq!(types, ["alias", "group", "identify", "page", "screen", "track"]);
+    assert_eq!(
+        types,
+        ["alias", "group", "identify", "page", "screen", "track"]
+    );
     let track = events.iter().find(|e| e["type"] == "track").unwrap();
     assert_eq!(track["event"], "Signed Up");
     assert_eq!(track["properties"]["plan"], "pro");
     let page = events.iter().find(|e| e["type"] == "page").unwrap();
     assert_eq!(page["category"], "Docs");
     // The alias linked the previous id to the profile.
-    let (status, ids) = s.get(&format!("/v1/profiles/user_id:old-{u}/external_ids")).await;
+    let (status, ids) = s
+        .get(&format!("/v1/profiles/user_id:old-{u}/external_ids"))
+        .await;
     assert_eq!(status, 200);
-    assert!(ids["data"].as_array().unwrap().iter().any(|i| i["id"] == u.as_str()));
+    assert!(
+        ids["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["id"] == u.as_str())
+    );
     s.stop().await;
 }
 
@@ -50,7 +76,10 @@ async fn short_paths_and_import_work() {
     let u = uid();
     assert_eq!(s.post("/v1/t", &segment::track(&u, "Short")).await.0, 200);
     let (status, _) = s
-        .post("/v1/import", &json!({"batch": [segment::item("track", segment::track(&u, "Imported"))]}))
+        .post(
+            "/v1/import",
+            &json!({"batch": [segment::item("track", segment::track(&u, "Imported"))]}),
+        )
         .await;
     assert_eq!(status, 200);
     assert_eq!(s.wait_for_events(&format!("user_id:{u}"), 2).await.len(), 2);
@@ -63,10 +92,23 @@ async fn every_auth_form_is_accepted_and_bad_keys_get_401() {
     let u = uid();
     let body = segment::track(&u, "Auth");
     // Basic auth header.
-    let r = s.client.post(s.url("/v1/track")).header("authorization", basic(WRITE_KEY)).json(&body).send().await.unwrap();
+    let r = s
+        .client
+        .post(s.url("/v1/track"))
+        .header("authorization", basic(WRITE_KEY))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     // Query parameter.
-    let r = s.client.post(s.url(&format!("/v1/track?writeKey={WRITE_KEY}"))).json(&segment::track(&u, "Auth")).send().await.unwrap();
+    let r = s
+        .client
+        .post(s.url(&format!("/v1/track?writeKey={WRITE_KEY}")))
+        .json(&segment::track(&u, "Auth"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     // Body field, sent as text/plain the way navigator.sendBeacon does.
     let mut beacon = segment::track(&u, "Auth");
@@ -92,7 +134,10 @@ async fn every_auth_form_is_accepted_and_bad_keys_get_401() {
     assert_eq!(r.status(), 200);
     // Unknown key, missing key, and a token used as a write key.
     for auth in [Some(basic("wk_wrong")), None, Some(basic(TOKEN))] {
-        let mut req = s.client.post(s.url("/v1/track")).json(&segment::track(&u, "Auth"));
+        let mut req = s
+            .client
+            .post(s.url("/v1/track"))
+            .json(&segment::track(&u, "Auth"));
         if let Some(a) = auth {
             req = req.header("authorization", a);
         }
@@ -108,16 +153,39 @@ async fn every_auth_form_is_accepted_and_bad_keys_get_401() {
 async fn query_auth_needs_the_secret_token() {
     let s = TestServer::start().await;
     let u = uid();
-    s.post("/v1/identify", &segment::identify(&u, json!({"a": 1}))).await;
+    s.post("/v1/identify", &segment::identify(&u, json!({"a": 1})))
+        .await;
     s.wait_for_events(&format!("user_id:{u}"), 1).await;
     let path = s.url(&format!("/v1/profiles/user_id:{u}/traits"));
-    let ok = s.client.get(&path).header("authorization", basic(TOKEN)).send().await.unwrap();
+    let ok = s
+        .client
+        .get(&path)
+        .header("authorization", basic(TOKEN))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), 200, "basic auth with the token as user name");
     let ok = s.client.get(&path).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(ok.status(), 200);
-    let (status, body) = read(s.client.get(&path).bearer_auth(WRITE_KEY).send().await.unwrap()).await;
+    let (status, body) = read(
+        s.client
+            .get(&path)
+            .bearer_auth(WRITE_KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 403, "a write key cannot read: {body}");
-    let (status, _) = read(s.client.get(&path).bearer_auth("tmk_wrong").send().await.unwrap()).await;
+    let (status, _) = read(
+        s.client
+            .get(&path)
+            .bearer_auth("tmk_wrong")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 401);
     let (status, _) = read(s.client.get(&path).send().await.unwrap()).await;
     assert_eq!(status, 401);
@@ -142,8 +210,16 @@ async fn gzip_bodies_are_accepted_and_limited_after_decompression() {
     assert_eq!(r.status(), 200);
     // A gzip bomb: a small compressed body that inflates past the limit.
     let padding = "x".repeat(2_000_000);
-    let bomb = gzip(json!({"batch": [{"type": "track", "userId": u, "event": padding}]}).to_string().as_bytes());
-    assert!(bomb.len() < 32 * 1024, "the compressed body is small ({})", bomb.len());
+    let bomb = gzip(
+        json!({"batch": [{"type": "track", "userId": u, "event": padding}]})
+            .to_string()
+            .as_bytes(),
+    );
+    assert!(
+        bomb.len() < 32 * 1024,
+        "the compressed body is small ({})",
+        bomb.len()
+    );
     let (status, body) = read(
         s.client
             .post(s.url("/v1/batch"))
@@ -187,7 +263,9 @@ async fn each_limit_is_enforced() {
     let (status, _) = s.post("/v1/batch", &json!({"batch": items})).await;
     assert_eq!(status, 413);
     // More than 2,500 events.
-    let items: Vec<Value> = (0..2_501).map(|_| json!({"type": "track", "userId": "x", "event": "e"})).collect();
+    let items: Vec<Value> = (0..2_501)
+        .map(|_| json!({"type": "track", "userId": "x", "event": "e"}))
+        .collect();
     let (status, body) = s.post("/v1/batch", &json!({"batch": items})).await;
     assert_eq!(status, 413);
     assert_eq!(body["error"]["field"], "batch");
@@ -203,7 +281,10 @@ async fn each_limit_is_enforced() {
     assert_eq!(body["rejected"][0]["error"]["code"], "too_large");
     // messageId over 100 characters.
     let (status, body) = s
-        .post("/v1/track", &json!({"userId": u, "event": "e", "messageId": "m".repeat(101)}))
+        .post(
+            "/v1/track",
+            &json!({"userId": u, "event": "e", "messageId": "m".repeat(101)}),
+        )
         .await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["field"], "messageId");
@@ -216,8 +297,16 @@ async fn malformed_requests_name_the_problem() {
     let cases = [
         ("/v1/track", json!({"event": "no identity"}), "userId"),
         ("/v1/track", json!({"userId": "u"}), "event"),
-        ("/v1/track", json!({"userId": "u", "event": "e", "properties": "str"}), "properties"),
-        ("/v1/identify", json!({"userId": "u", "timestamp": "last tuesday"}), "timestamp"),
+        (
+            "/v1/track",
+            json!({"userId": "u", "event": "e", "properties": "str"}),
+            "properties",
+        ),
+        (
+            "/v1/identify",
+            json!({"userId": "u", "timestamp": "last tuesday"}),
+            "timestamp",
+        ),
         ("/v1/group", json!({"userId": "u"}), "groupId"),
         ("/v1/alias", json!({"userId": "u"}), "previousId"),
         ("/v1/batch", json!({"nope": []}), "batch"),
@@ -265,9 +354,16 @@ async fn a_batch_with_bad_items_keeps_the_good_ones() {
     assert_eq!(rejected[1]["error"]["field"], "type");
     let events = s.wait_for_events(&format!("user_id:{u}"), 2).await;
     assert_eq!(events.len(), 2);
-    assert!(events.iter().all(|e| e["context"]["library"]["name"] == "analytics-python"), "batch context merged");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["context"]["library"]["name"] == "analytics-python"),
+        "batch context merged"
+    );
     // All bad: 400 with the list.
-    let (status, resp) = s.post("/v1/batch", &json!({"batch": [{"type": "track"}]})).await;
+    let (status, resp) = s
+        .post("/v1/batch", &json!({"batch": [{"type": "track"}]}))
+        .await;
     assert_eq!(status, 400);
     assert_eq!(resp["error"]["rejected"][0]["index"], 0);
     s.stop().await;
@@ -304,11 +400,18 @@ async fn an_out_of_order_identify_does_not_overwrite_newer_traits() {
     assert_eq!(s.post("/v1/identify", &newer).await.0, 200);
     assert_eq!(s.post("/v1/identify", &older).await.0, 200);
     s.wait_for_events(&format!("user_id:{u}"), 2).await;
-    let (status, body) = s.get(&format!("/v1/profiles/email:{u}@example.com/traits?verbose=true")).await;
+    let (status, body) = s
+        .get(&format!(
+            "/v1/profiles/email:{u}@example.com/traits?verbose=true"
+        ))
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["traits"]["plan"]["value"], "enterprise");
     assert_eq!(body["traits"]["plan"]["message_id"], format!("{u}-new"));
-    assert_eq!(body["traits"]["plan"]["updated_at"], "2024-06-01T00:00:00.000Z");
+    assert_eq!(
+        body["traits"]["plan"]["updated_at"],
+        "2024-06-01T00:00:00.000Z"
+    );
     assert_eq!(body["traits"]["company"]["value"], "Acme");
     s.stop().await;
 }
@@ -329,10 +432,22 @@ async fn identify_stitches_anonymous_history_and_queries_page() {
     let mut seen = Vec::new();
     let mut next = String::new();
     loop {
-        let q = if next.is_empty() { String::new() } else { format!("&next={next}") };
-        let (status, body) = s.get(&format!("/v1/profiles/anonymous_id:{a}/events?limit=2{q}")).await;
+        let q = if next.is_empty() {
+            String::new()
+        } else {
+            format!("&next={next}")
+        };
+        let (status, body) = s
+            .get(&format!("/v1/profiles/anonymous_id:{a}/events?limit=2{q}"))
+            .await;
         assert_eq!(status, 200, "{body}");
-        seen.extend(body["data"].as_array().unwrap().iter().map(|e| e["timestamp"].as_str().unwrap().to_owned()));
+        seen.extend(
+            body["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["timestamp"].as_str().unwrap().to_owned()),
+        );
         if body["cursor"]["has_more"] != true {
             break;
         }
@@ -347,12 +462,24 @@ async fn identify_stitches_anonymous_history_and_queries_page() {
     let (_, body) = s
         .get(&format!("/v1/profiles/user_id:{u}/events?sort=asc&event=Browse&start=2024-01-02T00:00:00Z&end=2024-01-04T00:00:00Z"))
         .await;
-    let days: Vec<&str> = body["data"].as_array().unwrap().iter().map(|e| e["timestamp"].as_str().unwrap()).collect();
-    assert_eq!(days, ["2024-01-02T00:00:00.000Z", "2024-01-03T00:00:00.000Z"]);
-    let (status, body) = s.get(&format!("/v1/profiles/user_id:{u}/events?limit=500")).await;
+    let days: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["timestamp"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        days,
+        ["2024-01-02T00:00:00.000Z", "2024-01-03T00:00:00.000Z"]
+    );
+    let (status, body) = s
+        .get(&format!("/v1/profiles/user_id:{u}/events?limit=500"))
+        .await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["field"], "limit");
-    let (status, _) = s.get(&format!("/v1/profiles/user_id:{u}/events?next=garbage")).await;
+    let (status, _) = s
+        .get(&format!("/v1/profiles/user_id:{u}/events?next=garbage"))
+        .await;
     assert_eq!(status, 400);
     let (_, meta) = s.get(&format!("/v1/profiles/user_id:{u}/metadata")).await;
     assert_eq!(meta["metadata"]["first_seen"], "2024-01-01T00:00:00.000Z");
@@ -369,17 +496,23 @@ async fn identify_stitches_anonymous_history_and_queries_page() {
 async fn traits_page_and_filter() {
     let s = TestServer::start().await;
     let u = uid();
-    let traits: serde_json::Map<String, Value> = (0..15).map(|i| (format!("t{i:02}"), json!(i))).collect();
-    s.post("/v1/identify", &json!({"userId": u, "traits": traits})).await;
+    let traits: serde_json::Map<String, Value> =
+        (0..15).map(|i| (format!("t{i:02}"), json!(i))).collect();
+    s.post("/v1/identify", &json!({"userId": u, "traits": traits}))
+        .await;
     s.wait_for_events(&format!("user_id:{u}"), 1).await;
     let (_, first) = s.get(&format!("/v1/profiles/user_id:{u}/traits")).await;
     assert_eq!(first["traits"].as_object().unwrap().len(), 10);
     assert_eq!(first["cursor"]["has_more"], true);
     let next = first["cursor"]["next"].as_str().unwrap();
-    let (_, second) = s.get(&format!("/v1/profiles/user_id:{u}/traits?next={next}")).await;
+    let (_, second) = s
+        .get(&format!("/v1/profiles/user_id:{u}/traits?next={next}"))
+        .await;
     assert_eq!(second["traits"].as_object().unwrap().len(), 5);
     assert_eq!(second["cursor"]["has_more"], false);
-    let (_, some) = s.get(&format!("/v1/profiles/user_id:{u}/traits?include=t01,t03")).await;
+    let (_, some) = s
+        .get(&format!("/v1/profiles/user_id:{u}/traits?include=t01,t03"))
+        .await;
     assert_eq!(some["traits"], json!({"t01": 1, "t03": 3}));
     s.stop().await;
 }
@@ -397,7 +530,11 @@ async fn workspaces_never_see_each_other() {
         .await
         .unwrap();
     let u = uid();
-    s.post("/v1/identify", &segment::identify(&u, json!({"secret": "mine"}))).await;
+    s.post(
+        "/v1/identify",
+        &segment::identify(&u, json!({"secret": "mine"})),
+    )
+    .await;
     s.wait_for_events(&format!("user_id:{u}"), 1).await;
     let (status, _) = read(
         s.client
@@ -408,7 +545,10 @@ async fn workspaces_never_see_each_other() {
             .unwrap(),
     )
     .await;
-    assert_eq!(status, 404, "another workspace's token does not see the profile");
+    assert_eq!(
+        status, 404,
+        "another workspace's token does not see the profile"
+    );
     // The same user id written through the other workspace's key stays apart.
     let r = s
         .client
@@ -451,8 +591,19 @@ async fn health_metrics_and_cors() {
     let (status, body) = read(s.client.get(s.url("/readyz")).send().await.unwrap()).await;
     assert_eq!(status, 200, "{body}");
     s.post("/v1/track", &segment::track("m", "Metric")).await;
-    let text = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(text.contains("trailmark_ingest_events_total{outcome=\"accepted\",type=\"track\"} 1"), "{text}");
+    let text = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("trailmark_ingest_events_total{outcome=\"accepted\",type=\"track\"} 1"),
+        "{text}"
+    );
     assert!(text.contains("trailmark_http_request_duration_seconds_bucket"));
     assert!(text.contains("trailmark_log_append_duration_seconds_count"));
     let pre = s
@@ -492,13 +643,22 @@ async fn restart_keeps_everything_and_rebuild_is_identical() {
     let replayed = trailmark::app::rebuild(&config).await.unwrap();
     assert_eq!(replayed, 20);
     let s = TestServer::start_in(dir, |_| {}).await;
-    assert_eq!(snapshot(&s, &u).await, before, "a rebuild from the log gives identical results");
+    assert_eq!(
+        snapshot(&s, &u).await,
+        before,
+        "a rebuild from the log gives identical results"
+    );
     s.stop().await;
 }
 
 async fn snapshot(s: &TestServer, u: &str) -> Vec<Value> {
     let mut out = Vec::new();
-    for route in ["traits?limit=200", "events?limit=200", "external_ids", "metadata"] {
+    for route in [
+        "traits?limit=200",
+        "events?limit=200",
+        "external_ids",
+        "metadata",
+    ] {
         out.push(s.get(&format!("/v1/profiles/user_id:{u}/{route}")).await.1);
     }
     out

@@ -35,8 +35,12 @@ impl TestServer {
         config.bootstrap.write_key = Some(WRITE_KEY.into());
         config.bootstrap.token = Some(TOKEN.into());
         tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind(config.listen).await.expect("bind");
-        let running = app::start(config, Role::All, listener).await.expect("start");
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .expect("bind");
+        let running = app::start(config, Role::All, listener)
+            .await
+            .expect("start");
         Self {
             base: format!("http://{}", running.addr),
             running: Some(running),
@@ -47,7 +51,12 @@ impl TestServer {
 
     /// Stops the server and returns its data directory, for a restart.
     pub async fn stop(mut self) -> tempfile::TempDir {
-        self.running.take().expect("running").stop().await.expect("clean stop");
+        self.running
+            .take()
+            .expect("running")
+            .stop()
+            .await
+            .expect("clean stop");
         self.dir
     }
 
