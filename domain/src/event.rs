@@ -292,6 +292,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn all_lists_types_in_declaration_order() {
+        // Ingest indexes per-type counters by `kind as usize`.
+        for (i, t) in EventType::ALL.iter().enumerate() {
+            assert_eq!(*t as usize, i);
+            assert_eq!(EventType::from_wire(t.as_str()), Some(*t));
+        }
+    }
+
+    #[test]
     fn identifiers_parse_and_order() {
         let a = Identifier::parse("user_id:42").unwrap();
         assert_eq!(a.kind, IdKind::UserId);

@@ -115,6 +115,23 @@ fn new_message_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
+/// Counts events by type with one metric update per type, not per event.
+fn count(state: &AppState, events: &[Event], outcome: &str) {
+    let mut by_type = [0u64; EventType::ALL.len()];
+    for ev in events {
+        by_type[ev.kind as usize] += 1;
+    }
+    for (kind, n) in EventType::ALL.iter().zip(by_type) {
+        if n > 0 {
+            state
+                .metrics
+                .ingest_events
+                .with_label_values(&[kind.as_str(), outcome])
+                .inc_by(n);
+        }
+    }
+}
+
 /// Encodes and appends events; returns once they are durable.
 async fn append(state: &AppState, events: &[Event]) -> Result<(), ApiError> {
     let mut records = Vec::with_capacity(events.len());
@@ -140,33 +157,18 @@ async fn append(state: &AppState, events: &[Event]) -> Result<(), ApiError> {
         .log_append_duration
         .with_label_values(&[outcome])
         .observe(start.elapsed().as_secs_f64());
-    let failed = |state: &AppState| {
-        for ev in events {
-            state
-                .metrics
-                .ingest_events
-                .with_label_values(&[ev.kind.as_str(), "failed"])
-                .inc();
-        }
-    };
     match result {
         Ok(Ok(_)) => {
-            for ev in events {
-                state
-                    .metrics
-                    .ingest_events
-                    .with_label_values(&[ev.kind.as_str(), "accepted"])
-                    .inc();
-            }
+            count(state, events, "accepted");
             Ok(())
         }
         Ok(Err(e)) => {
-            failed(state);
+            count(state, events, "failed");
             tracing::warn!(error = %e, events = events.len(), "log append failed");
             Err(ApiError::from(e))
         }
         Err(_) => {
-            failed(state);
+            count(state, events, "failed");
             tracing::warn!(events = events.len(), "log append timed out");
             Err(ApiError::Unavailable(
                 "the log did not confirm in time".into(),
