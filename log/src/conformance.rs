@@ -187,6 +187,41 @@ pub async fn end_positions_track_appends(factory: &impl LogFactory, at: &Path) {
     assert!(idle.is_empty());
 }
 
+/// Committed consumer positions are kept per group, merged per partition,
+/// and survive reopening.
+pub async fn consumer_positions_are_kept(factory: &impl LogFactory, at: &Path) {
+    {
+        let log = factory(at).expect("open");
+        let appended = log
+            .append(vec![record("a", 0), record("b", 0)])
+            .await
+            .expect("append");
+        assert!(
+            log.committed_positions("g1")
+                .await
+                .expect("committed")
+                .is_empty()
+        );
+        let first = (appended[0].partition, appended[0].position);
+        log.commit_positions("g1", &[first]).await.expect("commit");
+        log.commit_positions("g2", &[(first.0, 0)])
+            .await
+            .expect("commit");
+        let second = (appended[1].partition, appended[1].position);
+        log.commit_positions("g1", &[second]).await.expect("commit");
+    }
+    let log = factory(at).expect("reopen");
+    let g1 = log.committed_positions("g1").await.expect("committed");
+    assert!(!g1.is_empty());
+    assert!(g1.len() <= 2);
+    let g2 = log.committed_positions("g2").await.expect("committed");
+    assert_eq!(
+        g2.values().copied().collect::<Vec<_>>(),
+        vec![0],
+        "groups are separate"
+    );
+}
+
 /// Generates the conformance tests for a backend, given a factory expression
 /// of type `Fn(&Path) -> Result<Arc<dyn EventLog>>`.
 #[macro_export]
@@ -209,6 +244,7 @@ macro_rules! event_log_conformance {
             case!(concurrent_appends_all_land_once);
             case!(reopen_keeps_everything);
             case!(end_positions_track_appends);
+            case!(consumer_positions_are_kept);
         }
     };
 }

@@ -20,7 +20,7 @@
 //! A std thread does the writing, not a tokio task, because `write` and
 //! `fdatasync` block; readers use `spawn_blocking` for the same reason.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -76,6 +76,7 @@ struct PartitionShared {
 }
 
 struct Shared {
+    dir: PathBuf,
     partitions: Vec<PartitionShared>,
     /// Bumped after every group commit, to wake consumers.
     commits: watch::Sender<u64>,
@@ -238,6 +239,7 @@ impl FileLog {
         }
         let (commits, _) = watch::channel(0);
         let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
             partitions,
             commits,
         });
@@ -473,11 +475,69 @@ impl EventLog for FileLog {
             .collect())
     }
 
+    async fn commit_positions(&self, group: &str, positions: &[(u32, u64)]) -> Result<()> {
+        let mut all = self.committed_positions(group).await?;
+        for (p, pos) in positions {
+            if *p >= self.partitions() {
+                return Err(LogError::Invalid(format!("no partition {p}")));
+            }
+            all.insert(*p, *pos);
+        }
+        let dir = self.shared.dir.join("consumers");
+        let path = dir.join(group_file(group));
+        tokio::task::spawn_blocking(move || -> io::Result<()> {
+            fs::create_dir_all(&dir)?;
+            let text: String = all.iter().map(|(p, pos)| format!("{p} {pos}\n")).collect();
+            // Write aside, sync, then rename: a crash leaves the old or the new
+            // file, never half of one.
+            let tmp = path.with_extension("tmp");
+            fs::write(&tmp, text)?;
+            File::open(&tmp)?.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            sync_dir(&dir)
+        })
+        .await
+        .map_err(|e| LogError::Unavailable(format!("commit task failed: {e}")))?
+        .map_err(|e| io_err("commit consumer positions", e))
+    }
+
+    async fn committed_positions(&self, group: &str) -> Result<BTreeMap<u32, u64>> {
+        let path = self.shared.dir.join("consumers").join(group_file(group));
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) => return Err(io_err("read consumer positions", e)),
+        };
+        text.lines()
+            .map(|line| {
+                let (p, pos) = line.split_once(' ').ok_or_else(|| bad_positions(&path))?;
+                Ok((
+                    p.parse().map_err(|_| bad_positions(&path))?,
+                    pos.parse().map_err(|_| bad_positions(&path))?,
+                ))
+            })
+            .collect()
+    }
+
     async fn check_ready(&self) -> Result<()> {
         match &*self.sender.lock().expect("sender lock") {
             Some(s) if !s.is_closed() => Ok(()),
             _ => Err(LogError::Closed),
         }
+    }
+}
+
+/// A file name for a consumer group that is safe whatever the group's name.
+fn group_file(group: &str) -> String {
+    let hex: String = group.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}.positions")
+}
+
+fn bad_positions(path: &Path) -> LogError {
+    LogError::Corrupt {
+        partition: 0,
+        position: 0,
+        reason: format!("unreadable consumer positions in {}", path.display()),
     }
 }
 

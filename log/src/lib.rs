@@ -149,6 +149,18 @@ pub trait EventLog: Send + Sync + 'static {
     /// The position after the last durable record, per partition.
     async fn end_positions(&self) -> Result<Vec<u64>>;
 
+    /// Records how far `group` has consumed each partition, durably. Trailmark's
+    /// projector keeps its authoritative positions in the store, atomically
+    /// with its writes, and commits them here too so that operators and other
+    /// tools can see consumer progress and lag from the log alone.
+    async fn commit_positions(&self, group: &str, positions: &[(u32, u64)]) -> Result<()>;
+
+    /// The positions last committed by `group`, per partition.
+    async fn committed_positions(
+        &self,
+        group: &str,
+    ) -> Result<std::collections::BTreeMap<u32, u64>>;
+
     /// Succeeds when the log can take appends.
     async fn check_ready(&self) -> Result<()>;
 }

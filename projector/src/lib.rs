@@ -65,6 +65,9 @@ impl Default for ProjectorConfig {
     }
 }
 
+/// How often the projector mirrors its positions into the log.
+const POSITION_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Reads start positions from the store's checkpoints.
 struct StoreCheckpoints(BTreeMap<u32, u64>);
 
@@ -108,9 +111,17 @@ impl Projector {
         tokio::pin!(shutdown);
         let mut sub = self.subscribe().await?;
         let mut positions = self.store.checkpoints(&self.config.group).await?;
+        let mut last_commit = Instant::now();
         loop {
+            if last_commit.elapsed() >= POSITION_COMMIT_INTERVAL {
+                self.commit_positions(&positions).await;
+                last_commit = Instant::now();
+            }
             let deliveries = tokio::select! {
-                _ = &mut shutdown => return Ok(()),
+                _ = &mut shutdown => {
+                    self.commit_positions(&positions).await;
+                    return Ok(());
+                }
                 polled = sub.poll(self.config.batch_size, self.config.poll_wait) => polled,
             };
             let deliveries = match deliveries {
@@ -162,6 +173,18 @@ impl Projector {
             .log
             .subscribe(&self.config.group, Arc::new(StoreCheckpoints(checkpoints)))
             .await?)
+    }
+
+    /// Mirrors the store's checkpoints into the log's consumer positions, for
+    /// operators; best effort, since the store's copy is the one resumed from.
+    async fn commit_positions(&self, positions: &BTreeMap<u32, u64>) {
+        if positions.is_empty() {
+            return;
+        }
+        let list: Vec<(u32, u64)> = positions.iter().map(|(p, o)| (*p, *o)).collect();
+        if let Err(e) = self.log.commit_positions(&self.config.group, &list).await {
+            tracing::warn!(error = %e, "committing consumer positions to the log failed");
+        }
     }
 
     async fn report_lag(&self, positions: &BTreeMap<u32, u64>) {
