@@ -146,12 +146,13 @@ pub struct RawMessage<'a> {
     write_key: Option<&'a RawValue>,
 }
 
-/// A batch envelope, items still unparsed.
+/// A batch envelope, items still unparsed: one pass over the body splits it
+/// into the shared fields and the raw items.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawBatchEnvelope<'a> {
     #[serde(borrow)]
-    batch: Option<&'a RawValue>,
+    batch: Option<Vec<&'a RawValue>>,
     #[serde(borrow)]
     context: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -223,14 +224,30 @@ pub fn parse_batch<'a>(body: &'a [u8], limits: &Limits) -> Result<RawBatch<'a>, 
             ),
         ));
     }
-    let env: RawBatchEnvelope<'a> =
-        serde_json::from_slice(body).map_err(|e| ValidationError::invalid_json(&e))?;
-    let batch = env
+    let env: RawBatchEnvelope<'a> = match serde_json::from_slice(body) {
+        Ok(env) => env,
+        Err(e) => {
+            // Slow path, only for bad requests: tell "not json" apart from
+            // "batch is not an array".
+            #[derive(Deserialize)]
+            struct Loose<'b> {
+                #[serde(borrow)]
+                #[allow(dead_code)]
+                batch: Option<&'b RawValue>,
+            }
+            return Err(match serde_json::from_slice::<Loose<'_>>(body) {
+                Ok(_) => ValidationError::field(
+                    "invalid_field",
+                    "batch",
+                    "batch must be an array of events",
+                ),
+                Err(_) => ValidationError::invalid_json(&e),
+            });
+        }
+    };
+    let items = env
         .batch
         .ok_or_else(|| ValidationError::field("missing_field", "batch", "batch is required"))?;
-    let items: Vec<&'a RawValue> = serde_json::from_str(batch.get()).map_err(|_| {
-        ValidationError::field("invalid_field", "batch", "batch must be an array of events")
-    })?;
     if items.is_empty() {
         return Err(ValidationError::field(
             "invalid_field",
