@@ -3,7 +3,7 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::time::format_micros;
 
@@ -214,82 +214,141 @@ impl Event {
     /// The event as the query API returns it in a timeline, in the snake_case
     /// shape of Segment's Profile API.
     pub fn to_api_json(&self) -> Value {
-        let mut m = Map::new();
-        m.insert("message_id".into(), self.message_id.clone().into());
-        m.insert("type".into(), self.kind.as_str().into());
-        m.insert("source_id".into(), self.source_id.clone().into());
-        let opt = |v: &Option<String>| v.clone().map(Value::String).unwrap_or(Value::Null);
-        m.insert("user_id".into(), opt(&self.user_id));
-        m.insert("anonymous_id".into(), opt(&self.anonymous_id));
+        let mut out = Vec::with_capacity(1024);
+        self.write_api_json(&mut out);
+        serde_json::from_slice(&out).expect("write_api_json writes json")
+    }
+
+    /// Writes [`Event::to_api_json`]'s JSON straight to `out`, copying the
+    /// nested objects' JSON text instead of parsing and re-serialising it:
+    /// the projector renders every event once, so this is on its hot path.
+    pub fn write_api_json(&self, out: &mut Vec<u8>) {
+        fn key(out: &mut Vec<u8>, first: &mut bool, k: &str) {
+            out.push(if *first { b'{' } else { b',' });
+            *first = false;
+            out.push(b'"');
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(b"\":");
+        }
+        fn string(out: &mut Vec<u8>, v: Option<&str>) {
+            match v {
+                Some(s) => serde_json::to_writer(&mut *out, s).expect("string serialises"),
+                None => out.extend_from_slice(b"null"),
+            }
+        }
+        fn object(out: &mut Vec<u8>, v: Option<&str>) {
+            match v.map(str::trim) {
+                Some(text) if text.starts_with('{') => out.extend_from_slice(text.as_bytes()),
+                _ => out.extend_from_slice(b"{}"),
+            }
+        }
+        fn time(out: &mut Vec<u8>, t: Option<i64>) {
+            string(out, t.map(format_micros).as_deref());
+        }
+        let mut first = true;
+        let f = &mut first;
+        key(out, f, "message_id");
+        string(out, Some(&self.message_id));
+        key(out, f, "type");
+        string(out, Some(self.kind.as_str()));
+        key(out, f, "source_id");
+        string(out, Some(&self.source_id));
+        key(out, f, "user_id");
+        string(out, self.user_id.as_deref());
+        key(out, f, "anonymous_id");
+        string(out, self.anonymous_id.as_deref());
         match self.kind {
             EventType::Track => {
-                m.insert("event".into(), opt(&self.event));
+                key(out, f, "event");
+                string(out, self.event.as_deref());
             }
             EventType::Page | EventType::Screen => {
-                m.insert("name".into(), opt(&self.name));
-                m.insert("category".into(), opt(&self.category));
+                key(out, f, "name");
+                string(out, self.name.as_deref());
+                key(out, f, "category");
+                string(out, self.category.as_deref());
             }
             EventType::Group => {
-                m.insert("group_id".into(), opt(&self.group_id));
+                key(out, f, "group_id");
+                string(out, self.group_id.as_deref());
             }
             EventType::Alias => {
-                m.insert("previous_id".into(), opt(&self.previous_id));
+                key(out, f, "previous_id");
+                string(out, self.previous_id.as_deref());
             }
             EventType::Identify => {}
         }
-        let json = |v: &Option<String>| {
-            v.as_deref()
-                .and_then(|s| serde_json::from_str::<Value>(s).ok())
-                .unwrap_or(Value::Null)
-        };
         match self.kind {
             EventType::Track | EventType::Page | EventType::Screen => {
-                m.insert(
-                    "properties".into(),
-                    json(&self.properties).or_empty_object(),
-                );
+                key(out, f, "properties");
+                object(out, self.properties.as_deref());
             }
             EventType::Identify | EventType::Group => {
-                m.insert("traits".into(), json(&self.traits).or_empty_object());
+                key(out, f, "traits");
+                object(out, self.traits.as_deref());
             }
             EventType::Alias => {}
         }
-        m.insert("context".into(), json(&self.context).or_empty_object());
-        m.insert("timestamp".into(), format_micros(self.timestamp).into());
-        m.insert(
-            "original_timestamp".into(),
-            self.original_timestamp
-                .map(|t| Value::String(format_micros(t)))
-                .unwrap_or(Value::Null),
-        );
-        m.insert(
-            "sent_at".into(),
-            self.sent_at
-                .map(|t| Value::String(format_micros(t)))
-                .unwrap_or(Value::Null),
-        );
-        m.insert("received_at".into(), format_micros(self.received_at).into());
-        Value::Object(m)
-    }
-}
-
-trait OrEmptyObject {
-    fn or_empty_object(self) -> Value;
-}
-
-impl OrEmptyObject for Value {
-    fn or_empty_object(self) -> Value {
-        if self.is_null() {
-            Value::Object(Map::new())
-        } else {
-            self
-        }
+        key(out, f, "context");
+        object(out, self.context.as_deref());
+        key(out, f, "timestamp");
+        time(out, Some(self.timestamp));
+        key(out, f, "original_timestamp");
+        time(out, self.original_timestamp);
+        key(out, f, "sent_at");
+        time(out, self.sent_at);
+        key(out, f, "received_at");
+        time(out, Some(self.received_at));
+        out.push(b'}');
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_json_renders_every_type() {
+        for kind in EventType::ALL {
+            let ev = Event {
+                workspace_id: "ws".into(),
+                source_id: "src".into(),
+                message_id: "m\"1".into(),
+                kind,
+                user_id: Some("u".into()),
+                anonymous_id: None,
+                event: Some("Clicked \u{1F600}".into()),
+                name: Some("Home".into()),
+                category: None,
+                group_id: Some("g".into()),
+                previous_id: Some("p".into()),
+                timestamp: 1_000,
+                original_timestamp: None,
+                sent_at: Some(2_000),
+                received_at: 3_000,
+                properties: Some(" {\"a\": [1, {\"b\": null}]}".into()),
+                traits: Some("{\"email\":\"x@y\"}".into()),
+                context: None,
+                integrations: None,
+                request_ip: None,
+            };
+            let v = ev.to_api_json();
+            assert_eq!(v["message_id"], "m\"1");
+            assert_eq!(v["type"], kind.as_str());
+            assert_eq!(v["anonymous_id"], Value::Null);
+            assert_eq!(v["context"], serde_json::json!({}));
+            assert_eq!(v["sent_at"], "1970-01-01T00:00:00.002Z");
+            match kind {
+                EventType::Track => {
+                    assert_eq!(v["event"], "Clicked \u{1F600}");
+                    assert_eq!(v["properties"]["a"][1]["b"], Value::Null);
+                }
+                EventType::Identify | EventType::Group => assert_eq!(v["traits"]["email"], "x@y"),
+                EventType::Page | EventType::Screen => assert_eq!(v["name"], "Home"),
+                EventType::Alias => assert_eq!(v["previous_id"], "p"),
+            }
+        }
+    }
 
     #[test]
     fn all_lists_types_in_declaration_order() {

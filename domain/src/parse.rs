@@ -209,7 +209,29 @@ pub fn parse_single<'a>(
             ),
         ));
     }
+    if !starts_object(body) {
+        return Err(not_an_object("body"));
+    }
     serde_json::from_slice(body).map_err(|e| ValidationError::invalid_json(&e))
+}
+
+/// Whether JSON text opens an object. Serde would also read an array into a
+/// struct, field by position; Segment's API takes objects only.
+fn starts_object(text: &[u8]) -> bool {
+    text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
+
+fn not_an_object(what: &str) -> ValidationError {
+    ValidationError {
+        code: if what == "body" {
+            "invalid_json"
+        } else {
+            "invalid_event"
+        },
+        field: None,
+        message: format!("{what} must be a json object"),
+        too_large: false,
+    }
 }
 
 /// Parses the body of `/v1/batch` (or `/v1/import`).
@@ -223,6 +245,9 @@ pub fn parse_batch<'a>(body: &'a [u8], limits: &Limits) -> Result<RawBatch<'a>, 
                 limits.max_batch_bytes
             ),
         ));
+    }
+    if !starts_object(body) {
+        return Err(not_an_object("body"));
     }
     let env: RawBatchEnvelope<'a> = match serde_json::from_slice(body) {
         Ok(env) => env,
@@ -318,6 +343,9 @@ impl RawBatch<'_> {
         new_message_id: &mut dyn FnMut() -> String,
     ) -> Result<Event, (Option<String>, ValidationError)> {
         let text = item.get();
+        if !starts_object(text.as_bytes()) {
+            return Err((None, not_an_object("batch item")));
+        }
         let mut msg: RawMessage<'_> = serde_json::from_str(text).map_err(|e| {
             (
                 None,
@@ -602,9 +630,61 @@ fn object_text(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, Va
     match raw {
         None => Ok(None),
         Some(r) if is_null(r) => Ok(None),
-        Some(r) if r.get().starts_with('{') => Ok(Some(r.get().to_owned())),
+        Some(r) if r.get().starts_with('{') => {
+            // `RawValue` checks structure but does not decode escapes; a lone
+            // UTF-16 surrogate would make the stored text unreadable later.
+            if has_lone_surrogate(r.get()) {
+                return Err(ValidationError::field(
+                    "invalid_field",
+                    field,
+                    format!("{field} holds an unpaired utf-16 surrogate escape"),
+                ));
+            }
+            Ok(Some(r.get().to_owned()))
+        }
         Some(_) => Err(not_object(field)),
     }
+}
+
+/// Whether JSON text holds a `\uD800`–`\uDFFF` escape that is not part of a
+/// high-low surrogate pair. Scans only at backslashes, so it is cheap.
+fn has_lone_surrogate(text: &str) -> bool {
+    fn hex4(b: &[u8]) -> Option<u16> {
+        let s = std::str::from_utf8(b.get(..4)?).ok()?;
+        u16::from_str_radix(s, 16).ok()
+    }
+    let b = text.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        match b.get(i + 1) {
+            Some(b'u') => {
+                let Some(unit) = hex4(&b[i + 2..]) else {
+                    return true;
+                };
+                i += 6;
+                match unit {
+                    0xD800..=0xDBFF => {
+                        let low = (b.get(i) == Some(&b'\\') && b.get(i + 1) == Some(&b'u'))
+                            .then(|| hex4(&b[i + 2..]))
+                            .flatten();
+                        match low {
+                            Some(0xDC00..=0xDFFF) => i += 6,
+                            _ => return true,
+                        }
+                    }
+                    0xDC00..=0xDFFF => return true,
+                    _ => {}
+                }
+            }
+            // Any other escape is two bytes; skipping both keeps `\\u` right.
+            _ => i += 2,
+        }
+    }
+    false
 }
 
 fn opt_object(
@@ -793,6 +873,33 @@ mod tests {
         assert_eq!(rejected, vec![1, 2, 3]);
         assert_eq!(parsed.rejected[0].message_id.as_deref(), Some("bad-1"));
         assert_eq!(parsed.rejected[1].error.field.as_deref(), Some("type"));
+    }
+
+    #[test]
+    fn lone_surrogates_are_found() {
+        assert!(!has_lone_surrogate(r#"{"a":"\ud83d\ude00 ok \\ud800 \n"}"#));
+        assert!(has_lone_surrogate(r#"{"a":"\ud800"}"#));
+        assert!(has_lone_surrogate(r#"{"a":"\udc00\ud800"}"#));
+        assert!(has_lone_surrogate(r#"{"a":"\ud800\u0041"}"#));
+        assert!(
+            single(
+                EventType::Track,
+                r#"{"userId":"u","event":"e","properties":{"v":"\udfff"}}"#
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn arrays_are_not_messages() {
+        let limits = Limits::default();
+        assert!(parse_single(br#"["track","u"]"#, &limits).is_err());
+        assert!(parse_batch(br#"[[{"type":"track"}]]"#, &limits).is_err());
+        let raw = parse_batch(br#"{"batch":[["track","u1"]]}"#, &limits).unwrap();
+        assert_eq!(
+            raw.normalise(&meta(), &limits, &mut ids()).rejected.len(),
+            1
+        );
     }
 
     #[test]

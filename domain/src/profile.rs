@@ -92,6 +92,45 @@ pub struct Projection {
     pub message_id: String,
 }
 
+/// The parts of `context` that the fold reads.
+#[derive(Deserialize)]
+struct ContextView<'a> {
+    #[serde(default)]
+    traits: Option<Value>,
+    #[serde(
+        default,
+        rename = "externalIds",
+        deserialize_with = "lenient_external_ids"
+    )]
+    external_ids: Option<Vec<ExternalId>>,
+    #[serde(skip)]
+    _text: std::marker::PhantomData<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct ExternalId {
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+}
+
+/// `externalIds` that is not a list of objects is ignored, not an error.
+fn lenient_external_ids<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<ExternalId>>, D::Error> {
+    let v = Value::deserialize(d)?;
+    Ok(match v {
+        Value::Array(items) => Some(
+            items
+                .into_iter()
+                .filter_map(|i| serde_json::from_value(i).ok())
+                .collect(),
+        ),
+        _ => None,
+    })
+}
+
 fn parse_object(text: Option<&str>) -> Option<Map<String, Value>> {
     text.and_then(|t| serde_json::from_str::<Map<String, Value>>(t).ok())
 }
@@ -123,28 +162,27 @@ pub fn project(ev: &Event) -> Projection {
     }
 
     let mut traits = Vec::new();
-    let context = parse_object(ev.context.as_deref());
-    if let Some(ctx) = &context {
-        if let Some(Value::Object(ct)) = ctx.get("traits") {
-            if let Some(email) = email_of(ct) {
+    // Only `traits` and `externalIds` of the context matter here; the rest is
+    // skipped without building it.
+    let context = ev
+        .context
+        .as_deref()
+        .and_then(|c| serde_json::from_str::<ContextView<'_>>(c).ok());
+    if let Some(ctx) = context {
+        if let Some(Value::Object(ct)) = ctx.traits {
+            if let Some(email) = email_of(&ct) {
                 ids.insert(Identifier::new(IdKind::Email, email));
             }
-            traits.extend(ct.iter().map(|(k, v)| (k.clone(), v.clone())));
+            traits.extend(ct);
         }
-        if let Some(Value::Array(external)) = ctx.get("externalIds") {
-            for x in external {
-                let id = x.get("id").and_then(|v| match v {
-                    Value::String(s) if !s.is_empty() => Some(s.clone()),
-                    Value::Number(n) => Some(n.to_string()),
-                    _ => None,
-                });
-                let kind = x
-                    .get("type")
-                    .and_then(Value::as_str)
-                    .filter(|t| !t.is_empty());
-                if let (Some(id), Some(kind)) = (id, kind) {
-                    ids.insert(Identifier::new(IdKind::parse(kind), id));
-                }
+        for x in ctx.external_ids.unwrap_or_default() {
+            let id = match x.id {
+                Some(Value::String(s)) if !s.is_empty() => Some(s),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            };
+            if let (Some(id), Some(kind)) = (id, x.kind.filter(|t| !t.is_empty())) {
+                ids.insert(Identifier::new(IdKind::parse(&kind), id));
             }
         }
     }

@@ -35,9 +35,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use fjall::{
-    KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace,
-};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use serde_json::value::RawValue;
 use trailmark_domain::profile::{
     Seen, TraitValue, counter_name, is_duplicate, merge_trait, project,
@@ -55,39 +56,72 @@ use crate::{
 /// change a decision.
 const DEDUP_PURGE_SLACK_MICROS: i64 = 3_600 * 1_000_000;
 
+/// The keyspaces the fold writes, as a closed set, so a batch overlay can key
+/// its pending writes by keyspace cheaply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Ks {
+    Checkpoints,
+    Dedup,
+    DedupTime,
+    Identity,
+    Members,
+    Traits,
+    Counts,
+    Seen,
+    Timeline,
+}
+
+impl Ks {
+    const PROJECTIONS: [Ks; 9] = [
+        Ks::Checkpoints,
+        Ks::Dedup,
+        Ks::DedupTime,
+        Ks::Identity,
+        Ks::Members,
+        Ks::Traits,
+        Ks::Counts,
+        Ks::Seen,
+        Ks::Timeline,
+    ];
+}
+
 struct Keyspaces {
-    workspaces: SingleWriterTxKeyspace,
-    credentials: SingleWriterTxKeyspace,
-    checkpoints: SingleWriterTxKeyspace,
-    dedup: SingleWriterTxKeyspace,
-    dedup_time: SingleWriterTxKeyspace,
-    identity: SingleWriterTxKeyspace,
-    members: SingleWriterTxKeyspace,
-    traits: SingleWriterTxKeyspace,
-    counts: SingleWriterTxKeyspace,
-    seen: SingleWriterTxKeyspace,
-    timeline: SingleWriterTxKeyspace,
+    workspaces: Keyspace,
+    credentials: Keyspace,
+    checkpoints: Keyspace,
+    dedup: Keyspace,
+    dedup_time: Keyspace,
+    identity: Keyspace,
+    members: Keyspace,
+    traits: Keyspace,
+    counts: Keyspace,
+    seen: Keyspace,
+    timeline: Keyspace,
 }
 
 impl Keyspaces {
-    fn projections(&self) -> [&SingleWriterTxKeyspace; 9] {
-        [
-            &self.checkpoints,
-            &self.dedup,
-            &self.dedup_time,
-            &self.identity,
-            &self.members,
-            &self.traits,
-            &self.counts,
-            &self.seen,
-            &self.timeline,
-        ]
+    fn get(&self, ks: Ks) -> &Keyspace {
+        match ks {
+            Ks::Checkpoints => &self.checkpoints,
+            Ks::Dedup => &self.dedup,
+            Ks::DedupTime => &self.dedup_time,
+            Ks::Identity => &self.identity,
+            Ks::Members => &self.members,
+            Ks::Traits => &self.traits,
+            Ks::Counts => &self.counts,
+            Ks::Seen => &self.seen,
+            Ks::Timeline => &self.timeline,
+        }
     }
 }
 
 struct Inner {
-    db: SingleWriterTxDatabase,
+    db: Database,
     ks: Keyspaces,
+    /// Serialises writers: the fold reads, then writes what it read, so two
+    /// writers must not interleave. (A std mutex: it is only held inside
+    /// blocking tasks, never across an await.)
+    writer: Mutex<()>,
 }
 
 /// The embedded [`ProfileStore`] and [`WorkspaceDirectory`].
@@ -203,7 +237,7 @@ fn encode_timeline_value(ev: &Event) -> Vec<u8> {
     let mut v = Vec::with_capacity(counter.len() + 512);
     v.extend_from_slice(&(counter.len() as u32).to_be_bytes());
     v.extend_from_slice(counter.as_bytes());
-    serde_json::to_writer(&mut v, &ev.to_api_json()).expect("json value serialises");
+    ev.write_api_json(&mut v);
     v
 }
 
@@ -223,7 +257,7 @@ fn split_timeline_value(v: &[u8]) -> Result<(&[u8], &[u8])> {
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
-        let db = SingleWriterTxDatabase::builder(dir.as_ref())
+        let db = Database::builder(dir.as_ref())
             .open()
             .map_err(unavailable)?;
         let open = |name: &str| {
@@ -244,7 +278,11 @@ impl EmbeddedStore {
             timeline: open("timeline")?,
         };
         Ok(Self {
-            inner: Arc::new(Inner { db, ks }),
+            inner: Arc::new(Inner {
+                db,
+                ks,
+                writer: Mutex::new(()),
+            }),
         })
     }
 
@@ -270,10 +308,117 @@ impl EmbeddedStore {
 
 // ---- the fold, persisted ------------------------------------------------
 
+/// The writes of one batch, applied to the database in one atomic
+/// `WriteBatch` at the end. Reads see the batch's own writes first (and are
+/// cached), so a batch touching one person many times reads each row once.
+struct Overlay<'a> {
+    inner: &'a Inner,
+    rows: HashMap<(Ks, Vec<u8>), Row>,
+    /// Writes never read back in a batch (timeline entries): no need to hash
+    /// their keys.
+    blind: Vec<(Ks, Vec<u8>, Vec<u8>)>,
+}
+
+struct Row {
+    value: Option<Vec<u8>>,
+    dirty: bool,
+}
+
+impl<'a> Overlay<'a> {
+    fn new(inner: &'a Inner) -> Self {
+        Self {
+            inner,
+            rows: HashMap::new(),
+            blind: Vec::new(),
+        }
+    }
+
+    fn get(&mut self, ks: Ks, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some(row) = self.rows.get(&(ks, key.to_vec())) {
+            return Ok(row.value.clone());
+        }
+        let value = self
+            .inner
+            .ks
+            .get(ks)
+            .get(key)
+            .map_err(unavailable)?
+            .map(|v| v.to_vec());
+        self.rows.insert(
+            (ks, key.to_vec()),
+            Row {
+                value: value.clone(),
+                dirty: false,
+            },
+        );
+        Ok(value)
+    }
+
+    fn put(&mut self, ks: Ks, key: Vec<u8>, value: Vec<u8>) {
+        self.rows.insert(
+            (ks, key),
+            Row {
+                value: Some(value),
+                dirty: true,
+            },
+        );
+    }
+
+    fn delete(&mut self, ks: Ks, key: Vec<u8>) {
+        self.rows.insert(
+            (ks, key),
+            Row {
+                value: None,
+                dirty: true,
+            },
+        );
+    }
+
+    fn put_blind(&mut self, ks: Ks, key: Vec<u8>, value: Vec<u8>) {
+        self.blind.push((ks, key, value));
+    }
+
+    /// The rows under `prefix` as this batch would leave them.
+    fn prefix(&self, ks: Ks, prefix: &[u8]) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
+        let mut out = BTreeMap::new();
+        for kv in self.inner.ks.get(ks).prefix(prefix) {
+            let (k, v) = kv.into_inner().map_err(unavailable)?;
+            out.insert(k.to_vec(), v.to_vec());
+        }
+        for ((row_ks, key), row) in &self.rows {
+            if *row_ks == ks && row.dirty && key.starts_with(prefix) {
+                match &row.value {
+                    Some(v) => out.insert(key.clone(), v.clone()),
+                    None => out.remove(key),
+                };
+            }
+        }
+        Ok(out)
+    }
+
+    fn commit(self) -> Result<()> {
+        let ks = &self.inner.ks;
+        let mut batch = self.inner.db.batch();
+        for ((k, key), row) in self.rows {
+            if !row.dirty {
+                continue;
+            }
+            match row.value {
+                Some(v) => batch.insert(ks.get(k), key, v),
+                None => batch.remove(ks.get(k), key),
+            }
+        }
+        for (k, key, value) in self.blind {
+            batch.insert(ks.get(k), key, value);
+        }
+        batch.commit().map_err(unavailable)
+    }
+}
+
 impl Inner {
     fn apply(&self, batch: &ApplyBatch) -> Result<ApplyOutcome> {
-        let ks = &self.ks;
-        let mut tx = self.db.write_tx();
+        let _writer = self.writer.lock().expect("writer lock");
+        let mut w = Overlay::new(self);
         let mut outcome = ApplyOutcome::default();
         let mut max_received = i64::MIN;
         for ev in &batch.events {
@@ -281,7 +426,7 @@ impl Inner {
             let mut dkey = ws.as_bytes().to_vec();
             dkey.push(0);
             dkey.extend_from_slice(ev.message_id.as_bytes());
-            let previous = match tx.get(&ks.dedup, &dkey).map_err(unavailable)? {
+            let previous = match w.get(Ks::Dedup, &dkey)? {
                 Some(v) => Some(time_from(&v)?),
                 None => None,
             };
@@ -292,176 +437,161 @@ impl Inner {
             if let Some(prev) = previous {
                 let mut old = time_bytes(prev).to_vec();
                 old.extend_from_slice(&dkey);
-                tx.remove(&ks.dedup_time, old);
+                w.delete(Ks::DedupTime, old);
             }
-            tx.insert(&ks.dedup, dkey.clone(), time_bytes(ev.received_at));
             let mut tkey = time_bytes(ev.received_at).to_vec();
             tkey.extend_from_slice(&dkey);
-            tx.insert(&ks.dedup_time, tkey, []);
+            w.put(Ks::Dedup, dkey, time_bytes(ev.received_at).to_vec());
+            w.put(Ks::DedupTime, tkey, Vec::new());
             max_received = max_received.max(ev.received_at);
 
-            self.fold(&mut tx, ev)?;
+            fold(&mut w, ev)?;
             outcome.applied += 1;
         }
-        tx.insert(
-            &ks.checkpoints,
+        w.put(
+            Ks::Checkpoints,
             checkpoint_key(&batch.consumer, batch.partition),
-            batch.next_position.to_be_bytes(),
+            batch.next_position.to_be_bytes().to_vec(),
         );
         if max_received > i64::MIN {
             let horizon = max_received
                 .saturating_sub(batch.dedup_window_micros)
                 .saturating_sub(DEDUP_PURGE_SLACK_MICROS);
-            self.purge_dedup(&mut tx, horizon)?;
+            self.purge_dedup(&mut w, horizon)?;
         }
-        tx.commit().map_err(unavailable)?;
+        w.commit()?;
         Ok(outcome)
     }
 
-    fn purge_dedup(&self, tx: &mut fjall::SingleWriterWriteTx<'_>, horizon: i64) -> Result<()> {
-        let ks = &self.ks;
+    fn purge_dedup(&self, w: &mut Overlay<'_>, horizon: i64) -> Result<()> {
         let end = time_bytes(horizon);
-        let old: Vec<Vec<u8>> = tx
-            .range(&ks.dedup_time, ..end.to_vec())
+        let old: Vec<Vec<u8>> = self
+            .ks
+            .dedup_time
+            .range(..end.to_vec())
             .take(10_000)
             .map(|kv| kv.key().map(|k| k.to_vec()).map_err(unavailable))
             .collect::<Result<_>>()?;
         for k in old {
-            tx.remove(&ks.dedup, k[8..].to_vec());
-            tx.remove(&ks.dedup_time, k);
+            let dkey = k[8..].to_vec();
+            // Only forget the message if this index row is still its latest.
+            if w.get(Ks::Dedup, &dkey)?.as_deref() == Some(&k[..8]) {
+                w.delete(Ks::Dedup, dkey);
+            }
+            w.delete(Ks::DedupTime, k);
         }
         Ok(())
     }
+}
 
-    fn fold(&self, tx: &mut fjall::SingleWriterWriteTx<'_>, ev: &Event) -> Result<()> {
-        let ks = &self.ks;
-        let ws = ev.workspace_id.as_str();
-        let p = project(ev);
+fn fold(w: &mut Overlay<'_>, ev: &Event) -> Result<()> {
+    let ws = ev.workspace_id.as_str();
+    let p = project(ev);
 
-        // Identities: note each, keep the earliest time, then link them all.
-        let mut roots = Vec::with_capacity(p.identifiers.len());
-        for id in &p.identifiers {
-            let key = ws_id_key(ws, id);
-            match tx.get(&ks.identity, &key).map_err(unavailable)? {
-                None => {
-                    tx.insert(&ks.identity, key, encode_identity(id, p.time));
-                    self.put_member(tx, ws, id, id, p.time);
-                    roots.push(id.clone());
+    // Identities: note each, keep the earliest time, then link them all.
+    let mut roots = Vec::with_capacity(p.identifiers.len());
+    for id in &p.identifiers {
+        let key = ws_id_key(ws, id);
+        match w.get(Ks::Identity, &key)? {
+            None => {
+                w.put(Ks::Identity, key, encode_identity(id, p.time));
+                put_member(w, ws, id, id, p.time);
+                roots.push(id.clone());
+            }
+            Some(v) => {
+                let (root, created) = decode_identity(&v)?;
+                if p.time < created {
+                    w.put(Ks::Identity, key, encode_identity(&root, p.time));
+                    put_member(w, ws, &root, id, p.time);
                 }
-                Some(v) => {
-                    let (root, created) = decode_identity(&v)?;
-                    if p.time < created {
-                        tx.insert(&ks.identity, key, encode_identity(&root, p.time));
-                        self.put_member(tx, ws, &root, id, p.time);
-                    }
-                    roots.push(root);
-                }
+                roots.push(root);
             }
         }
-        roots.sort();
-        roots.dedup();
-        if roots.len() > 1 {
-            let keep = roots[0].clone();
-            for gone in &roots[1..] {
-                self.move_members(tx, ws, gone, &keep)?;
-            }
+    }
+    roots.sort();
+    roots.dedup();
+    if roots.len() > 1 {
+        let keep = roots[0].clone();
+        for gone in &roots[1..] {
+            move_members(w, ws, gone, &keep)?;
         }
+    }
 
-        // Traits: the latest event time wins, per trait.
-        let prefix = ws_id_prefix(ws, &p.primary);
-        for (name, value) in p.traits {
-            let mut key = prefix.clone();
-            key.extend_from_slice(name.as_bytes());
-            let candidate = TraitValue {
-                value,
-                updated_at: p.time,
-                message_id: p.message_id.clone(),
-            };
-            let wins = match tx.get(&ks.traits, &key).map_err(unavailable)? {
-                None => true,
-                Some(v) => candidate.supersedes(&from_json::<TraitValue>(&v, "trait row")?),
-            };
-            if wins {
-                tx.insert(&ks.traits, key, json(&candidate));
-            }
-        }
-
-        // Counts and seen times.
-        let mut ckey = prefix.clone();
-        ckey.extend_from_slice(p.counter.as_bytes());
-        let count = match tx.get(&ks.counts, &ckey).map_err(unavailable)? {
-            Some(v) => u64_from(&v, "count row")?,
-            None => 0,
+    // Traits: the latest event time wins, per trait.
+    let prefix = ws_id_prefix(ws, &p.primary);
+    for (name, value) in p.traits {
+        let mut key = prefix.clone();
+        key.extend_from_slice(name.as_bytes());
+        let candidate = TraitValue {
+            value,
+            updated_at: p.time,
+            message_id: p.message_id.clone(),
         };
-        tx.insert(&ks.counts, ckey, (count + 1).to_be_bytes());
-        let skey = ws_id_key(ws, &p.primary);
-        let seen = match tx.get(&ks.seen, &skey).map_err(unavailable)? {
-            Some(v) => decode_seen(&v)?.include(p.time),
-            None => Seen {
-                first: p.time,
-                last: p.time,
-            },
+        let wins = match w.get(Ks::Traits, &key)? {
+            None => true,
+            Some(v) => candidate.supersedes(&from_json::<TraitValue>(&v, "trait row")?),
         };
-        tx.insert(&ks.seen, skey, encode_seen(seen));
-
-        // The timeline entry.
-        let mut lkey = prefix;
-        lkey.extend_from_slice(&time_bytes(p.time));
-        lkey.extend_from_slice(p.message_id.as_bytes());
-        tx.insert(&ks.timeline, lkey, encode_timeline_value(ev));
-        Ok(())
-    }
-
-    fn put_member(
-        &self,
-        tx: &mut fjall::SingleWriterWriteTx<'_>,
-        ws: &str,
-        root: &Identifier,
-        id: &Identifier,
-        created: i64,
-    ) {
-        let mut key = ws_id_prefix(ws, root);
-        push_id(&mut key, id);
-        tx.insert(&self.ks.members, key, time_bytes(created));
-    }
-
-    /// Re-points every member of the profile rooted at `gone` to `keep`.
-    fn move_members(
-        &self,
-        tx: &mut fjall::SingleWriterWriteTx<'_>,
-        ws: &str,
-        gone: &Identifier,
-        keep: &Identifier,
-    ) -> Result<()> {
-        let ks = &self.ks;
-        let prefix = ws_id_prefix(ws, gone);
-        let rows: Vec<(Vec<u8>, Vec<u8>)> = tx
-            .prefix(&ks.members, &prefix)
-            .map(|kv| {
-                kv.into_inner()
-                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .map_err(unavailable)
-            })
-            .collect::<Result<_>>()?;
-        for (key, created) in rows {
-            let member = parse_id(&key[prefix.len()..])?;
-            let created_at = time_from(&created)?;
-            tx.remove(&ks.members, key);
-            self.put_member(tx, ws, keep, &member, created_at);
-            tx.insert(
-                &ks.identity,
-                ws_id_key(ws, &member),
-                encode_identity(keep, created_at),
-            );
+        if wins {
+            w.put(Ks::Traits, key, json(&candidate));
         }
-        Ok(())
     }
 
+    // Counts and seen times.
+    let mut ckey = prefix.clone();
+    ckey.extend_from_slice(p.counter.as_bytes());
+    let count = match w.get(Ks::Counts, &ckey)? {
+        Some(v) => u64_from(&v, "count row")?,
+        None => 0,
+    };
+    w.put(Ks::Counts, ckey, (count + 1).to_be_bytes().to_vec());
+    let skey = ws_id_key(ws, &p.primary);
+    let seen = match w.get(Ks::Seen, &skey)? {
+        Some(v) => decode_seen(&v)?.include(p.time),
+        None => Seen {
+            first: p.time,
+            last: p.time,
+        },
+    };
+    w.put(Ks::Seen, skey, encode_seen(seen));
+
+    // The timeline entry.
+    let mut lkey = prefix;
+    lkey.extend_from_slice(&time_bytes(p.time));
+    lkey.extend_from_slice(p.message_id.as_bytes());
+    w.put_blind(Ks::Timeline, lkey, encode_timeline_value(ev));
+    Ok(())
+}
+
+fn put_member(w: &mut Overlay<'_>, ws: &str, root: &Identifier, id: &Identifier, created: i64) {
+    let mut key = ws_id_prefix(ws, root);
+    push_id(&mut key, id);
+    w.put(Ks::Members, key, time_bytes(created).to_vec());
+}
+
+/// Re-points every member of the profile rooted at `gone` to `keep`.
+fn move_members(w: &mut Overlay<'_>, ws: &str, gone: &Identifier, keep: &Identifier) -> Result<()> {
+    let prefix = ws_id_prefix(ws, gone);
+    let rows = w.prefix(Ks::Members, &prefix)?;
+    for (key, created) in rows {
+        let member = parse_id(&key[prefix.len()..])?;
+        let created_at = time_from(&created)?;
+        w.delete(Ks::Members, key);
+        put_member(w, ws, keep, &member, created_at);
+        w.put(
+            Ks::Identity,
+            ws_id_key(ws, &member),
+            encode_identity(keep, created_at),
+        );
+    }
+    Ok(())
+}
+
+impl Inner {
     // ---- reads ----------------------------------------------------------
 
     fn resolve(&self, ws: &str, id: &Identifier) -> Result<Option<ProfileRef>> {
         let ks = &self.ks;
-        let snap = self.db.read_tx();
+        let snap = self.db.snapshot();
         let Some(v) = snap
             .get(&ks.identity, ws_id_key(ws, id))
             .map_err(unavailable)?
@@ -482,7 +612,7 @@ impl Inner {
     }
 
     fn traits(&self, ws: &str, profile: &ProfileRef) -> Result<BTreeMap<String, TraitValue>> {
-        let snap = self.db.read_tx();
+        let snap = self.db.snapshot();
         let mut out = BTreeMap::new();
         for id in profile.identifiers.keys() {
             let prefix = ws_id_prefix(ws, id);
@@ -497,7 +627,7 @@ impl Inner {
     }
 
     fn metadata(&self, ws: &str, profile: &ProfileRef) -> Result<ProfileMetadata> {
-        let snap = self.db.read_tx();
+        let snap = self.db.snapshot();
         let mut meta = ProfileMetadata {
             first_seen: i64::MAX,
             last_seen: i64::MIN,
@@ -528,7 +658,7 @@ impl Inner {
     }
 
     fn timeline(&self, ws: &str, profile: &ProfileRef, q: &TimelineQuery) -> Result<TimelinePage> {
-        let snap = self.db.read_tx();
+        let snap = self.db.snapshot();
         let limit = q.limit.max(1);
         // One ordered stream per identifier, merged by (time, messageId).
         let mut streams = Vec::new();
@@ -664,7 +794,7 @@ impl ProfileStore for EmbeddedStore {
     async fn checkpoints(&self, consumer: &str) -> Result<BTreeMap<u32, u64>> {
         let mut prefix = consumer.as_bytes().to_vec();
         prefix.push(0);
-        let snap = self.inner.db.read_tx();
+        let snap = self.inner.db.snapshot();
         let mut out = BTreeMap::new();
         for kv in snap.prefix(&self.inner.ks.checkpoints, &prefix) {
             let (k, v) = kv.into_inner().map_err(unavailable)?;
@@ -678,21 +808,23 @@ impl ProfileStore for EmbeddedStore {
 
     async fn reset_projections(&self) -> Result<()> {
         self.blocking(|inner| {
-            for ks in inner.ks.projections() {
+            let _writer = inner.writer.lock().expect("writer lock");
+            for ks in Ks::PROJECTIONS {
+                let handle = inner.ks.get(ks);
                 loop {
-                    let mut tx = inner.db.write_tx();
-                    let keys: Vec<Vec<u8>> = tx
-                        .iter(ks)
+                    let keys: Vec<Vec<u8>> = handle
+                        .iter()
                         .take(10_000)
                         .map(|kv| kv.key().map(|k| k.to_vec()).map_err(unavailable))
                         .collect::<Result<_>>()?;
                     if keys.is_empty() {
                         break;
                     }
+                    let mut batch = inner.db.batch();
                     for k in keys {
-                        tx.remove(ks, k);
+                        batch.remove(handle, k);
                     }
-                    tx.commit().map_err(unavailable)?;
+                    batch.commit().map_err(unavailable)?;
                 }
             }
             inner.db.persist(PersistMode::SyncAll).map_err(unavailable)
@@ -763,19 +895,14 @@ impl WorkspaceDirectory for EmbeddedStore {
         }
         let wkey = [b"w\0".as_slice(), write_key.as_bytes()].concat();
         let tkey = [b"t\0".as_slice(), token_digest(&token).as_bytes()].concat();
-        let mut tx = self.inner.db.write_tx();
-        if tx
-            .contains_key(&ks.credentials, &wkey)
-            .map_err(unavailable)?
-        {
+        let _writer = self.inner.writer.lock().expect("writer lock");
+        if ks.credentials.contains_key(&wkey).map_err(unavailable)? {
             return Err(StoreError::Conflict("write key".into()));
         }
-        if tx
-            .contains_key(&ks.credentials, &tkey)
-            .map_err(unavailable)?
-        {
+        if ks.credentials.contains_key(&tkey).map_err(unavailable)? {
             return Err(StoreError::Conflict("token".into()));
         }
+        let mut tx = self.inner.db.batch();
         tx.insert(&ks.workspaces, workspace.id.as_bytes(), json(&workspace));
         tx.insert(
             &ks.credentials,
@@ -803,7 +930,7 @@ impl WorkspaceDirectory for EmbeddedStore {
     }
 
     async fn workspaces(&self) -> Result<Vec<Workspace>> {
-        let snap = self.inner.db.read_tx();
+        let snap = self.inner.db.snapshot();
         snap.iter(&self.inner.ks.workspaces)
             .map(|kv| {
                 let (_, v) = kv.into_inner().map_err(unavailable)?;
