@@ -16,7 +16,10 @@
 //! - **De-duplication.** An event whose `messageId` the workspace has seen
 //!   within the de-duplication window (measured in `receivedAt`) is dropped
 //!   whole. Retries of one message carry the same partition key, so this
-//!   decision is taken in partition order and replays identically.
+//!   decision is taken in partition order and replays identically. The one
+//!   order-dependent case is inherent to any window: copies of one message
+//!   spread over more than a window apart may count once or twice depending
+//!   on which arrives first (their timeline entry is one either way).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -82,7 +85,8 @@ pub struct Projection {
     /// Every identifier the event carries, primary included, sorted; all of
     /// them are linked into one profile.
     pub identifiers: Vec<Identifier>,
-    /// Trait assignments, from `context.traits` then `traits` (identify).
+    /// Trait assignments, from `context.traits` and an identify's `traits`
+    /// (which wins where both name a trait), by name.
     pub traits: Vec<(String, Value)>,
     /// The name the event is counted under.
     pub counter: String,
@@ -161,7 +165,10 @@ pub fn project(ev: &Event) -> Projection {
         ids.insert(Identifier::new(IdKind::AnonymousId, prev.clone()));
     }
 
-    let mut traits = Vec::new();
+    // A trait named in both `context.traits` and an identify's `traits` takes
+    // the identify's value: both carry the same time and messageId, so the
+    // fold could not tell them apart.
+    let mut traits = BTreeMap::new();
     // Only `traits` and `externalIds` of the context matter here; the rest is
     // skipped without building it.
     let context = ev
@@ -198,7 +205,7 @@ pub fn project(ev: &Event) -> Projection {
     Projection {
         primary,
         identifiers: ids.into_iter().collect(),
-        traits,
+        traits: traits.into_iter().collect(),
         counter: counter_name(ev),
         time: ev.timestamp,
         message_id: ev.message_id.clone(),
@@ -450,6 +457,21 @@ mod tests {
             m.timeline(&Identifier::new(IdKind::AnonymousId, "a1"))
                 .len(),
             2
+        );
+    }
+
+    #[test]
+    fn identify_traits_beat_context_traits_in_one_event() {
+        let mut e = ev(EventType::Identify, "m1", Some("u"), None, 10);
+        e.traits = Some(r#"{"plan":"from-traits"}"#.into());
+        e.context = Some(r#"{"traits":{"plan":"from-context","extra":1}}"#.into());
+        let p = project(&e);
+        assert_eq!(
+            p.traits,
+            vec![
+                ("extra".to_owned(), serde_json::json!(1)),
+                ("plan".to_owned(), serde_json::json!("from-traits"))
+            ]
         );
     }
 

@@ -65,7 +65,19 @@ fn spec() -> impl Strategy<Value = Spec> {
         0u16..5_000,
     )
         .prop_map(
-            |(kind, mut user, anon, previous, email, email_in_context, traits, ctx, ext, time, delay)| {
+            |(
+                kind,
+                mut user,
+                anon,
+                previous,
+                email,
+                email_in_context,
+                traits,
+                ctx,
+                ext,
+                time,
+                delay,
+            )| {
                 // Ingest refuses an event with neither id, and an alias without
                 // a userId; the generated streams hold only accepted events.
                 if user.is_none() && (anon.is_none() || kind == EventType::Alias) {
@@ -129,7 +141,10 @@ fn build(i: usize, s: &Spec) -> Event {
     }
     let object = |m: Map<String, Value>| Some(Value::Object(m).to_string());
     let carries_traits = matches!(s.kind, EventType::Identify | EventType::Group);
-    let carries_props = matches!(s.kind, EventType::Track | EventType::Page | EventType::Screen);
+    let carries_props = matches!(
+        s.kind,
+        EventType::Track | EventType::Page | EventType::Screen
+    );
     Event {
         workspace_id: "ws".into(),
         source_id: "src".into(),
@@ -180,7 +195,10 @@ fn expected_identifiers(s: &Spec) -> BTreeSet<Identifier> {
         }
     }
     if let Some(x) = s.external {
-        ids.insert(Identifier::new(IdKind::External(EXTERNAL_TYPE.into()), EXTERNAL[x]));
+        ids.insert(Identifier::new(
+            IdKind::External(EXTERNAL_TYPE.into()),
+            EXTERNAL[x],
+        ));
     }
     if s.kind == EventType::Alias {
         ids.insert(Identifier::new(IdKind::UserId, PREVIOUS[s.previous]));
