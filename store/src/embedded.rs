@@ -16,8 +16,7 @@
 //! | `identity`   | ws NUL id                             | root id NUL created (BE)   |
 //! | `members`    | ws NUL root id NUL id                 | created (BE)               |
 //! | `traits`     | ws NUL id NUL trait name              | [`TraitValue`] JSON        |
-//! | `counts`     | ws NUL id NUL counter name            | count (BE u64)             |
-//! | `seen`       | ws NUL id                             | first, last (BE)           |
+//! | `stats`      | ws NUL id                             | first, last, counts by name|
 //! | `timeline`   | ws NUL id NUL time (BE) messageId      | counter len, counter, JSON |
 //!
 //! Facts are kept per identifier and merged on read (see the domain's
@@ -25,10 +24,17 @@
 //! `identity`/`members` index, never traits or timelines.
 //!
 //! # Atomicity
-//! [`ProfileStore::apply`] runs in one single-writer fjall transaction that
-//! also writes the checkpoint. fjall's journal recovers a prefix of committed
-//! transactions, so after a crash the checkpoint and the state it describes
-//! always agree.
+//! [`ProfileStore::apply`] gathers a batch's writes in an overlay and commits
+//! them with the checkpoint in one fjall `WriteBatch`, which is atomic across
+//! keyspaces. fjall's journal recovers a prefix of committed batches, so after
+//! a crash the checkpoint and the state it describes always agree.
+//!
+//! # Speed
+//! Every memtable lookup is a skiplist walk of cache misses, so the fold keeps
+//! them few: one `stats` row per identifier holds its seen times and counts,
+//! and rows the fold reads often (identities, stats, traits) are cached in
+//! memory across batches. Only the projector writes them, under the writer
+//! lock, so the cache is exact; it is emptied when full and on reset.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -66,23 +72,26 @@ enum Ks {
     Identity,
     Members,
     Traits,
-    Counts,
-    Seen,
+    Stats,
     Timeline,
 }
 
 impl Ks {
-    const PROJECTIONS: [Ks; 9] = [
+    const PROJECTIONS: [Ks; 8] = [
         Ks::Checkpoints,
         Ks::Dedup,
         Ks::DedupTime,
         Ks::Identity,
         Ks::Members,
         Ks::Traits,
-        Ks::Counts,
-        Ks::Seen,
+        Ks::Stats,
         Ks::Timeline,
     ];
+
+    /// Rows the fold reads again and again, worth caching across batches.
+    fn cached(self) -> bool {
+        matches!(self, Ks::Identity | Ks::Stats | Ks::Traits)
+    }
 }
 
 struct Keyspaces {
@@ -94,8 +103,7 @@ struct Keyspaces {
     identity: Keyspace,
     members: Keyspace,
     traits: Keyspace,
-    counts: Keyspace,
-    seen: Keyspace,
+    stats: Keyspace,
     timeline: Keyspace,
 }
 
@@ -108,8 +116,7 @@ impl Keyspaces {
             Ks::Identity => &self.identity,
             Ks::Members => &self.members,
             Ks::Traits => &self.traits,
-            Ks::Counts => &self.counts,
-            Ks::Seen => &self.seen,
+            Ks::Stats => &self.stats,
             Ks::Timeline => &self.timeline,
         }
     }
@@ -121,7 +128,17 @@ struct Inner {
     /// Serialises writers: the fold reads, then writes what it read, so two
     /// writers must not interleave. (A std mutex: it is only held inside
     /// blocking tasks, never across an await.)
-    writer: Mutex<()>,
+    writer: Mutex<WriterState>,
+}
+
+/// The most rows the fold's cache holds before it is emptied.
+const CACHE_ROWS: usize = 400_000;
+
+/// What the single writer keeps between batches.
+#[derive(Default)]
+struct WriterState {
+    /// Committed rows of [`Ks::cached`] keyspaces (`None`: known absent).
+    cache: HashMap<(Ks, Vec<u8>), Option<Vec<u8>>>,
 }
 
 /// The embedded [`ProfileStore`] and [`WorkspaceDirectory`].
@@ -216,20 +233,52 @@ fn u64_from(b: &[u8], what: &str) -> Result<u64> {
     Ok(u64::from_be_bytes(b.try_into().map_err(|_| corrupt(what))?))
 }
 
-fn encode_seen(s: Seen) -> Vec<u8> {
-    let mut v = time_bytes(s.first).to_vec();
-    v.extend_from_slice(&time_bytes(s.last));
+/// A `stats` row: first and last seen, then `(name length u16, name, count
+/// u64)` per counter, in name order.
+fn encode_stats(seen: Seen, counts: &BTreeMap<String, u64>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(20 + counts.len() * 24);
+    v.extend_from_slice(&time_bytes(seen.first));
+    v.extend_from_slice(&time_bytes(seen.last));
+    for (name, n) in counts {
+        let name = &name.as_bytes()[..name.len().min(u16::MAX as usize)];
+        v.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        v.extend_from_slice(name);
+        v.extend_from_slice(&n.to_be_bytes());
+    }
     v
 }
 
-fn decode_seen(b: &[u8]) -> Result<Seen> {
-    if b.len() != 16 {
-        return Err(corrupt("seen row"));
+fn decode_stats(b: &[u8]) -> Result<(Seen, BTreeMap<String, u64>)> {
+    if b.len() < 16 {
+        return Err(corrupt("stats row"));
     }
-    Ok(Seen {
+    let seen = Seen {
         first: time_from(&b[..8])?,
-        last: time_from(&b[8..])?,
-    })
+        last: time_from(&b[8..16])?,
+    };
+    let mut counts = BTreeMap::new();
+    let mut at = 16;
+    while at < b.len() {
+        let len = u16::from_be_bytes(
+            b.get(at..at + 2)
+                .ok_or_else(|| corrupt("stats row"))?
+                .try_into()
+                .expect("2 bytes"),
+        ) as usize;
+        at += 2;
+        let name = b.get(at..at + len).ok_or_else(|| corrupt("stats row"))?;
+        at += len;
+        let n = u64_from(
+            b.get(at..at + 8).ok_or_else(|| corrupt("stats row"))?,
+            "stats row",
+        )?;
+        at += 8;
+        counts.insert(
+            String::from_utf8(name.to_vec()).map_err(|_| corrupt("counter name"))?,
+            n,
+        );
+    }
+    Ok((seen, counts))
 }
 
 fn encode_timeline_value(ev: &Event) -> Vec<u8> {
@@ -273,15 +322,14 @@ impl EmbeddedStore {
             identity: open("identity")?,
             members: open("members")?,
             traits: open("traits")?,
-            counts: open("counts")?,
-            seen: open("seen")?,
+            stats: open("stats")?,
             timeline: open("timeline")?,
         };
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
                 ks,
-                writer: Mutex::new(()),
+                writer: Mutex::new(WriterState::default()),
             }),
         })
     }
@@ -313,6 +361,7 @@ impl EmbeddedStore {
 /// cached), so a batch touching one person many times reads each row once.
 struct Overlay<'a> {
     inner: &'a Inner,
+    state: &'a mut WriterState,
     rows: HashMap<(Ks, Vec<u8>), Row>,
     /// Writes never read back in a batch (timeline entries): no need to hash
     /// their keys.
@@ -325,17 +374,22 @@ struct Row {
 }
 
 impl<'a> Overlay<'a> {
-    fn new(inner: &'a Inner) -> Self {
+    fn new(inner: &'a Inner, state: &'a mut WriterState) -> Self {
         Self {
             inner,
+            state,
             rows: HashMap::new(),
             blind: Vec::new(),
         }
     }
 
     fn get(&mut self, ks: Ks, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        if let Some(row) = self.rows.get(&(ks, key.to_vec())) {
+        let id = (ks, key.to_vec());
+        if let Some(row) = self.rows.get(&id) {
             return Ok(row.value.clone());
+        }
+        if let Some(value) = self.state.cache.get(&id) {
+            return Ok(value.clone());
         }
         let value = self
             .inner
@@ -345,7 +399,7 @@ impl<'a> Overlay<'a> {
             .map_err(unavailable)?
             .map(|v| v.to_vec());
         self.rows.insert(
-            (ks, key.to_vec()),
+            id,
             Row {
                 value: value.clone(),
                 dirty: false,
@@ -399,26 +453,39 @@ impl<'a> Overlay<'a> {
     fn commit(self) -> Result<()> {
         let ks = &self.inner.ks;
         let mut batch = self.inner.db.batch();
-        for ((k, key), row) in self.rows {
+        for ((k, key), row) in &self.rows {
             if !row.dirty {
                 continue;
             }
-            match row.value {
-                Some(v) => batch.insert(ks.get(k), key, v),
-                None => batch.remove(ks.get(k), key),
+            match &row.value {
+                Some(v) => batch.insert(ks.get(*k), key.clone(), v.clone()),
+                None => batch.remove(ks.get(*k), key.clone()),
             }
         }
         for (k, key, value) in self.blind {
             batch.insert(ks.get(k), key, value);
         }
-        batch.commit().map_err(unavailable)
+        if let Err(e) = batch.commit() {
+            // What the cache holds may no longer match the database.
+            self.state.cache.clear();
+            return Err(unavailable(e));
+        }
+        if self.state.cache.len() + self.rows.len() > CACHE_ROWS {
+            self.state.cache.clear();
+        }
+        for ((k, key), row) in self.rows {
+            if k.cached() {
+                self.state.cache.insert((k, key), row.value);
+            }
+        }
+        Ok(())
     }
 }
 
 impl Inner {
     fn apply(&self, batch: &ApplyBatch) -> Result<ApplyOutcome> {
-        let _writer = self.writer.lock().expect("writer lock");
-        let mut w = Overlay::new(self);
+        let mut state = self.writer.lock().expect("writer lock");
+        let mut w = Overlay::new(self, &mut state);
         let mut outcome = ApplyOutcome::default();
         let mut max_received = i64::MIN;
         for ev in &batch.events {
@@ -536,23 +603,23 @@ fn fold(w: &mut Overlay<'_>, ev: &Event) -> Result<()> {
         }
     }
 
-    // Counts and seen times.
-    let mut ckey = prefix.clone();
-    ckey.extend_from_slice(p.counter.as_bytes());
-    let count = match w.get(Ks::Counts, &ckey)? {
-        Some(v) => u64_from(&v, "count row")?,
-        None => 0,
-    };
-    w.put(Ks::Counts, ckey, (count + 1).to_be_bytes().to_vec());
+    // Seen times and counts: one row per identifier.
     let skey = ws_id_key(ws, &p.primary);
-    let seen = match w.get(Ks::Seen, &skey)? {
-        Some(v) => decode_seen(&v)?.include(p.time),
-        None => Seen {
-            first: p.time,
-            last: p.time,
-        },
+    let (seen, mut counts) = match w.get(Ks::Stats, &skey)? {
+        Some(v) => {
+            let (seen, counts) = decode_stats(&v)?;
+            (seen.include(p.time), counts)
+        }
+        None => (
+            Seen {
+                first: p.time,
+                last: p.time,
+            },
+            BTreeMap::new(),
+        ),
     };
-    w.put(Ks::Seen, skey, encode_seen(seen));
+    *counts.entry(p.counter).or_default() += 1;
+    w.put(Ks::Stats, skey, encode_stats(seen, &counts));
 
     // The timeline entry.
     let mut lkey = prefix;
@@ -635,19 +702,15 @@ impl Inner {
         };
         for id in profile.identifiers.keys() {
             if let Some(v) = snap
-                .get(&self.ks.seen, ws_id_key(ws, id))
+                .get(&self.ks.stats, ws_id_key(ws, id))
                 .map_err(unavailable)?
             {
-                let s = decode_seen(&v)?;
-                meta.first_seen = meta.first_seen.min(s.first);
-                meta.last_seen = meta.last_seen.max(s.last);
-            }
-            let prefix = ws_id_prefix(ws, id);
-            for kv in snap.prefix(&self.ks.counts, &prefix) {
-                let (k, v) = kv.into_inner().map_err(unavailable)?;
-                let name = String::from_utf8(k[prefix.len()..].to_vec())
-                    .map_err(|_| corrupt("counter name"))?;
-                *meta.counts.entry(name).or_default() += u64_from(&v, "count row")?;
+                let (seen, counts) = decode_stats(&v)?;
+                meta.first_seen = meta.first_seen.min(seen.first);
+                meta.last_seen = meta.last_seen.max(seen.last);
+                for (name, n) in counts {
+                    *meta.counts.entry(name).or_default() += n;
+                }
             }
         }
         if meta.first_seen == i64::MAX {
@@ -808,7 +871,8 @@ impl ProfileStore for EmbeddedStore {
 
     async fn reset_projections(&self) -> Result<()> {
         self.blocking(|inner| {
-            let _writer = inner.writer.lock().expect("writer lock");
+            let mut state = inner.writer.lock().expect("writer lock");
+            state.cache.clear();
             for ks in Ks::PROJECTIONS {
                 let handle = inner.ks.get(ks);
                 loop {
