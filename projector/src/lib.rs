@@ -68,6 +68,9 @@ impl Default for ProjectorConfig {
 /// How often the projector mirrors its positions into the log.
 const POSITION_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often the projector measures its lag while busy (always when idle).
+const LAG_REPORT_INTERVAL: Duration = Duration::from_millis(500);
+
 /// Reads start positions from the store's checkpoints.
 struct StoreCheckpoints(BTreeMap<u32, u64>);
 
@@ -112,6 +115,7 @@ impl Projector {
         let mut sub = self.subscribe().await?;
         let mut positions = self.store.checkpoints(&self.config.group).await?;
         let mut last_commit = Instant::now();
+        let mut last_lag = Instant::now();
         loop {
             if last_commit.elapsed() >= POSITION_COMMIT_INTERVAL {
                 self.commit_positions(&positions).await;
@@ -133,12 +137,13 @@ impl Projector {
                 }
                 Err(e) => return Err(e.into()),
             };
-            if deliveries.is_empty() {
-                self.report_lag(&positions).await;
-                continue;
-            }
+            let idle = deliveries.is_empty();
             for (partition, next) in self.apply(deliveries).await? {
                 positions.insert(partition, next);
+            }
+            if idle || last_lag.elapsed() >= LAG_REPORT_INTERVAL {
+                self.report_lag(&positions).await;
+                last_lag = Instant::now();
             }
         }
     }
