@@ -35,6 +35,7 @@ use trailmark_domain::{Event, EventType};
 use trailmark_http::auth::{authorize_write, credential_from_headers, write_key_from_query};
 use trailmark_http::{ApiError, AppState};
 use trailmark_log::Record;
+use trailmark_store::WriteGrant;
 
 /// The ingest routes, with CORS (any origin: the browser snippet posts from
 /// customers' pages) and gzip request decompression. Size limits are applied
@@ -98,6 +99,41 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
                 .get::<ConnectInfo<SocketAddr>>()
                 .map(|c| c.0),
         ))
+    }
+}
+
+/// Who is calling: the write key of the header or query string, if any, and
+/// the client address.
+struct Caller {
+    key: Option<String>,
+    ip: Option<String>,
+}
+
+impl Caller {
+    fn new(headers: &HeaderMap, query: Option<&str>, conn: ClientAddr) -> Self {
+        Self {
+            key: credential_from_headers(headers).or_else(|| write_key_from_query(query)),
+            ip: client_ip(headers, conn.0),
+        }
+    }
+
+    /// The grant of the header/query key, else of the key found in the body.
+    async fn authorize(
+        &self,
+        state: &AppState,
+        body_key: Option<String>,
+    ) -> Result<WriteGrant, ApiError> {
+        authorize_write(state, self.key.as_deref().or(body_key.as_deref())).await
+    }
+
+    /// What the parser needs to know about this request.
+    fn meta<'a>(&'a self, state: &AppState, grant: &'a WriteGrant) -> RequestMeta<'a> {
+        RequestMeta {
+            workspace_id: &grant.workspace_id,
+            source_id: &grant.source_id,
+            received_at: state.clock.now_micros(),
+            request_ip: self.ip.as_deref(),
+        }
     }
 }
 
@@ -186,16 +222,15 @@ async fn single(
     kind: EventType,
 ) -> Result<Response, ApiError> {
     let bytes = read_body(body, state.limits.max_event_bytes).await?;
-    let header_key =
-        credential_from_headers(&headers).or_else(|| write_key_from_query(query.as_deref()));
+    let caller = Caller::new(&headers, query.as_deref(), conn);
     let raw = parse_single(&bytes, &state.limits);
     // Authenticate before reporting what is wrong with the body, so that an
     // unknown caller learns nothing but 401.
-    let body_key = match (&header_key, &raw) {
+    let body_key = match (&caller.key, &raw) {
         (None, Ok(r)) => r.write_key()?.map(|k| k.into_owned()),
         _ => None,
     };
-    let grant = authorize_write(&state, header_key.as_deref().or(body_key.as_deref())).await?;
+    let grant = caller.authorize(&state, body_key).await?;
     let reject = |state: &AppState| {
         state
             .metrics
@@ -204,13 +239,7 @@ async fn single(
             .inc();
     };
     let raw = raw.inspect_err(|_| reject(&state))?;
-    let ip = client_ip(&headers, conn.0);
-    let meta = RequestMeta {
-        workspace_id: &grant.workspace_id,
-        source_id: &grant.source_id,
-        received_at: state.clock.now_micros(),
-        request_ip: ip.as_deref(),
-    };
+    let meta = caller.meta(&state, &grant);
     let event = raw
         .normalise(kind, &meta, &mut new_message_id)
         .inspect_err(|_| reject(&state))?;
@@ -226,22 +255,15 @@ async fn batch(
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = read_body(body, state.limits.max_batch_bytes).await?;
-    let header_key =
-        credential_from_headers(&headers).or_else(|| write_key_from_query(query.as_deref()));
+    let caller = Caller::new(&headers, query.as_deref(), conn);
     let raw = parse_batch(&bytes, &state.limits);
-    let body_key = match (&header_key, &raw) {
+    let body_key = match (&caller.key, &raw) {
         (None, Ok(r)) => r.write_key.clone(),
         _ => None,
     };
-    let grant = authorize_write(&state, header_key.as_deref().or(body_key.as_deref())).await?;
+    let grant = caller.authorize(&state, body_key).await?;
     let raw = raw?;
-    let ip = client_ip(&headers, conn.0);
-    let meta = RequestMeta {
-        workspace_id: &grant.workspace_id,
-        source_id: &grant.source_id,
-        received_at: state.clock.now_micros(),
-        request_ip: ip.as_deref(),
-    };
+    let meta = caller.meta(&state, &grant);
     let parsed = raw.normalise(&meta, &state.limits, &mut new_message_id);
     let rejected: Vec<_> = parsed
         .rejected
