@@ -139,6 +139,9 @@ const CACHE_ROWS: usize = 400_000;
 struct WriterState {
     /// Committed rows of [`Ks::cached`] keyspaces (`None`: known absent).
     cache: HashMap<(Ks, Vec<u8>), Option<Vec<u8>>>,
+    /// Where the last dedup purge stopped: rows before it are gone, and
+    /// starting there skips their tombstones.
+    purge_from: Vec<u8>,
 }
 
 /// The embedded [`ProfileStore`] and [`WorkspaceDirectory`].
@@ -531,14 +534,20 @@ impl Inner {
     }
 
     fn purge_dedup(&self, w: &mut Overlay<'_>, horizon: i64) -> Result<()> {
-        let end = time_bytes(horizon);
+        let end = time_bytes(horizon).to_vec();
+        if w.state.purge_from >= end {
+            return Ok(());
+        }
         let old: Vec<Vec<u8>> = self
             .ks
             .dedup_time
-            .range(..end.to_vec())
+            .range(w.state.purge_from.clone()..end)
             .take(10_000)
             .map(|kv| kv.key().map(|k| k.to_vec()).map_err(unavailable))
             .collect::<Result<_>>()?;
+        if let Some(last) = old.last() {
+            w.state.purge_from = last.clone();
+        }
         for k in old {
             let dkey = k[8..].to_vec();
             // Only forget the message if this index row is still its latest.
@@ -873,6 +882,7 @@ impl ProfileStore for EmbeddedStore {
         self.blocking(|inner| {
             let mut state = inner.writer.lock().expect("writer lock");
             state.cache.clear();
+            state.purge_from.clear();
             for ks in Ks::PROJECTIONS {
                 let handle = inner.ks.get(ks);
                 loop {
