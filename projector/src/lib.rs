@@ -1,8 +1,9 @@
 //! The projector: consumes the log and folds it into the stores.
 //!
 //! **Delivery guarantee: every record in the log is applied to the
-//! projections exactly once**, because each batch of one partition is written
-//! to the store in one atomic step together with the position after it, and
+//! projections exactly once**, because each batch is written to the store in
+//! one atomic step together with the position after it in every partition
+//! it covers, and
 //! on start the projector resumes from the positions stored there (the log's
 //! own consumer offsets are never trusted). A crash at any point leaves state
 //! and position in agreement; the events a crash cut short are read again and
@@ -205,15 +206,18 @@ impl Projector {
         }
     }
 
-    /// Decodes and applies deliveries, one atomic store write per partition.
-    /// Returns the new position of each partition.
+    /// Decodes and applies deliveries in one atomic store write, with the new
+    /// position of every partition they came from. Returns those positions.
     async fn apply(&self, deliveries: Vec<Delivery>) -> Result<Vec<(u32, u64)>> {
-        let mut by_partition: BTreeMap<u32, (Vec<trailmark_domain::Event>, u64)> = BTreeMap::new();
+        if deliveries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut positions: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut events = Vec::with_capacity(deliveries.len());
         for d in deliveries {
-            let entry = by_partition.entry(d.partition).or_default();
-            entry.1 = d.next_position;
+            positions.insert(d.partition, d.next_position);
             match self.codec.decode(&d.payload) {
-                Ok(ev) => entry.0.push(ev),
+                Ok(ev) => events.push(ev),
                 Err(e) => {
                     // The record stays in the log, the source of truth; a
                     // later build that can read it can rebuild with it.
@@ -230,27 +234,23 @@ impl Projector {
                 }
             }
         }
-        let mut moved = Vec::new();
-        for (partition, (events, next_position)) in by_partition {
-            let batch = ApplyBatch {
-                consumer: self.config.group.clone(),
-                partition,
-                next_position,
-                events,
-                dedup_window_micros: self.config.dedup_window.as_micros() as i64,
-            };
-            let outcome = self.apply_with_retry(batch).await?;
-            self.metrics
-                .projector_events
-                .with_label_values(&["applied"])
-                .inc_by(outcome.applied as u64);
-            self.metrics
-                .projector_events
-                .with_label_values(&["duplicate"])
-                .inc_by(outcome.duplicates as u64);
-            moved.push((partition, next_position));
-        }
-        Ok(moved)
+        let positions: Vec<(u32, u64)> = positions.into_iter().collect();
+        let batch = ApplyBatch {
+            consumer: self.config.group.clone(),
+            positions: positions.clone(),
+            events,
+            dedup_window_micros: self.config.dedup_window.as_micros() as i64,
+        };
+        let outcome = self.apply_with_retry(batch).await?;
+        self.metrics
+            .projector_events
+            .with_label_values(&["applied"])
+            .inc_by(outcome.applied as u64);
+        self.metrics
+            .projector_events
+            .with_label_values(&["duplicate"])
+            .inc_by(outcome.duplicates as u64);
+        Ok(positions)
     }
 
     async fn apply_with_retry(&self, batch: ApplyBatch) -> Result<trailmark_store::ApplyOutcome> {
@@ -265,7 +265,7 @@ impl Projector {
                     return Ok(outcome);
                 }
                 Err(e) if e.is_retryable() => {
-                    tracing::warn!(error = %e, ?backoff, partition = batch.partition, "store write failed; retrying");
+                    tracing::warn!(error = %e, ?backoff, "store write failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(self.config.max_backoff);
                 }

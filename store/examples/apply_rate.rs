@@ -34,8 +34,7 @@ async fn main() {
         store
             .apply(ApplyBatch {
                 consumer: "bench".into(),
-                partition: 0,
-                next_position: n as u64,
+                positions: vec![(0, n as u64)],
                 events,
                 dedup_window_micros: 86_400_000_000,
             })

@@ -33,8 +33,7 @@ fn anon(id: &str) -> Identifier {
 fn batch(partition: u32, next: u64, events: Vec<Event>) -> ApplyBatch {
     ApplyBatch {
         consumer: "projector".into(),
-        partition,
-        next_position: next,
+        positions: vec![(partition, next)],
         events,
         dedup_window_micros: DAY,
     }

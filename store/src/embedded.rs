@@ -518,11 +518,13 @@ impl Inner {
             fold(&mut w, ev)?;
             outcome.applied += 1;
         }
-        w.put(
-            Ks::Checkpoints,
-            checkpoint_key(&batch.consumer, batch.partition),
-            batch.next_position.to_be_bytes().to_vec(),
-        );
+        for (partition, position) in &batch.positions {
+            w.put(
+                Ks::Checkpoints,
+                checkpoint_key(&batch.consumer, *partition),
+                position.to_be_bytes().to_vec(),
+            );
+        }
         if max_received > i64::MIN {
             let horizon = max_received
                 .saturating_sub(batch.dedup_window_micros)

@@ -57,16 +57,15 @@ impl StoreError {
 /// The stores' result type.
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// A batch of events read from one log partition, to apply atomically with
-/// the position after it.
+/// A batch of events read from the log, to apply atomically with the position
+/// after it in each partition it covers.
 #[derive(Debug, Clone)]
 pub struct ApplyBatch {
     /// The consumer (projector group) whose checkpoint moves.
     pub consumer: String,
-    /// The log partition the events came from.
-    pub partition: u32,
-    /// The log position after the last event: the new checkpoint.
-    pub next_position: u64,
+    /// For each partition the events came from, the log position after its
+    /// last event: the new checkpoints.
+    pub positions: Vec<(u32, u64)>,
     /// The events, in log order.
     pub events: Vec<Event>,
     /// The de-duplication window, in microseconds of `receivedAt`.
@@ -145,7 +144,7 @@ pub struct TimelinePage {
 #[async_trait]
 pub trait ProfileStore: Send + Sync + 'static {
     /// Folds `batch.events` and moves `batch.consumer`'s checkpoint for
-    /// `batch.partition` to `batch.next_position`, atomically. Applying a
+    /// each partition in `batch.positions`, atomically. Applying a
     /// batch again changes nothing: its events are duplicates.
     async fn apply(&self, batch: ApplyBatch) -> Result<ApplyOutcome>;
 
