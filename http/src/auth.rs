@@ -10,6 +10,11 @@
 //!
 //! The workspace always comes from the credential, never from the payload.
 
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
 use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
@@ -74,6 +79,79 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Recently resolved credentials, so that the hot paths (every ingest
+/// request, every profile read) do not hash and look up the same key each
+/// time. Only known credentials are kept, each for at most `ttl`, so a
+/// credential removed from the directory stops working within `ttl`; the
+/// cache is emptied when it reaches `max` entries.
+pub struct CredentialCache {
+    writes: Cache<WriteGrant>,
+    reads: Cache<ReadGrant>,
+}
+
+struct Cache<G> {
+    entries: RwLock<HashMap<String, (G, Instant)>>,
+    ttl: Duration,
+    max: usize,
+}
+
+impl<G: Clone> Cache<G> {
+    fn new(ttl: Duration, max: usize) -> Self {
+        Self {
+            entries: RwLock::new(HashMap::new()),
+            ttl,
+            max,
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<G> {
+        let entries = self.entries.read().expect("credential cache lock");
+        entries
+            .get(key)
+            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .map(|(g, _)| g.clone())
+    }
+
+    fn put(&self, key: &str, grant: G) {
+        let mut entries = self.entries.write().expect("credential cache lock");
+        if entries.len() >= self.max {
+            entries.clear();
+        }
+        entries.insert(key.to_owned(), (grant, Instant::now()));
+    }
+}
+
+impl Default for CredentialCache {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(60), 10_000)
+    }
+}
+
+impl CredentialCache {
+    /// A cache keeping each credential for `ttl`, up to `max` of each kind.
+    pub fn new(ttl: Duration, max: usize) -> Self {
+        Self {
+            writes: Cache::new(ttl, max),
+            reads: Cache::new(ttl, max),
+        }
+    }
+}
+
+async fn cached<G, F>(cache: &Cache<G>, key: &str, lookup: F) -> Result<Option<G>, ApiError>
+where
+    G: Clone + Eq + Hash,
+    F: std::future::Future<Output = trailmark_store::Result<Option<G>>>,
+{
+    if let Some(g) = cache.get(key) {
+        return Ok(Some(g));
+    }
+    let found = lookup.await?;
+    if let Some(g) = &found {
+        cache.put(key, g.clone());
+    }
+    Ok(found)
+}
+
 /// Resolves a write key to its grant, or 401.
 pub async fn authorize_write(state: &AppState, key: Option<&str>) -> Result<WriteGrant, ApiError> {
     let Some(key) = key else {
@@ -81,11 +159,13 @@ pub async fn authorize_write(state: &AppState, key: Option<&str>) -> Result<Writ
             "a write key is required: basic auth, ?writeKey= or a writeKey field".into(),
         ));
     };
-    state
-        .directory
-        .resolve_write_key(key)
-        .await?
-        .ok_or_else(|| ApiError::Unauthorized("unknown write key".into()))
+    cached(
+        &state.credentials.writes,
+        key,
+        state.directory.resolve_write_key(key),
+    )
+    .await?
+    .ok_or_else(|| ApiError::Unauthorized("unknown write key".into()))
 }
 
 /// An authenticated reader of one workspace. Extracting it checks the token.
@@ -101,7 +181,13 @@ impl FromRequestParts<AppState> for Reader {
                 "a secret token is required: bearer or basic auth".into(),
             ));
         };
-        if let Some(grant) = state.directory.resolve_token(&token).await? {
+        let grant = cached(
+            &state.credentials.reads,
+            &token,
+            state.directory.resolve_token(&token),
+        )
+        .await?;
+        if let Some(grant) = grant {
             return Ok(Reader(grant));
         }
         if state.directory.resolve_write_key(&token).await?.is_some() {
@@ -130,6 +216,20 @@ mod tests {
         assert_eq!(credential_from_headers(&h).as_deref(), Some("tmk_abc"));
         h.insert(AUTHORIZATION, HeaderValue::from_static("Basic !!!"));
         assert_eq!(credential_from_headers(&h), None);
+    }
+
+    #[test]
+    fn the_cache_forgets_after_its_ttl_and_when_full() {
+        let cache: Cache<u32> = Cache::new(Duration::from_millis(30), 2);
+        cache.put("a", 1);
+        assert_eq!(cache.get("a"), Some(1));
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(cache.get("a"), None, "expired");
+        cache.put("a", 1);
+        cache.put("b", 2);
+        cache.put("c", 3);
+        assert_eq!(cache.get("a"), None, "emptied when full");
+        assert_eq!(cache.get("c"), Some(3));
     }
 
     #[test]

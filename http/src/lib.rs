@@ -47,6 +47,8 @@ pub struct AppState {
     pub limits: Limits,
     /// How long ingest waits for the log before answering 503.
     pub append_timeout: Duration,
+    /// Recently resolved write keys and tokens.
+    pub credentials: Arc<auth::CredentialCache>,
 }
 
 impl AppState {
@@ -115,6 +117,7 @@ impl AppStateBuilder {
             metrics: self.metrics.unwrap_or_else(|| Arc::new(Metrics::new())),
             limits: self.limits,
             append_timeout: self.append_timeout,
+            credentials: Arc::new(auth::CredentialCache::default()),
         })
     }
 }

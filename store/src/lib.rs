@@ -206,7 +206,7 @@ pub struct CreatedWorkspace {
 }
 
 /// What a write key grants: appending events to one source of one workspace.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct WriteGrant {
     /// The workspace.
     pub workspace_id: String,
@@ -215,7 +215,7 @@ pub struct WriteGrant {
 }
 
 /// What a secret token grants: reading one workspace.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ReadGrant {
     /// The workspace.
     pub workspace_id: String,
