@@ -9,8 +9,9 @@
 //!   request latency (p50/p99/p99.9/max, HdrHistogram).
 //! - `visibility`: the same load, and for a sample of batches, the time from
 //!   the batch's 200 to the moment one of its events' `messageId` shows in
-//!   `GET {url}/v1/profiles/user_id:{userId}/events?limit=200&sort=desc`
-//!   (`Authorization: Bearer {token}`): how stale reads are under load.
+//!   `GET {url}/v1/profiles/user_id:{userId}/events?limit=200&sort=desc&start=…`
+//!   (the last minute; `Authorization: Bearer {token}`): how stale reads are
+//!   under load.
 //! - `lookup`: `GET {url}/v1/profiles/user_id:{id}/traits` at a fixed rate
 //!   against people that exist (run `ingest` with the same `--users` first, or
 //!   pass `--populate`), reporting p50/p99/p99.9 and the rate achieved.
@@ -512,7 +513,15 @@ fn start_probe(p: &Probing, client: &Client, user_id: String, message_id: String
         acked,
     };
     let client = client.clone();
-    let url = p.events_url.replace("{user_id}", &probe.user_id);
+    // Only the last minute of the timeline: the probe asks what a reader of
+    // recent activity asks, and does not re-read a person's whole history
+    // every few milliseconds (which measured the read, not the staleness).
+    let since = (chrono::Utc::now() - chrono::Duration::seconds(60))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let url = format!(
+        "{}&start={since}",
+        p.events_url.replace("{user_id}", &probe.user_id)
+    );
     let auth = p.auth.clone();
     let (poll, timeout, stats) = (p.poll, p.timeout, p.stats.clone());
     tokio::spawn(async move {
