@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -62,6 +63,17 @@ async fn resolve(state: &AppState, reader: &Reader, raw: &str) -> Result<Profile
         .ok_or_else(|| ApiError::NotFound(format!("no profile has the identifier {id}")))
 }
 
+/// A query string that does not parse is a 400 like any other bad field;
+/// serde's message names the parameter.
+fn bad_query(rejection: QueryRejection) -> ApiError {
+    ApiError::BadRequest {
+        code: "invalid_query",
+        message: rejection.body_text().to_lowercase(),
+        field: None,
+        detail: None,
+    }
+}
+
 fn limit(raw: Option<usize>, default: usize) -> Result<usize, ApiError> {
     match raw {
         None => Ok(default),
@@ -99,8 +111,9 @@ async fn traits(
     State(state): State<AppState>,
     reader: Reader,
     Path(id): Path<String>,
-    Query(p): Query<TraitsParams>,
+    p: Result<Query<TraitsParams>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(p) = p.map_err(bad_query)?;
     let limit = limit(p.limit, 10)?;
     let after: Option<String> = p.next.as_deref().map(decode_cursor).transpose()?;
     let profile = resolve(&state, &reader, &id).await?;
@@ -179,8 +192,9 @@ async fn events(
     State(state): State<AppState>,
     reader: Reader,
     Path(id): Path<String>,
-    Query(p): Query<EventsParams>,
+    p: Result<Query<EventsParams>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(p) = p.map_err(bad_query)?;
     let limit = limit(p.limit, 10)?;
     let descending = match p.sort.as_deref() {
         None | Some("desc") => true,
@@ -266,8 +280,9 @@ async fn external_ids(
     State(state): State<AppState>,
     reader: Reader,
     Path(id): Path<String>,
-    Query(p): Query<ExternalIdsParams>,
+    p: Result<Query<ExternalIdsParams>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(p) = p.map_err(bad_query)?;
     let limit = limit(p.limit, 25)?;
     let after: Option<String> = p.next.as_deref().map(decode_cursor).transpose()?;
     let profile = resolve(&state, &reader, &id).await?;

@@ -51,6 +51,7 @@ pub fn router(state: AppState, role: Role) -> Router {
         router = router.merge(trailmark_query_api::routes());
     }
     router
+        .fallback(|| async { trailmark_http::ApiError::NotFound("no such route".into()) })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             trailmark_http::metrics::track_requests,

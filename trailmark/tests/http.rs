@@ -489,6 +489,18 @@ async fn identify_stitches_anonymous_history_and_queries_page() {
     assert_eq!(body["error"]["code"], "not_found");
     let (status, _) = s.get("/v1/profiles/nocolon/traits").await;
     assert_eq!(status, 400);
+    let (status, body) = s
+        .get(&format!("/v1/profiles/user_id:{u}/events?limit=lots"))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_query");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("limit"),
+        "{body}"
+    );
+    let (status, body) = s.get("/v1/nowhere").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "not_found");
     s.stop().await;
 }
 
