@@ -98,6 +98,33 @@ fn decode_cursor<T: DeserializeOwned>(raw: &str) -> Result<T, ApiError> {
         .ok_or_else(|| ApiError::bad_field("next", "next is not a cursor this api issued"))
 }
 
+/// The `cursor` object every paged route returns.
+fn cursor_object(url: String, has_more: bool, next: String, limit: usize) -> Value {
+    json!({"url": url, "has_more": has_more, "next": next, "limit": limit})
+}
+
+/// One page of items named by string keys: the `limit` smallest keys after
+/// the cursor's, in key order, and the cursor to the next page (empty when
+/// none). Items are sorted here, so paging never depends on the order the
+/// caller happened to hold them in.
+fn keyed_page<T>(
+    items: impl Iterator<Item = (String, T)>,
+    after: Option<&str>,
+    limit: usize,
+) -> (Vec<(String, T)>, bool, String) {
+    let mut items: Vec<(String, T)> = items
+        .filter(|(k, _)| after.is_none_or(|a| k.as_str() > a))
+        .collect();
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    let has_more = items.len() > limit;
+    items.truncate(limit);
+    let next = match (has_more, items.last()) {
+        (true, Some((k, _))) => encode_cursor(k),
+        _ => String::new(),
+    };
+    (items, has_more, next)
+}
+
 /// Query string of the traits route.
 #[derive(Debug, Deserialize)]
 struct TraitsParams {
@@ -124,39 +151,32 @@ async fn traits(
             .filter(|s| !s.is_empty())
             .collect()
     });
-    let mut selected = all
-        .iter()
-        .filter(|(k, _)| include.as_ref().is_none_or(|inc| inc.contains(&k.as_str())))
-        .filter(|(k, _)| after.as_ref().is_none_or(|a| k.as_str() > a.as_str()));
-    let mut out = Map::new();
-    let mut last = None;
-    for (name, t) in selected.by_ref().take(limit) {
-        let value = if p.verbose.unwrap_or(false) {
-            json!({
-                "value": t.value,
-                "updated_at": format_micros(t.updated_at),
-                "message_id": t.message_id,
-            })
-        } else {
-            t.value.clone()
-        };
-        out.insert(name.clone(), value);
-        last = Some(name.clone());
-    }
-    let has_more = selected.next().is_some();
-    let next = if has_more {
-        last.map(|l| encode_cursor(&l)).unwrap_or_default()
-    } else {
-        String::new()
-    };
+    let verbose = p.verbose.unwrap_or(false);
+    let (page, has_more, next) = keyed_page(
+        all.iter()
+            .filter(|(k, _)| include.as_ref().is_none_or(|inc| inc.contains(&k.as_str())))
+            .map(|(k, t)| (k.clone(), t)),
+        after.as_deref(),
+        limit,
+    );
+    let out: Map<String, Value> = page
+        .into_iter()
+        .map(|(name, t)| {
+            let value = if verbose {
+                json!({
+                    "value": t.value,
+                    "updated_at": format_micros(t.updated_at),
+                    "message_id": t.message_id,
+                })
+            } else {
+                t.value.clone()
+            };
+            (name, value)
+        })
+        .collect();
     Ok(Json(json!({
         "traits": out,
-        "cursor": {
-            "url": format!("/v1/profiles/{id}/traits"),
-            "has_more": has_more,
-            "next": next,
-            "limit": limit,
-        }
+        "cursor": cursor_object(format!("/v1/profiles/{id}/traits"), has_more, next, limit),
     })))
 }
 
@@ -247,12 +267,7 @@ async fn events(
         page.entries.iter().map(|e| e.json.as_ref()).collect();
     Ok(Json(json!({
         "data": data,
-        "cursor": {
-            "url": url,
-            "has_more": page.has_more,
-            "next": next,
-            "limit": limit,
-        }
+        "cursor": cursor_object(url, page.has_more, next, limit),
     })))
 }
 
@@ -286,32 +301,29 @@ async fn external_ids(
     let limit = limit(p.limit, 25)?;
     let after: Option<String> = p.next.as_deref().map(decode_cursor).transpose()?;
     let profile = resolve(&state, &reader, &id).await?;
-    let mut items = profile
-        .identifiers
-        .iter()
-        .map(|(ident, created)| (ident.to_string(), ident, *created))
-        .filter(|(key, _, _)| after.as_ref().is_none_or(|a| key > a));
-    let mut data = Vec::new();
-    let mut last = None;
-    for (key, ident, created) in items.by_ref().take(limit) {
-        data.push(json!({
-            "id": ident.value,
-            "type": ident.kind.as_str(),
-            "collection": "users",
-            "encoding": "none",
-            "created_at": format_micros(created),
-        }));
-        last = Some(key);
-    }
-    let has_more = items.next().is_some();
+    let (page, has_more, next) = keyed_page(
+        profile
+            .identifiers
+            .iter()
+            .map(|(ident, created)| (ident.to_string(), (ident, *created))),
+        after.as_deref(),
+        limit,
+    );
+    let data: Vec<Value> = page
+        .into_iter()
+        .map(|(_, (ident, created))| {
+            json!({
+                "id": ident.value,
+                "type": ident.kind.as_str(),
+                "collection": "users",
+                "encoding": "none",
+                "created_at": format_micros(created),
+            })
+        })
+        .collect();
     Ok(Json(json!({
         "data": data,
-        "cursor": {
-            "url": format!("/v1/profiles/{id}/external_ids"),
-            "has_more": has_more,
-            "next": if has_more { last.map(|l| encode_cursor(&l)).unwrap_or_default() } else { String::new() },
-            "limit": limit,
-        }
+        "cursor": cursor_object(format!("/v1/profiles/{id}/external_ids"), has_more, next, limit),
     })))
 }
 
@@ -337,4 +349,35 @@ async fn metadata(
             "identifiers": profile.identifiers.len(),
         }
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyed_pages_follow_key_order_whatever_the_input_order() {
+        // Identifier order puts user_id before external types; string order
+        // does not. Paging by string key must still see every item once.
+        let keys = ["user_id:1", "stripe_id:9", "anonymous_id:a", "email:x"];
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let (page, has_more, next) = keyed_page(
+                keys.iter().map(|k| (k.to_string(), ())),
+                after.as_deref(),
+                3,
+            );
+            seen.extend(page.into_iter().map(|(k, _)| k));
+            if !has_more {
+                assert!(next.is_empty());
+                break;
+            }
+            after = Some(decode_cursor::<String>(&next).unwrap());
+        }
+        assert_eq!(
+            seen,
+            ["anonymous_id:a", "email:x", "stripe_id:9", "user_id:1"]
+        );
+    }
 }
