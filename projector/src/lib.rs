@@ -113,8 +113,7 @@ impl Projector {
     /// in hand.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<()> {
         tokio::pin!(shutdown);
-        let mut sub = self.subscribe().await?;
-        let mut positions = self.store.checkpoints(&self.config.group).await?;
+        let (mut sub, mut positions) = self.subscribe().await?;
         let mut last_commit = Instant::now();
         let mut last_lag = Instant::now();
         loop {
@@ -153,8 +152,7 @@ impl Projector {
     /// then returns; used by `trailmark rebuild`.
     pub async fn catch_up(&self) -> Result<u64> {
         let ends = self.log.end_positions().await?;
-        let mut sub = self.subscribe().await?;
-        let mut positions = self.store.checkpoints(&self.config.group).await?;
+        let (mut sub, mut positions) = self.subscribe().await?;
         let mut applied = 0u64;
         let done = |positions: &BTreeMap<u32, u64>| {
             ends.iter().enumerate().all(|(p, end)| {
@@ -173,12 +171,20 @@ impl Projector {
         Ok(applied)
     }
 
-    async fn subscribe(&self) -> Result<Box<dyn trailmark_log::Subscription>> {
+    /// Joins the group at the store's checkpoints; returns the subscription
+    /// and those checkpoints, the positions it starts from.
+    async fn subscribe(
+        &self,
+    ) -> Result<(Box<dyn trailmark_log::Subscription>, BTreeMap<u32, u64>)> {
         let checkpoints = self.store.checkpoints(&self.config.group).await?;
-        Ok(self
+        let sub = self
             .log
-            .subscribe(&self.config.group, Arc::new(StoreCheckpoints(checkpoints)))
-            .await?)
+            .subscribe(
+                &self.config.group,
+                Arc::new(StoreCheckpoints(checkpoints.clone())),
+            )
+            .await?;
+        Ok((sub, checkpoints))
     }
 
     /// Mirrors the store's checkpoints into the log's consumer positions, for
