@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use trailmark_http::Metrics;
 use trailmark_log::{Delivery, EventLog, LogError, StartPositions};
 use trailmark_schemas::EventCodec;
-use trailmark_store::{ApplyBatch, ProfileStore, StoreError};
+use trailmark_store::{ApplyBatch, LoggedEvent, ProfileStore, StoreError};
 
 /// Projector failures.
 #[derive(Debug, thiserror::Error)]
@@ -223,7 +223,11 @@ impl Projector {
         for d in deliveries {
             positions.insert(d.partition, d.next_position);
             match self.codec.decode(&d.payload) {
-                Ok(ev) => events.push(ev),
+                Ok(event) => events.push(LoggedEvent {
+                    partition: d.partition,
+                    position: d.position,
+                    event,
+                }),
                 Err(e) => {
                     // The record stays in the log, the source of truth; a
                     // later build that can read it can rebuild with it.

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde_json::json;
 use trailmark_store::embedded::EmbeddedStore;
-use trailmark_store::{ApplyBatch, ProfileStore};
+use trailmark_store::{ApplyBatch, LoggedEvent, ProfileStore};
 use trailmark_testkit::EventBuilder;
 
 #[tokio::main]
@@ -30,11 +30,17 @@ async fn main() {
                     .received(i as i64 / 1_000)
                     .build()
             })
+            .enumerate()
+            .map(|(j, event)| LoggedEvent {
+                partition: 0,
+                position: (n + j) as u64,
+                event,
+            })
             .collect();
         store
             .apply(ApplyBatch {
                 consumer: "bench".into(),
-                positions: vec![(0, n as u64)],
+                positions: vec![(0, (n + batch) as u64)],
                 events,
                 dedup_window_micros: 86_400_000_000,
             })

@@ -14,7 +14,7 @@ use trailmark_domain::profile::ProfileModel;
 use trailmark_domain::{Event, IdKind, Identifier};
 use trailmark_testkit::{EventBuilder, T0, WORKSPACE};
 
-use crate::{ApplyBatch, ProfileStore, TimelineQuery, WorkspaceDirectory};
+use crate::{ApplyBatch, LoggedEvent, ProfileStore, TimelineQuery, WorkspaceDirectory};
 
 /// Opens a store at a location.
 pub trait StoreFactory: Fn(&Path) -> (Arc<dyn ProfileStore>, Arc<dyn WorkspaceDirectory>) {}
@@ -30,11 +30,23 @@ fn anon(id: &str) -> Identifier {
     Identifier::new(IdKind::AnonymousId, id)
 }
 
-fn batch(partition: u32, next: u64, events: Vec<Event>) -> ApplyBatch {
+/// A batch of `events` at positions `first..` of `partition`, moving the
+/// checkpoint past them. A partition's batches must come in position order,
+/// as the projector delivers them.
+fn batch(partition: u32, first: u64, events: Vec<Event>) -> ApplyBatch {
+    let next = first + events.len() as u64;
     ApplyBatch {
         consumer: "projector".into(),
         positions: vec![(partition, next)],
-        events,
+        events: events
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| LoggedEvent {
+                partition,
+                position: first + i as u64,
+                event,
+            })
+            .collect(),
         dedup_window_micros: DAY,
     }
 }
@@ -164,12 +176,12 @@ pub async fn replaying_a_batch_changes_nothing(factory: &impl StoreFactory, at: 
     let (store, _) = factory(at);
     let events = scenario();
     store
-        .apply(batch(3, 42, events.clone()))
+        .apply(batch(3, 42 - events.len() as u64, events.clone()))
         .await
         .expect("apply");
     let before = snapshot(&*store).await;
     let again = store
-        .apply(batch(3, 42, events.clone()))
+        .apply(batch(3, 42 - events.len() as u64, events.clone()))
         .await
         .expect("apply again");
     assert_eq!(again.applied, 0);
@@ -233,7 +245,7 @@ pub async fn order_of_batches_does_not_matter(factory: &impl StoreFactory, at: &
     let mut reversed = events.clone();
     reversed.reverse();
     for (i, chunk) in reversed.chunks(3).enumerate() {
-        b.apply(batch(i as u32 % 2, i as u64, chunk.to_vec()))
+        b.apply(batch(i as u32 % 2, 3 * i as u64, chunk.to_vec()))
             .await
             .expect("apply");
     }
@@ -330,6 +342,91 @@ pub async fn timelines_page_across_identifiers(factory: &impl StoreFactory, at: 
     );
 }
 
+/// Timelines page across long, uneven stretches of time (stores that split
+/// timelines into time buckets must page across the bucket boundaries):
+/// dense days, empty months, two identifiers, both directions, and a time
+/// range that starts and ends inside a busy stretch.
+pub async fn timelines_page_across_time_buckets(factory: &impl StoreFactory, at: &Path) {
+    let (store, _) = factory(at);
+    let hour = 3_600;
+    let mut events = Vec::new();
+    let mut offsets = Vec::new();
+    // Busy days, quiet days, and two gaps of several months.
+    for day in [0i64, 1, 2, 9, 10, 40, 41, 200, 201, 202, 420] {
+        for h in 0..(1 + day % 4) {
+            offsets.push(day * 24 * hour + h * hour);
+        }
+    }
+    for (i, at) in offsets.iter().enumerate() {
+        let b = if i % 3 == 0 {
+            EventBuilder::track("Tick").anon("bucket-anon")
+        } else {
+            EventBuilder::track("Tick").user("bucket-user")
+        };
+        events.push(b.at(*at).build());
+    }
+    events.push(
+        EventBuilder::alias("bucket-user", "bucket-anon")
+            .at(5)
+            .build(),
+    );
+    store.apply(batch(0, 0, events)).await.expect("apply");
+    let p = store
+        .resolve(WORKSPACE, &user("bucket-user"))
+        .await
+        .expect("resolve")
+        .expect("profile");
+    let total = offsets.len() + 1;
+    let (start, end) = (T0 + 9 * 86_400_000_000, T0 + 201 * 86_400_000_000 + 1);
+    for (range, limit) in [(None, 4usize), (None, 1), (Some((start, end)), 3)] {
+        for descending in [false, true] {
+            let mut seen = Vec::new();
+            let mut after = None;
+            loop {
+                let page = store
+                    .timeline(
+                        WORKSPACE,
+                        &p,
+                        &TimelineQuery {
+                            start: range.map(|r| r.0),
+                            end: range.map(|r| r.1),
+                            limit,
+                            descending,
+                            after: after.clone(),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .expect("timeline");
+                assert!(page.entries.len() <= limit);
+                seen.extend(page.entries.iter().map(|e| (e.time, e.message_id.clone())));
+                if !page.has_more {
+                    break;
+                }
+                after = page.entries.last().map(|e| (e.time, e.message_id.clone()));
+            }
+            let mut expected = seen.clone();
+            expected.sort();
+            expected.dedup();
+            if descending {
+                expected.reverse();
+            }
+            assert_eq!(
+                seen, expected,
+                "ordered, each once ({range:?}, {descending})"
+            );
+            let want = match range {
+                None => total,
+                Some((s, e)) => offsets
+                    .iter()
+                    .filter(|o| (s..e).contains(&(T0 + **o * 1_000_000)))
+                    .count(),
+            };
+            assert_eq!(seen.len(), want, "every event ({range:?}, {descending})");
+        }
+    }
+}
+
 /// Workspaces never see each other's data.
 pub async fn workspaces_are_isolated(factory: &impl StoreFactory, at: &Path) {
     let (store, _) = factory(at);
@@ -398,7 +495,7 @@ pub async fn dedup_window_is_respected(factory: &impl StoreFactory, at: &Path) {
         1
     );
     let out = store
-        .apply(batch(0, 2, vec![much_later]))
+        .apply(batch(0, 3, vec![much_later]))
         .await
         .expect("apply");
     assert_eq!(out.applied, 1);
@@ -520,6 +617,7 @@ macro_rules! store_conformance {
             case!(replaying_a_batch_changes_nothing);
             case!(order_of_batches_does_not_matter);
             case!(timelines_page_across_identifiers);
+            case!(timelines_page_across_time_buckets);
             case!(workspaces_are_isolated);
             case!(dedup_window_is_respected);
             case!(reset_and_rebuild_is_identical);

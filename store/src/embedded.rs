@@ -491,7 +491,7 @@ impl Inner {
         let mut w = Overlay::new(self, &mut state);
         let mut outcome = ApplyOutcome::default();
         let mut max_received = i64::MIN;
-        for ev in &batch.events {
+        for ev in batch.events.iter().map(|e| &e.event) {
             let ws = ev.workspace_id.as_str();
             let mut dkey = ws.as_bytes().to_vec();
             dkey.push(0);

@@ -66,10 +66,24 @@ pub struct ApplyBatch {
     /// For each partition the events came from, the log position after its
     /// last event: the new checkpoints.
     pub positions: Vec<(u32, u64)>,
-    /// The events, in log order.
-    pub events: Vec<Event>,
+    /// The events, in log order, each with where it was read from.
+    pub events: Vec<LoggedEvent>,
     /// The de-duplication window, in microseconds of `receivedAt`.
     pub dedup_window_micros: i64,
+}
+
+/// An event and where it sits in the log. Stores that cannot write a batch
+/// atomically use the position to make a replay idempotent: a partition's
+/// events arrive in position order, so a fact that already includes position
+/// `p` of partition `n` skips it.
+#[derive(Debug, Clone)]
+pub struct LoggedEvent {
+    /// The partition it was read from.
+    pub partition: u32,
+    /// Its position in that partition.
+    pub position: u64,
+    /// The event.
+    pub event: Event,
 }
 
 /// What [`ProfileStore::apply`] did.

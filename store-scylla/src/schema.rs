@@ -1,0 +1,140 @@
+//! Versioned CQL schema migrations.
+//!
+//! Each migration is a list of statements applied in order and recorded in
+//! `schema_migrations`; `trailmark migrate` applies the missing ones, and every
+//! role checks at start-up that the keyspace is at exactly the version this
+//! build expects. Statements use only CQL that ScyllaDB and Apache Cassandra
+//! both accept (no Scylla-only options, no counters, no materialized views).
+//!
+//! A migration, once released, never changes: add a new one instead.
+
+/// One schema version.
+pub struct Migration {
+    /// Its version; versions are consecutive from 1.
+    pub version: i32,
+    /// What it does.
+    pub description: &'static str,
+    /// The statements, applied in order; each must be safe to run again
+    /// (`IF NOT EXISTS`), so a migration cut short can simply be rerun.
+    pub statements: &'static [&'static str],
+}
+
+/// The bookkeeping table, created before any migration.
+pub const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
+    version int PRIMARY KEY,
+    description text,
+    applied_at timestamp)";
+
+/// Every migration, in order.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "workspaces, credentials, checkpoints, de-duplication, identity links, traits, stats, timelines",
+    statements: &[
+        "CREATE TABLE IF NOT EXISTS workspaces (
+            id text PRIMARY KEY,
+            name text,
+            created_at bigint)",
+        // `w:<write key>` or `t:<sha-256 of token>`.
+        "CREATE TABLE IF NOT EXISTS credentials (
+            credential text PRIMARY KEY,
+            workspace_id text,
+            source_id text)",
+        "CREATE TABLE IF NOT EXISTS checkpoints (
+            consumer text,
+            partition int,
+            position bigint,
+            PRIMARY KEY (consumer, partition))",
+        // Written with a TTL of twice the window: expiry is only clean-up, the
+        // decision compares `received_at`.
+        "CREATE TABLE IF NOT EXISTS dedup (
+            workspace text,
+            message_id text,
+            received_at bigint,
+            PRIMARY KEY ((workspace, message_id)))",
+        // The identity graph as a grow-only edge set: commutative and
+        // idempotent, so projectors of different partitions never race.
+        // `first_seen` keeps the minimum event time through write timestamps.
+        "CREATE TABLE IF NOT EXISTS identity_links (
+            workspace text,
+            id text,
+            linked text,
+            first_seen bigint static,
+            PRIMARY KEY ((workspace, id), linked))",
+        // One cell per trait; the latest event wins through write timestamps.
+        "CREATE TABLE IF NOT EXISTS traits (
+            workspace text,
+            id text,
+            name text,
+            value blob,
+            PRIMARY KEY ((workspace, id), name))",
+        // Read-modify-write by the one projector that owns the identifier's
+        // partition; `applied` (partition -> next position) makes it idempotent.
+        "CREATE TABLE IF NOT EXISTS stats (
+            workspace text,
+            id text,
+            first_seen bigint,
+            last_seen bigint,
+            counts frozen<map<text, bigint>>,
+            applied frozen<map<int, bigint>>,
+            PRIMARY KEY ((workspace, id)))",
+        "CREATE TABLE IF NOT EXISTS timeline_buckets (
+            workspace text,
+            id text,
+            bucket bigint,
+            PRIMARY KEY ((workspace, id), bucket))",
+        "CREATE TABLE IF NOT EXISTS timeline (
+            workspace text,
+            id text,
+            bucket bigint,
+            time bigint,
+            message_id text,
+            counter text,
+            body text,
+            PRIMARY KEY ((workspace, id, bucket), time, message_id))
+            WITH CLUSTERING ORDER BY (time ASC, message_id ASC)",
+    ],
+}];
+
+/// The schema version this build reads and writes.
+pub fn current_version() -> i32 {
+    MIGRATIONS.last().map(|m| m.version).unwrap_or(0)
+}
+
+/// The tables that hold projections, emptied by a rebuild.
+pub const PROJECTION_TABLES: &[&str] = &[
+    "checkpoints",
+    "dedup",
+    "identity_links",
+    "traits",
+    "stats",
+    "timeline_buckets",
+    "timeline",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_consecutive_and_statements_idempotent() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i32 + 1);
+            for s in m.statements {
+                assert!(s.contains("IF NOT EXISTS"), "{s}");
+            }
+        }
+        assert_eq!(current_version(), MIGRATIONS.len() as i32);
+    }
+
+    #[test]
+    fn projection_tables_exist_in_the_schema() {
+        let all: String = MIGRATIONS
+            .iter()
+            .flat_map(|m| m.statements)
+            .copied()
+            .collect();
+        for t in PROJECTION_TABLES {
+            assert!(all.contains(&format!("EXISTS {t} (")), "{t}");
+        }
+    }
+}
