@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{Delivery, EventLog, FromEarliest, Record, Result, StartPositions};
+use crate::{DeadLetter, Delivery, EventLog, FromEarliest, Record, Result, StartPositions};
 
 /// Opens a log at a location.
 pub trait LogFactory: Fn(&Path) -> Result<Arc<dyn EventLog>> {}
@@ -222,6 +222,33 @@ pub async fn consumer_positions_are_kept(factory: &impl LogFactory, at: &Path) {
     );
 }
 
+/// Dead letters keep their origin and error, and are read back in order from
+/// any position.
+pub async fn dead_letters_keep_their_origin(factory: &impl LogFactory, at: &Path) {
+    let log = factory(at).expect("open");
+    let letter = |n: u64| DeadLetter {
+        source: "events".into(),
+        partition: 2,
+        position: 40 + n,
+        error: format!("cannot decode record {n}"),
+        payload: bytes::Bytes::from(format!("payload-{n}")),
+    };
+    assert!(log.dead_letters(0, 10).await.expect("read").is_empty());
+    log.dead_letter(vec![letter(0), letter(1)])
+        .await
+        .expect("dead letter");
+    log.dead_letter(vec![letter(2)]).await.expect("dead letter");
+    let all = log.dead_letters(0, 10).await.expect("read");
+    assert_eq!(
+        all.iter().map(|(_, l)| l.clone()).collect::<Vec<_>>(),
+        vec![letter(0), letter(1), letter(2)]
+    );
+    let from_second = log.dead_letters(all[1].0, 10).await.expect("read");
+    assert_eq!(from_second.len(), 2);
+    assert_eq!(from_second[0].1, letter(1));
+    assert_eq!(log.dead_letters(all[0].0, 1).await.expect("read").len(), 1);
+}
+
 /// Generates the conformance tests for a backend, given a factory expression
 /// of type `Fn(&Path) -> Result<Arc<dyn EventLog>>`.
 #[macro_export]
@@ -245,6 +272,7 @@ macro_rules! event_log_conformance {
             case!(reopen_keeps_everything);
             case!(end_positions_track_appends);
             case!(consumer_positions_are_kept);
+            case!(dead_letters_keep_their_origin);
         }
     };
 }

@@ -35,8 +35,8 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
-    Appended, Delivery, EventLog, LogError, Record, Result, StartPositions, Subscription,
-    partition_for,
+    Appended, DeadLetter, Delivery, EventLog, LogError, Record, Result, StartPositions,
+    Subscription, partition_for,
 };
 
 const FRAME_HEADER: usize = 8;
@@ -91,6 +91,11 @@ struct AppendRequest {
 pub struct FileLog {
     /// Held for the log's lifetime: one process owns a log directory.
     _lock: File,
+    /// The log's directory.
+    dir: PathBuf,
+    /// The dead-letter queue, a one-partition file log in `dead-letters/`,
+    /// opened on first use.
+    dead: Mutex<Option<Arc<FileLog>>>,
     shared: Arc<Shared>,
     sender: Mutex<Option<mpsc::Sender<AppendRequest>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -257,6 +262,8 @@ impl FileLog {
             .map_err(|e| io_err("start log writer", e))?;
         Ok(Self {
             _lock: lock,
+            dir: dir.to_path_buf(),
+            dead: Mutex::new(None),
             shared,
             sender: Mutex::new(Some(sender)),
             writer: Mutex::new(Some(handle)),
@@ -525,6 +532,111 @@ impl EventLog for FileLog {
             _ => Err(LogError::Closed),
         }
     }
+
+    async fn dead_letter(&self, letters: Vec<DeadLetter>) -> Result<()> {
+        let records = letters
+            .iter()
+            .map(|l| Record {
+                key: Vec::new(),
+                payload: encode_dead_letter(l),
+            })
+            .collect();
+        self.dead_letter_queue()?.append(records).await?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self, from: u64, max: usize) -> Result<Vec<(u64, DeadLetter)>> {
+        let queue = self.dead_letter_queue()?;
+        let end = queue.end_positions().await?[0];
+        if from >= end {
+            return Ok(Vec::new());
+        }
+        struct From(u64);
+        #[async_trait]
+        impl StartPositions for From {
+            async fn start_position(&self, _partition: u32) -> Result<Option<u64>> {
+                Ok(Some(self.0))
+            }
+        }
+        let mut sub = queue
+            .subscribe("dead-letter-reader", Arc::new(From(from)))
+            .await?;
+        let mut out = Vec::new();
+        while out.len() < max {
+            let got = sub
+                .poll(max - out.len(), Duration::from_millis(100))
+                .await?;
+            if got.is_empty() {
+                break;
+            }
+            for d in got {
+                out.push((d.position, decode_dead_letter(&d.payload, d.position)?));
+            }
+            if out.last().is_some_and(|(p, _)| p + 1 >= end) {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl FileLog {
+    fn dead_letter_queue(&self) -> Result<Arc<FileLog>> {
+        let mut dead = self.dead.lock().expect("dead-letter lock");
+        if let Some(q) = &*dead {
+            return Ok(q.clone());
+        }
+        let q = Arc::new(FileLog::open(
+            self.dir.join("dead-letters"),
+            FileLogOptions {
+                partitions: 1,
+                ..FileLogOptions::default()
+            },
+        )?);
+        *dead = Some(q.clone());
+        Ok(q)
+    }
+}
+
+/// A dead letter in the file log: partition (u32), position (u64), then the
+/// source and the error each as a u32 length and UTF-8, then the payload.
+fn encode_dead_letter(l: &DeadLetter) -> Vec<u8> {
+    let mut v = Vec::with_capacity(24 + l.source.len() + l.error.len() + l.payload.len());
+    v.extend_from_slice(&l.partition.to_be_bytes());
+    v.extend_from_slice(&l.position.to_be_bytes());
+    for text in [&l.source, &l.error] {
+        v.extend_from_slice(&(text.len() as u32).to_be_bytes());
+        v.extend_from_slice(text.as_bytes());
+    }
+    v.extend_from_slice(&l.payload);
+    v
+}
+
+fn decode_dead_letter(b: &[u8], at: u64) -> Result<DeadLetter> {
+    let bad = || LogError::Corrupt {
+        partition: 0,
+        position: at,
+        reason: "dead letter".into(),
+    };
+    let partition = u32::from_be_bytes(b.get(..4).ok_or_else(bad)?.try_into().expect("4"));
+    let position = u64::from_be_bytes(b.get(4..12).ok_or_else(bad)?.try_into().expect("8"));
+    let mut i = 12;
+    let mut text = || -> Result<String> {
+        let n =
+            u32::from_be_bytes(b.get(i..i + 4).ok_or_else(bad)?.try_into().expect("4")) as usize;
+        let s = b.get(i + 4..i + 4 + n).ok_or_else(bad)?;
+        i += 4 + n;
+        String::from_utf8(s.to_vec()).map_err(|_| bad())
+    };
+    let source = text()?;
+    let error = text()?;
+    Ok(DeadLetter {
+        source,
+        partition,
+        position,
+        error,
+        payload: Bytes::copy_from_slice(&b[i..]),
+    })
 }
 
 /// A file name for a consumer group that is safe whatever the group's name.

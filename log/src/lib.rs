@@ -87,6 +87,23 @@ pub struct Delivery {
     pub payload: Bytes,
 }
 
+/// A record the projector set aside because it could not be decoded or
+/// applied, with where it came from and why. Dead letters are kept apart from
+/// the log and can be appended to it again once the cause is fixed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The log it came from (a topic name, or `file` for the file log).
+    pub source: String,
+    /// Its partition there.
+    pub partition: u32,
+    /// Its position there.
+    pub position: u64,
+    /// What went wrong.
+    pub error: String,
+    /// The record, unchanged.
+    pub payload: Bytes,
+}
+
 /// Where a durable record landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
@@ -163,6 +180,13 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Succeeds when the log can take appends.
     async fn check_ready(&self) -> Result<()>;
+
+    /// Durably sets records aside in the dead-letter queue.
+    async fn dead_letter(&self, letters: Vec<DeadLetter>) -> Result<()>;
+
+    /// Up to `max` dead letters from position `from` of the dead-letter queue,
+    /// each with its position there, in order.
+    async fn dead_letters(&self, from: u64, max: usize) -> Result<Vec<(u64, DeadLetter)>>;
 }
 
 /// The partition of a key: CRC-32 of the key modulo the partition count.
