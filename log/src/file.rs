@@ -538,7 +538,15 @@ impl EventLog for FileLog {
             .iter()
             .map(|l| Record {
                 key: Vec::new(),
-                payload: encode_dead_letter(l),
+                payload: encode_dead_letter(&DeadLetter {
+                    // Letters from the projector name no source: this log.
+                    source: if l.source.is_empty() {
+                        self.dir.display().to_string()
+                    } else {
+                        l.source.clone()
+                    },
+                    ..l.clone()
+                }),
             })
             .collect();
         self.dead_letter_queue()?.append(records).await?;

@@ -1,18 +1,20 @@
 //! The projector: consumes the log and folds it into the stores.
 //!
-//! **Delivery guarantee: every record in the log is applied to the
-//! projections exactly once**, because each batch is written to the store in
-//! one atomic step together with the position after it in every partition
-//! it covers, and
-//! on start the projector resumes from the positions stored there (the log's
-//! own consumer offsets are never trusted). A crash at any point leaves state
-//! and position in agreement; the events a crash cut short are read again and
-//! the store's `messageId` de-duplication keeps a replay from counting twice.
+//! **Delivery guarantee: every record in the log is reflected in the
+//! projections exactly once**: the log delivers at least once, the position
+//! after each batch lives in the store with (embedded: atomically) or after
+//! (Cassandra/ScyllaDB: idempotently) the batch's writes, and a partition
+//! resumes from the store's position whenever it is assigned (the log's own
+//! consumer offsets are never trusted). A crash at any point makes the
+//! projector read some events again, and applying them again changes nothing.
 //!
 //! The projector knows only the [`EventLog`] and [`ProfileStore`] traits.
 //! Retryable store errors are retried with capped exponential backoff, so an
-//! outage of the store delays projections but loses nothing; a permanent error
-//! stops the projector with that error.
+//! outage of the store delays projections but loses nothing. A record that
+//! cannot be decoded, or an event the store refuses for good after a few
+//! attempts, is set aside in the log's dead-letter queue (with where it came
+//! from and why) and the projector moves on; `trailmark dead-letters replay`
+//! appends them to the log again.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use trailmark_http::Metrics;
-use trailmark_log::{Delivery, EventLog, LogError, StartPositions};
+use trailmark_log::{DeadLetter, Delivery, EventLog, LogError, StartPositions};
 use trailmark_schemas::EventCodec;
 use trailmark_store::{ApplyBatch, LoggedEvent, ProfileStore, StoreError};
 
@@ -72,15 +74,37 @@ const POSITION_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the projector measures its lag while busy (always when idle).
 const LAG_REPORT_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Reads start positions from the store's checkpoints.
-struct StoreCheckpoints(BTreeMap<u32, u64>);
+/// Reads start positions from the store's checkpoints when the log assigns a
+/// partition, which may be long after start: with several projectors, a
+/// partition comes back after another projector moved it on.
+struct StoreCheckpoints {
+    store: Arc<dyn ProfileStore>,
+    group: String,
+    /// Where each assigned partition started, for the lag of partitions
+    /// not yet applied to.
+    started: std::sync::Mutex<BTreeMap<u32, u64>>,
+}
 
 #[async_trait]
 impl StartPositions for StoreCheckpoints {
     async fn start_position(&self, partition: u32) -> trailmark_log::Result<Option<u64>> {
-        Ok(self.0.get(&partition).copied())
+        let checkpoints = self
+            .store
+            .checkpoints(&self.group)
+            .await
+            .map_err(|e| LogError::Unavailable(format!("reading checkpoints: {e}")))?;
+        let at = checkpoints.get(&partition).copied();
+        self.started
+            .lock()
+            .expect("started lock")
+            .insert(partition, at.unwrap_or(0));
+        Ok(at)
     }
 }
+
+/// How often an event that fails to apply permanently is tried before it is
+/// set aside as a dead letter.
+const MAX_ATTEMPTS: usize = 3;
 
 /// Folds the log into the store.
 pub struct Projector {
@@ -113,7 +137,7 @@ impl Projector {
     /// in hand.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<()> {
         tokio::pin!(shutdown);
-        let (mut sub, mut positions) = self.subscribe().await?;
+        let (mut sub, mut positions, starts) = self.subscribe().await?;
         let mut last_commit = Instant::now();
         let mut last_lag = Instant::now();
         loop {
@@ -141,8 +165,20 @@ impl Projector {
             for (partition, next) in self.apply(deliveries).await? {
                 positions.insert(partition, next);
             }
+            // Partitions another projector took over are no longer ours to
+            // report or commit.
+            let assigned = sub.assigned();
+            positions.retain(|p, _| assigned.contains(p));
             if idle || last_lag.elapsed() >= LAG_REPORT_INTERVAL {
-                self.report_lag(&positions).await;
+                let started = starts.started.lock().expect("started lock").clone();
+                let current: BTreeMap<u32, u64> = assigned
+                    .iter()
+                    .map(|p| {
+                        let at = positions.get(p).or(started.get(p)).copied();
+                        (*p, at.unwrap_or(0))
+                    })
+                    .collect();
+                self.report_lag(&current).await;
                 last_lag = Instant::now();
             }
         }
@@ -152,7 +188,8 @@ impl Projector {
     /// then returns; used by `trailmark rebuild`.
     pub async fn catch_up(&self) -> Result<u64> {
         let ends = self.log.end_positions().await?;
-        let (mut sub, mut positions) = self.subscribe().await?;
+        let (mut sub, _, _) = self.subscribe().await?;
+        let mut positions = self.store.checkpoints(&self.config.group).await?;
         let mut applied = 0u64;
         let done = |positions: &BTreeMap<u32, u64>| {
             ends.iter().enumerate().all(|(p, end)| {
@@ -175,16 +212,21 @@ impl Projector {
     /// and those checkpoints, the positions it starts from.
     async fn subscribe(
         &self,
-    ) -> Result<(Box<dyn trailmark_log::Subscription>, BTreeMap<u32, u64>)> {
-        let checkpoints = self.store.checkpoints(&self.config.group).await?;
+    ) -> Result<(
+        Box<dyn trailmark_log::Subscription>,
+        BTreeMap<u32, u64>,
+        Arc<StoreCheckpoints>,
+    )> {
+        let starts = Arc::new(StoreCheckpoints {
+            store: self.store.clone(),
+            group: self.config.group.clone(),
+            started: Default::default(),
+        });
         let sub = self
             .log
-            .subscribe(
-                &self.config.group,
-                Arc::new(StoreCheckpoints(checkpoints.clone())),
-            )
+            .subscribe(&self.config.group, starts.clone())
             .await?;
-        Ok((sub, checkpoints))
+        Ok((sub, BTreeMap::new(), starts))
     }
 
     /// Mirrors the store's checkpoints into the log's consumer positions, for
@@ -199,51 +241,61 @@ impl Projector {
         }
     }
 
+    /// Records how far behind the log's end the given partitions are.
     async fn report_lag(&self, positions: &BTreeMap<u32, u64>) {
         if let Ok(ends) = self.log.end_positions().await {
-            let lag: u64 = ends
+            let lag: u64 = positions
                 .iter()
-                .enumerate()
-                .map(|(p, end)| {
-                    end.saturating_sub(positions.get(&(p as u32)).copied().unwrap_or(0))
+                .map(|(p, at)| {
+                    ends.get(*p as usize)
+                        .copied()
+                        .unwrap_or(0)
+                        .saturating_sub(*at)
                 })
                 .sum();
             self.metrics.projector_lag.set(lag as i64);
         }
     }
 
-    /// Decodes and applies deliveries in one atomic store write, with the new
+    /// Decodes and applies deliveries in one store write, with the new
     /// position of every partition they came from. Returns those positions.
+    /// Records that cannot be decoded, or whose event the store refuses for
+    /// good, become dead letters; the log keeps them too.
     async fn apply(&self, deliveries: Vec<Delivery>) -> Result<Vec<(u32, u64)>> {
         if deliveries.is_empty() {
             return Ok(Vec::new());
         }
         let mut positions: BTreeMap<u32, u64> = BTreeMap::new();
         let mut events = Vec::with_capacity(deliveries.len());
+        let mut payloads = Vec::with_capacity(deliveries.len());
+        let mut letters = Vec::new();
         for d in deliveries {
             positions.insert(d.partition, d.next_position);
             match self.codec.decode(&d.payload) {
-                Ok(event) => events.push(LoggedEvent {
-                    partition: d.partition,
-                    position: d.position,
-                    event,
-                }),
+                Ok(event) => {
+                    events.push(LoggedEvent {
+                        partition: d.partition,
+                        position: d.position,
+                        event,
+                    });
+                    payloads.push(d.payload);
+                }
                 Err(e) => {
-                    // The record stays in the log, the source of truth; a
-                    // later build that can read it can rebuild with it.
                     tracing::error!(
                         partition = d.partition,
                         position = d.position,
                         error = %e,
-                        "skipping a log record that cannot be decoded"
+                        "a log record cannot be decoded; dead-lettering it"
                     );
                     self.metrics
                         .projector_events
                         .with_label_values(&["undecodable"])
                         .inc();
+                    letters.push(dead_letter(&d, format!("cannot decode: {e}")));
                 }
             }
         }
+        self.send_dead_letters(letters).await?;
         let positions: Vec<(u32, u64)> = positions.into_iter().collect();
         let batch = ApplyBatch {
             consumer: self.config.group.clone(),
@@ -251,7 +303,14 @@ impl Projector {
             events,
             dedup_window_micros: self.config.dedup_window.as_micros() as i64,
         };
-        let outcome = self.apply_with_retry(batch).await?;
+        let outcome = match self.apply_with_retry(batch.clone()).await {
+            Ok(outcome) => outcome,
+            Err(ProjectorError::Store(e)) => {
+                tracing::warn!(error = %e, "the store refused a batch; applying its events one by one");
+                self.apply_one_by_one(batch, payloads).await?
+            }
+            Err(e) => return Err(e),
+        };
         self.metrics
             .projector_events
             .with_label_values(&["applied"])
@@ -261,6 +320,85 @@ impl Projector {
             .with_label_values(&["duplicate"])
             .inc_by(outcome.duplicates as u64);
         Ok(positions)
+    }
+
+    /// Applies a refused batch event by event: the ones the store still
+    /// refuses after [`MAX_ATTEMPTS`] become dead letters, the rest apply,
+    /// and then the checkpoints move past them all.
+    async fn apply_one_by_one(
+        &self,
+        batch: ApplyBatch,
+        payloads: Vec<bytes::Bytes>,
+    ) -> Result<trailmark_store::ApplyOutcome> {
+        let mut total = trailmark_store::ApplyOutcome::default();
+        for (event, payload) in batch.events.into_iter().zip(payloads) {
+            let single = ApplyBatch {
+                consumer: batch.consumer.clone(),
+                positions: Vec::new(),
+                events: vec![event.clone()],
+                dedup_window_micros: batch.dedup_window_micros,
+            };
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match self.apply_with_retry(single.clone()).await {
+                    Ok(o) => {
+                        total.applied += o.applied;
+                        total.duplicates += o.duplicates;
+                        break;
+                    }
+                    Err(ProjectorError::Store(e)) if attempt >= MAX_ATTEMPTS => {
+                        tracing::error!(
+                            partition = event.partition,
+                            position = event.position,
+                            error = %e,
+                            "the store refuses an event; dead-lettering it"
+                        );
+                        self.metrics
+                            .projector_events
+                            .with_label_values(&["dead_lettered"])
+                            .inc();
+                        let d = Delivery {
+                            partition: event.partition,
+                            position: event.position,
+                            next_position: event.position + 1,
+                            payload: payload.clone(),
+                        };
+                        self.send_dead_letters(vec![dead_letter(&d, format!("cannot apply: {e}"))])
+                            .await?;
+                        break;
+                    }
+                    Err(ProjectorError::Store(_)) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        self.apply_with_retry(ApplyBatch {
+            events: Vec::new(),
+            ..batch
+        })
+        .await?;
+        Ok(total)
+    }
+
+    /// Sets records aside, retrying while the log is unavailable: a record
+    /// must never be skipped without being kept.
+    async fn send_dead_letters(&self, letters: Vec<DeadLetter>) -> Result<()> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.log.dead_letter(letters.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(error = %e, "cannot write dead letters; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.config.max_backoff);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     async fn apply_with_retry(&self, batch: ApplyBatch) -> Result<trailmark_store::ApplyOutcome> {
@@ -282,6 +420,17 @@ impl Projector {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// A dead letter for a delivery; the log names its source.
+fn dead_letter(d: &Delivery, error: String) -> DeadLetter {
+    DeadLetter {
+        source: String::new(),
+        partition: d.partition,
+        position: d.position,
+        error,
+        payload: d.payload.clone(),
     }
 }
 
@@ -390,5 +539,39 @@ mod tests {
         assert!(found, "the live event was projected");
         stop.send(()).unwrap();
         task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn undecodable_records_become_dead_letters_and_the_rest_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, store, codec) = setup(dir.path()).await;
+        let good = EventBuilder::track("Ping").user("dl").build();
+        let appended = log
+            .append(vec![
+                Record {
+                    key: b"x".to_vec(),
+                    payload: b"not avro at all".to_vec(),
+                },
+                Record {
+                    key: good.partition_key(),
+                    payload: codec.encode(&good).unwrap(),
+                },
+            ])
+            .await
+            .unwrap();
+        assert_eq!(projector(&log, &store, &codec).catch_up().await.unwrap(), 2);
+        let letters = log.dead_letters(0, 10).await.unwrap();
+        assert_eq!(letters.len(), 1);
+        let (_, letter) = &letters[0];
+        assert_eq!(letter.payload.as_ref(), b"not avro at all");
+        assert_eq!(
+            (letter.partition, letter.position),
+            (appended[0].partition, appended[0].position)
+        );
+        assert!(letter.error.contains("cannot decode"), "{}", letter.error);
+        let id = Identifier::new(IdKind::UserId, "dl");
+        assert!(store.resolve(WORKSPACE, &id).await.unwrap().is_some());
+        // The checkpoint moved past the dead letter: a restart reads nothing.
+        assert_eq!(projector(&log, &store, &codec).catch_up().await.unwrap(), 0);
     }
 }

@@ -111,11 +111,13 @@ pub struct Running {
 
 /// Opens the backends and starts `role` on `listener`.
 pub async fn start(config: Config, role: Role, listener: TcpListener) -> anyhow::Result<Running> {
-    let backends = Arc::new(Backends::open(&config)?);
+    let backends = Arc::new(Backends::open(&config).await?);
     let metrics = Arc::new(Metrics::new());
     let state = state(&config, &backends, metrics.clone())?;
     let addr = listener.local_addr()?;
-    let created = if role.serves_ingest() {
+    // Distributed roles start many at once; `trailmark migrate` bootstraps
+    // for them instead.
+    let created = if role.serves_ingest() && backends.is_embedded() {
         bootstrap(&*backends.directory, &config).await?
     } else {
         None
@@ -221,7 +223,7 @@ pub async fn run(
 
 /// Clears every projection and replays the whole log into the store.
 pub async fn rebuild(config: &Config) -> anyhow::Result<u64> {
-    let backends = Backends::open(config)?;
+    let backends = Backends::open(config).await?;
     backends.store.reset_projections().await?;
     let projector = Projector::new(
         backends.log.clone(),
@@ -233,4 +235,33 @@ pub async fn rebuild(config: &Config) -> anyhow::Result<u64> {
     let applied = projector.catch_up().await?;
     backends.close();
     Ok(applied)
+}
+
+/// Appends the dead letters from position `from` on to the log again, keyed
+/// as ingest keys them. Returns how many, and the position after the last.
+pub async fn replay_dead_letters(backends: &Backends, from: u64) -> anyhow::Result<(u64, u64)> {
+    let codec = trailmark_schemas::EventCodec::new()?;
+    let mut next = from;
+    let mut replayed = 0;
+    loop {
+        let letters = backends.log.dead_letters(next, 500).await?;
+        if letters.is_empty() {
+            return Ok((replayed, next));
+        }
+        let records = letters
+            .iter()
+            .map(|(_, l)| trailmark_log::Record {
+                // A record this build still cannot decode keeps no key; its
+                // order does not matter, it will be set aside again.
+                key: codec
+                    .decode(&l.payload)
+                    .map(|ev| ev.partition_key())
+                    .unwrap_or_default(),
+                payload: l.payload.to_vec(),
+            })
+            .collect();
+        backends.log.append(records).await?;
+        replayed += letters.len() as u64;
+        next = letters.last().map(|(at, _)| at + 1).unwrap_or(next);
+    }
 }

@@ -1,14 +1,17 @@
 //! Choosing backends by URI, in the manner of Quickwit's storage resolver.
 //!
-//! | URI                         | backend                         |
-//! |-----------------------------|---------------------------------|
-//! | `file://<dir>`              | the embedded file log           |
-//! | `kafka://<host:port,...>`   | Apache Kafka (distributed mode) |
-//! | `embedded://<dir>`          | the embedded fjall store        |
-//! | `scylla://<host:port,...>`  | ScyllaDB / Cassandra            |
+//! | URI                                         | backend                         |
+//! |---------------------------------------------|---------------------------------|
+//! | `file://<dir>`                              | the embedded file log           |
+//! | `kafka://<host:port,...>[/topic][?options]` | Apache Kafka (distributed mode) |
+//! | `embedded://<dir>`                          | the embedded fjall store        |
+//! | `scylla://<host:port,...>[/keyspace][?...]` | ScyllaDB / Cassandra            |
 //!
-//! A backend that this build does not include answers with a clear
-//! "unsupported" error rather than vanishing.
+//! A backend that this build does not include (cargo features `kafka` and
+//! `scylla`, both on by default) answers with a clear "unsupported" error
+//! rather than vanishing. The embedded backends create themselves on open;
+//! the distributed ones are created by [`migrate`] (`trailmark migrate`) and
+//! only checked on open.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,9 +38,9 @@ pub struct Backends {
 
 impl Backends {
     /// Opens the log and store the configuration names.
-    pub fn open(config: &Config) -> anyhow::Result<Self> {
-        let (log, file_log) = open_log(config)?;
-        let (store, directory, embedded) = open_store(config)?;
+    pub async fn open(config: &Config) -> anyhow::Result<Self> {
+        let (log, file_log) = open_log(config).await?;
+        let (store, directory, embedded) = open_store(config).await?;
         Ok(Self {
             log,
             store,
@@ -45,6 +48,11 @@ impl Backends {
             file_log,
             embedded,
         })
+    }
+
+    /// Whether the store is the embedded one (one process owns it).
+    pub fn is_embedded(&self) -> bool {
+        self.embedded.is_some()
     }
 
     /// Flushes and closes what needs it, for a clean shutdown.
@@ -67,7 +75,7 @@ fn split_uri(uri: &str) -> anyhow::Result<(&str, &str)> {
 
 type LogHandles = (Arc<dyn EventLog>, Option<Arc<FileLog>>);
 
-fn open_log(config: &Config) -> anyhow::Result<LogHandles> {
+async fn open_log(config: &Config) -> anyhow::Result<LogHandles> {
     let uri = config.log_uri();
     match split_uri(&uri)? {
         ("file", path) => {
@@ -84,10 +92,22 @@ fn open_log(config: &Config) -> anyhow::Result<LogHandles> {
             );
             Ok((log.clone(), Some(log)))
         }
+        #[cfg(feature = "kafka")]
         ("kafka", _) => {
-            bail!("unsupported log backend {uri}: this build has no kafka backend yet; use file://")
+            use trailmark_log_kafka::{KafkaConfig, KafkaLog};
+            let kafka = KafkaConfig::from_uri(&uri, config.log.partitions)?;
+            let log = KafkaLog::open(kafka)
+                .await
+                .with_context(|| format!("opening the log at {uri}"))?;
+            Ok((Arc::new(log), None))
         }
-        (scheme, _) => bail!("unknown log backend scheme {scheme:?} in {uri}; use file://"),
+        #[cfg(not(feature = "kafka"))]
+        ("kafka", _) => bail!(
+            "unsupported log backend {uri}: this build was compiled without the `kafka` feature"
+        ),
+        (scheme, _) => {
+            bail!("unknown log backend scheme {scheme:?} in {uri}; use file:// or kafka://")
+        }
     }
 }
 
@@ -97,7 +117,7 @@ type StoreHandles = (
     Option<EmbeddedStore>,
 );
 
-fn open_store(config: &Config) -> anyhow::Result<StoreHandles> {
+async fn open_store(config: &Config) -> anyhow::Result<StoreHandles> {
     let uri = config.store_uri();
     match split_uri(&uri)? {
         ("embedded", path) => {
@@ -109,9 +129,62 @@ fn open_store(config: &Config) -> anyhow::Result<StoreHandles> {
                 Some(store),
             ))
         }
+        #[cfg(feature = "scylla")]
+        ("scylla", _) => {
+            use trailmark_store_scylla::{ScyllaConfig, ScyllaStore};
+            let store = ScyllaStore::connect(&ScyllaConfig::from_uri(&uri)?)
+                .await
+                .with_context(|| format!("opening the store at {uri}"))?;
+            Ok((Arc::new(store.clone()), Arc::new(store), None))
+        }
+        #[cfg(not(feature = "scylla"))]
         ("scylla", _) => bail!(
-            "unsupported store backend {uri}: this build has no scylla backend yet; use embedded://"
+            "unsupported store backend {uri}: this build was compiled without the `scylla` feature"
         ),
-        (scheme, _) => bail!("unknown store backend scheme {scheme:?} in {uri}; use embedded://"),
+        (scheme, _) => {
+            bail!("unknown store backend scheme {scheme:?} in {uri}; use embedded:// or scylla://")
+        }
     }
+}
+
+/// Creates what the distributed backends need: the Kafka topics (events and
+/// dead letters, infinite retention) and the CQL schema, applying missing
+/// migrations in order. Safe to run again. Returns what it did, for people.
+pub async fn migrate(config: &Config) -> anyhow::Result<Vec<String>> {
+    let mut done = Vec::new();
+    let log_uri = config.log_uri();
+    match split_uri(&log_uri)?.0 {
+        #[cfg(feature = "kafka")]
+        "kafka" => {
+            let kafka =
+                trailmark_log_kafka::KafkaConfig::from_uri(&log_uri, config.log.partitions)?;
+            trailmark_log_kafka::KafkaLog::create_topics(&kafka)
+                .await
+                .with_context(|| format!("creating the topics at {log_uri}"))?;
+            done.push(format!(
+                "kafka topics {} ({} partitions) and {} are in place",
+                kafka.topic,
+                kafka.partitions,
+                kafka.dead_letter_topic()
+            ));
+        }
+        _ => done.push("the log needs no migration".into()),
+    }
+    let store_uri = config.store_uri();
+    match split_uri(&store_uri)?.0 {
+        #[cfg(feature = "scylla")]
+        "scylla" => {
+            let scylla = trailmark_store_scylla::ScyllaConfig::from_uri(&store_uri)?;
+            let applied = trailmark_store_scylla::ScyllaStore::migrate(&scylla)
+                .await
+                .with_context(|| format!("migrating the store at {store_uri}"))?;
+            done.push(format!(
+                "store keyspace {} is at schema version {} (applied now: {applied:?})",
+                scylla.keyspace,
+                trailmark_store_scylla::schema::current_version()
+            ));
+        }
+        _ => done.push("the store needs no migration".into()),
+    }
+    Ok(done)
 }

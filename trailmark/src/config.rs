@@ -8,12 +8,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use trailmark_domain::Limits;
 use trailmark_projector::ProjectorConfig;
 
 /// Every setting of Trailmark.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where HTTP listens. In `serve`, one listener serves ingest and queries.
@@ -35,7 +35,7 @@ pub struct Config {
 }
 
 /// `[log]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSection {
     /// Partitions of a new log (fixed once created).
@@ -45,7 +45,7 @@ pub struct LogSection {
 }
 
 /// `[ingest]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestSection {
     /// Largest event, decompressed.
@@ -59,7 +59,7 @@ pub struct IngestSection {
 }
 
 /// `[projector]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProjectorSection {
     /// Consumer group name.
@@ -71,7 +71,7 @@ pub struct ProjectorSection {
 }
 
 /// `[bootstrap]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BootstrapSection {
     /// Name of the default workspace.

@@ -44,6 +44,36 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+    /// Prepare the distributed backends: create the Kafka topics and apply
+    /// the store's schema migrations, then create the bootstrap workspace if
+    /// there is none. Safe to run again; run it before the roles.
+    Migrate,
+    /// Inspect or replay records the projector set aside.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetterAction {
+    /// Print dead letters: where each came from and why.
+    List {
+        /// The dead-letter position to start at.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Append dead letters to the log again, for the projector to retry once
+    /// the cause is fixed. Replaying one twice is harmless: the projector
+    /// de-duplicates by messageId.
+    Replay {
+        /// The dead-letter position to start at.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+    },
 }
 
 async fn shutdown_signal() {
@@ -97,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Command::CreateWorkspace { name } => {
-            let backends = Backends::open(&config)?;
+            let backends = Backends::open(&config).await?;
             let created = backends
                 .directory
                 .create_workspace(&name, None, None)
@@ -107,6 +137,49 @@ async fn main() -> anyhow::Result<()> {
                 "created workspace {:?} ({})\n  write key: {}\n  secret token: {}",
                 created.workspace.name, created.workspace.id, created.write_key, created.token
             );
+            return Ok(());
+        }
+        Command::Migrate => {
+            for line in trailmark::backends::migrate(&config).await? {
+                println!("{line}");
+            }
+            let backends = Backends::open(&config).await?;
+            let created = app::bootstrap(&*backends.directory, &config).await?;
+            backends.close();
+            match created {
+                Some(created) => println!(
+                    "created workspace {:?} ({})\n  write key: {}\n  secret token: {}",
+                    created.workspace.name, created.workspace.id, created.write_key, created.token
+                ),
+                None => println!("workspaces already exist; none created"),
+            }
+            return Ok(());
+        }
+        Command::DeadLetters { action } => {
+            let backends = Backends::open(&config).await?;
+            match action {
+                DeadLetterAction::List { from, limit } => {
+                    let letters = backends.log.dead_letters(from, limit).await?;
+                    for (at, l) in &letters {
+                        println!(
+                            "{at}\t{}\tpartition {}\toffset {}\t{} bytes\t{}",
+                            l.source,
+                            l.partition,
+                            l.position,
+                            l.payload.len(),
+                            l.error
+                        );
+                    }
+                    println!("{} dead letters from position {from}", letters.len());
+                }
+                DeadLetterAction::Replay { from } => {
+                    let (replayed, next) = app::replay_dead_letters(&backends, from).await?;
+                    println!(
+                        "replayed {replayed} dead letters into the log; the next position is {next}"
+                    );
+                }
+            }
+            backends.close();
             return Ok(());
         }
     };

@@ -1,5 +1,13 @@
 //! A real Trailmark server on port 0 for integration tests, and an HTTP client
 //! that speaks to it.
+//!
+//! A test crate that includes this module defines `const DISTRIBUTED: bool`.
+//! When false, the server is one in-process `serve` on the embedded backends.
+//! When true, it is three separate processes of the built binary (`ingest`,
+//! `projector`, `query-api`) on a real Kafka and Cassandra
+//! (`deploy/local/engines up`; `TRAILMARK_TEST_KAFKA` and
+//! `TRAILMARK_TEST_CASSANDRA` point elsewhere), with a topic and keyspace of
+//! their own, named from the test's data directory.
 
 #![allow(dead_code)]
 
@@ -7,17 +15,161 @@ use std::time::Duration;
 
 use base64::Engine;
 use serde_json::Value;
-use trailmark::app::{self, Role, Running};
+use trailmark::app::{self, Running};
 use trailmark::config::Config;
 
 pub const WRITE_KEY: &str = "wk_integration";
 pub const TOKEN: &str = "tmk_integration";
 
 pub struct TestServer {
+    /// The ingest role (and health) address.
     pub base: String,
+    /// The query API's address (the same as `base` in one process).
+    pub query_base: String,
     pub running: Option<Running>,
+    /// The role processes, in distributed mode.
+    pub procs: Vec<Role>,
     pub client: reqwest::Client,
     pub dir: tempfile::TempDir,
+}
+
+/// A workspace's credentials.
+pub struct Credentials {
+    pub write_key: String,
+    pub token: String,
+}
+
+/// A role running as its own process of the `trailmark` binary.
+pub struct Role {
+    pub name: String,
+    pub base: String,
+    pub child: tokio::process::Child,
+}
+
+impl Role {
+    /// Sends SIGTERM and waits for a clean exit.
+    pub async fn terminate(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(status) => assert!(
+                status.expect("wait").success(),
+                "{} exited uncleanly",
+                self.name
+            ),
+            Err(_) => panic!("{} did not stop within 30 s", self.name),
+        }
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill");
+    }
+}
+
+/// Schema changes from parallel tests would race for schema agreement.
+static MIGRATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub fn kafka_brokers() -> String {
+    std::env::var("TRAILMARK_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn cassandra_host() -> String {
+    std::env::var("TRAILMARK_TEST_CASSANDRA").unwrap_or_else(|_| "127.0.0.1:9042".into())
+}
+
+fn name_for(dir: &std::path::Path) -> String {
+    let digest = dir
+        .to_string_lossy()
+        .bytes()
+        .fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        });
+    format!("{digest:016x}")
+}
+
+/// The configuration file the distributed roles of `dir` share.
+pub fn config_path(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join("trailmark.toml")
+}
+
+/// Writes the distributed configuration for `dir`, then runs `migrate`.
+pub async fn prepare_distributed(dir: &std::path::Path, mut config: Config) {
+    let n = name_for(dir);
+    config.log_uri = Some(format!(
+        "kafka://{}/tm-e2e-{n}?partitions=4",
+        kafka_brokers()
+    ));
+    config.store_uri = Some(format!("scylla://{}/tm_e2e_{n}", cassandra_host()));
+    std::fs::write(
+        config_path(dir),
+        toml::to_string(&config).expect("config as toml"),
+    )
+    .expect("write config");
+    let _one = MIGRATING.lock().await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trailmark"))
+        .arg("--config")
+        .arg(config_path(dir))
+        .arg("migrate")
+        .output()
+        .await
+        .expect("run migrate");
+    assert!(
+        out.status.success(),
+        "trailmark migrate failed (are the engines up? `deploy/local/engines up`):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Starts one role of the binary on the configuration of `dir`; returns once
+/// it says where it listens and answers `/readyz` with 200.
+pub async fn spawn_role(dir: &std::path::Path, role: &str, label: &str) -> Role {
+    use tokio::io::AsyncBufReadExt;
+    let log = std::fs::File::create(dir.join(format!("{label}.log"))).expect("log file");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_trailmark"))
+        .arg("--config")
+        .arg(config_path(dir))
+        .args(["--listen", "127.0.0.1:0", role])
+        .env("TRAILMARK_LOG", "info,trailmark_log_kafka=info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn role");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let base = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            if let Some(url) = line.strip_prefix("trailmark listening on ") {
+                return url.trim().to_owned();
+            }
+        }
+        panic!(
+            "{label} exited before listening; see {}",
+            dir.join(format!("{label}.log")).display()
+        )
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{label} did not start within 60 s"));
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let client = reqwest::Client::new();
+    for _ in 0..300 {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await
+            && r.status() == 200
+        {
+            return Role {
+                name: label.to_owned(),
+                base,
+                child,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{label} never became ready")
 }
 
 impl TestServer {
@@ -35,33 +187,101 @@ impl TestServer {
         config.bootstrap.write_key = Some(WRITE_KEY.into());
         config.bootstrap.token = Some(TOKEN.into());
         tweak(&mut config);
+        if crate::DISTRIBUTED {
+            prepare_distributed(dir.path(), config).await;
+            let ingest = spawn_role(dir.path(), "ingest", "ingest").await;
+            let projector = spawn_role(dir.path(), "projector", "projector").await;
+            let query = spawn_role(dir.path(), "query-api", "query-api").await;
+            return Self {
+                base: ingest.base.clone(),
+                query_base: query.base.clone(),
+                running: None,
+                procs: vec![ingest, projector, query],
+                client: reqwest::Client::new(),
+                dir,
+            };
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .expect("bind");
-        let running = app::start(config, Role::All, listener)
+        let running = app::start(config, app::Role::All, listener)
             .await
             .expect("start");
         Self {
             base: format!("http://{}", running.addr),
+            query_base: format!("http://{}", running.addr),
             running: Some(running),
+            procs: Vec::new(),
             client: reqwest::Client::new(),
             dir,
         }
     }
 
+    /// How long to wait for projections: separate processes on real engines
+    /// are slower to see an event than one process.
+    fn patience() -> usize {
+        if crate::DISTRIBUTED { 600 } else { 200 }
+    }
+
     /// Stops the server and returns its data directory, for a restart.
     pub async fn stop(mut self) -> tempfile::TempDir {
-        self.running
-            .take()
-            .expect("running")
-            .stop()
-            .await
-            .expect("clean stop");
+        if let Some(running) = self.running.take() {
+            running.stop().await.expect("clean stop");
+        }
+        for role in self.procs.drain(..) {
+            role.terminate().await;
+        }
         self.dir
     }
 
+    /// Creates another workspace: through the backends in one process, with
+    /// `trailmark create-workspace` against the distributed ones.
+    pub async fn create_workspace(&self, name: &str) -> Credentials {
+        if let Some(running) = &self.running {
+            let c = running
+                .backends
+                .directory
+                .create_workspace(name, None, None)
+                .await
+                .expect("create workspace");
+            return Credentials {
+                write_key: c.write_key,
+                token: c.token,
+            };
+        }
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trailmark"))
+            .arg("--config")
+            .arg(config_path(self.dir.path()))
+            .args(["create-workspace", "--name", name])
+            .output()
+            .await
+            .expect("run create-workspace");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).expect("utf-8");
+        let field = |label: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(label))
+                .unwrap_or_else(|| panic!("no {label} in {text}"))
+                .trim()
+                .to_owned()
+        };
+        Credentials {
+            write_key: field("write key:"),
+            token: field("secret token:"),
+        }
+    }
+
+    /// The URL of `path`: the query API's routes go to the query role.
     pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        if path.starts_with("/v1/profiles") {
+            format!("{}{path}", self.query_base)
+        } else {
+            format!("{}{path}", self.base)
+        }
     }
 
     /// POSTs JSON with the write key as Basic auth.
@@ -92,7 +312,7 @@ impl TestServer {
     /// Polls a profile's timeline until it holds `n` events (or 10 s pass).
     pub async fn wait_for_events(&self, id: &str, n: usize) -> Vec<Value> {
         let mut last = Vec::new();
-        for _ in 0..200 {
+        for _ in 0..Self::patience() {
             let (status, body) = self
                 .get(&format!("/v1/profiles/{id}/events?limit=200&sort=asc"))
                 .await;
@@ -127,4 +347,15 @@ pub fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     enc.write_all(bytes).expect("gzip");
     enc.finish().expect("gzip")
+}
+
+/// Rebuilds the projections of a stopped server's data directory from its
+/// log, in this process; returns the records replayed.
+pub async fn rebuild(dir: &tempfile::TempDir) -> u64 {
+    let config = if crate::DISTRIBUTED {
+        Config::load(Some(&config_path(dir.path()))).expect("config")
+    } else {
+        Config::for_test(dir.path())
+    };
+    trailmark::app::rebuild(&config).await.expect("rebuild")
 }

@@ -1,0 +1,647 @@
+// The end-to-end HTTP cases, shared by `tests/http.rs` (one process, embedded
+// backends) and `tests/distributed_http.rs` (separate role processes on Kafka and
+// Cassandra). Included with `include!`, so it has no module header.
+
+use common::{TOKEN, TestServer, WRITE_KEY, basic, gzip, read};
+use serde_json::{Value, json};
+use trailmark_testkit::segment;
+
+fn uid() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_type_lands_in_the_timeline() {
+    let s = TestServer::start().await;
+    let u = uid();
+    let calls = [
+        (
+            "/v1/identify",
+            json!({"userId": u, "traits": {"name": "Ann"}}),
+        ),
+        (
+            "/v1/track",
+            json!({"userId": u, "event": "Signed Up", "properties": {"plan": "pro"}}),
+        ),
+        (
+            "/v1/page",
+            json!({"userId": u, "name": "Pricing", "category": "Docs"}),
+        ),
+        ("/v1/screen", json!({"userId": u, "name": "Home"})),
+        (
+            "/v1/group",
+            json!({"userId": u, "groupId": "acme", "traits": {"seats": 5}}),
+        ),
+        (
+            "/v1/alias",
+            json!({"userId": u, "previousId": format!("old-{u}")}),
+        ),
+    ];
+    for (path, body) in &calls {
+        let (status, resp) = s.post(path, body).await;
+        assert_eq!(status, 200, "{path}: {resp}");
+        assert_eq!(resp["success"], true);
+    }
+    let events = s.wait_for_events(&format!("user_id:{u}"), 6).await;
+    let mut types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    types.sort();
+    assert_eq!(
+        types,
+        ["alias", "group", "identify", "page", "screen", "track"]
+    );
+    let track = events.iter().find(|e| e["type"] == "track").unwrap();
+    assert_eq!(track["event"], "Signed Up");
+    assert_eq!(track["properties"]["plan"], "pro");
+    let page = events.iter().find(|e| e["type"] == "page").unwrap();
+    assert_eq!(page["category"], "Docs");
+    // The alias linked the previous id to the profile.
+    let (status, ids) = s
+        .get(&format!("/v1/profiles/user_id:old-{u}/external_ids"))
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        ids["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["id"] == u.as_str())
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_paths_and_import_work() {
+    let s = TestServer::start().await;
+    let u = uid();
+    assert_eq!(s.post("/v1/t", &segment::track(&u, "Short")).await.0, 200);
+    let (status, _) = s
+        .post(
+            "/v1/import",
+            &json!({"batch": [segment::item("track", segment::track(&u, "Imported"))]}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(s.wait_for_events(&format!("user_id:{u}"), 2).await.len(), 2);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_auth_form_is_accepted_and_bad_keys_get_401() {
+    let s = TestServer::start().await;
+    let u = uid();
+    let body = segment::track(&u, "Auth");
+    // Basic auth header.
+    let r = s
+        .client
+        .post(s.url("/v1/track"))
+        .header("authorization", basic(WRITE_KEY))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Query parameter.
+    let r = s
+        .client
+        .post(s.url(&format!("/v1/track?writeKey={WRITE_KEY}")))
+        .json(&segment::track(&u, "Auth"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Body field, sent as text/plain the way navigator.sendBeacon does.
+    let mut beacon = segment::track(&u, "Auth");
+    beacon["writeKey"] = json!(WRITE_KEY);
+    let r = s
+        .client
+        .post(s.url("/v1/track"))
+        .header("content-type", "text/plain;charset=UTF-8")
+        .body(beacon.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Batch with the key in the body.
+    let r = s
+        .client
+        .post(s.url("/v1/batch"))
+        .header("content-type", "text/plain")
+        .body(json!({"writeKey": WRITE_KEY, "batch": [segment::item("track", segment::track(&u, "Auth"))]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Unknown key, missing key, and a token used as a write key.
+    for auth in [Some(basic("wk_wrong")), None, Some(basic(TOKEN))] {
+        let mut req = s
+            .client
+            .post(s.url("/v1/track"))
+            .json(&segment::track(&u, "Auth"));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let (status, body) = read(req.send().await.unwrap()).await;
+        assert_eq!(status, 401, "{body}");
+        assert_eq!(body["error"]["code"], "unauthorized");
+    }
+    assert_eq!(s.wait_for_events(&format!("user_id:{u}"), 4).await.len(), 4);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_auth_needs_the_secret_token() {
+    let s = TestServer::start().await;
+    let u = uid();
+    s.post("/v1/identify", &segment::identify(&u, json!({"a": 1})))
+        .await;
+    s.wait_for_events(&format!("user_id:{u}"), 1).await;
+    let path = s.url(&format!("/v1/profiles/user_id:{u}/traits"));
+    let ok = s
+        .client
+        .get(&path)
+        .header("authorization", basic(TOKEN))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200, "basic auth with the token as user name");
+    let ok = s.client.get(&path).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let (status, body) = read(
+        s.client
+            .get(&path)
+            .bearer_auth(WRITE_KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 403, "a write key cannot read: {body}");
+    let (status, _) = read(
+        s.client
+            .get(&path)
+            .bearer_auth("tmk_wrong")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _) = read(s.client.get(&path).send().await.unwrap()).await;
+    assert_eq!(status, 401);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_bodies_are_accepted_and_limited_after_decompression() {
+    let s = TestServer::start().await;
+    let u = uid();
+    let body = json!({"batch": [segment::item("track", segment::track(&u, "Zipped"))]}).to_string();
+    let r = s
+        .client
+        .post(s.url("/v1/batch"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .header("content-encoding", "gzip")
+        .header("content-type", "application/json")
+        .body(gzip(body.as_bytes()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A gzip bomb: a small compressed body that inflates past the limit.
+    let padding = "x".repeat(2_000_000);
+    let bomb = gzip(
+        json!({"batch": [{"type": "track", "userId": u, "event": padding}]})
+            .to_string()
+            .as_bytes(),
+    );
+    assert!(
+        bomb.len() < 32 * 1024,
+        "the compressed body is small ({})",
+        bomb.len()
+    );
+    let (status, body) = read(
+        s.client
+            .post(s.url("/v1/batch"))
+            .basic_auth(WRITE_KEY, Some(""))
+            .header("content-encoding", "gzip")
+            .body(bomb)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "too_large");
+    // Garbage that claims to be gzip.
+    let r = s
+        .client
+        .post(s.url("/v1/track"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .header("content-encoding", "gzip")
+        .body("not gzip at all")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(s.wait_for_events(&format!("user_id:{u}"), 1).await.len(), 1);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_limit_is_enforced() {
+    let s = TestServer::start().await;
+    let u = uid();
+    // One event over 32 KB.
+    let big = json!({"userId": u, "event": "Big", "properties": {"blob": "x".repeat(33 * 1024)}});
+    let (status, body) = s.post("/v1/track", &big).await;
+    assert_eq!(status, 413, "{body}");
+    // A batch over 500 KB.
+    let items: Vec<Value> = (0..20)
+        .map(|_| json!({"type": "track", "userId": u, "event": "Big", "properties": {"blob": "x".repeat(30 * 1024)}}))
+        .collect();
+    let (status, _) = s.post("/v1/batch", &json!({"batch": items})).await;
+    assert_eq!(status, 413);
+    // More than 2,500 events.
+    let items: Vec<Value> = (0..2_501)
+        .map(|_| json!({"type": "track", "userId": "x", "event": "e"}))
+        .collect();
+    let (status, body) = s.post("/v1/batch", &json!({"batch": items})).await;
+    assert_eq!(status, 413);
+    assert_eq!(body["error"]["field"], "batch");
+    // A batch item over 32 KB is rejected alone.
+    let items = json!([
+        {"type": "track", "userId": u, "event": "Small"},
+        {"type": "track", "userId": u, "event": "Big", "properties": {"blob": "x".repeat(33 * 1024)}},
+    ]);
+    let (status, body) = s.post("/v1/batch", &json!({"batch": items})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], 1);
+    assert_eq!(body["rejected"][0]["index"], 1);
+    assert_eq!(body["rejected"][0]["error"]["code"], "too_large");
+    // messageId over 100 characters.
+    let (status, body) = s
+        .post(
+            "/v1/track",
+            &json!({"userId": u, "event": "e", "messageId": "m".repeat(101)}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["field"], "messageId");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_name_the_problem() {
+    let s = TestServer::start().await;
+    let cases = [
+        ("/v1/track", json!({"event": "no identity"}), "userId"),
+        ("/v1/track", json!({"userId": "u"}), "event"),
+        (
+            "/v1/track",
+            json!({"userId": "u", "event": "e", "properties": "str"}),
+            "properties",
+        ),
+        (
+            "/v1/identify",
+            json!({"userId": "u", "timestamp": "last tuesday"}),
+            "timestamp",
+        ),
+        ("/v1/group", json!({"userId": "u"}), "groupId"),
+        ("/v1/alias", json!({"userId": "u"}), "previousId"),
+        ("/v1/batch", json!({"nope": []}), "batch"),
+    ];
+    for (path, body, field) in cases {
+        let (status, resp) = s.post(path, &body).await;
+        assert_eq!(status, 400, "{path} {body}: {resp}");
+        assert_eq!(resp["error"]["field"], field, "{resp}");
+        assert!(resp["error"]["message"].as_str().unwrap().len() > 5);
+    }
+    let r = s
+        .client
+        .post(s.url("/v1/track"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(r).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "invalid_json");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_bad_items_keeps_the_good_ones() {
+    let s = TestServer::start().await;
+    let u = uid();
+    let body = json!({
+        "context": {"library": {"name": "analytics-python"}},
+        "batch": [
+            {"type": "track", "userId": u, "event": "Good 1", "messageId": format!("{u}-1")},
+            {"type": "track", "event": "No identity", "messageId": format!("{u}-bad")},
+            {"type": "shout", "userId": u},
+            {"type": "identify", "userId": u, "traits": {"plan": "pro"}, "messageId": format!("{u}-2")},
+        ]
+    });
+    let (status, resp) = s.post("/v1/batch", &body).await;
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["accepted"], 2);
+    let rejected = resp["rejected"].as_array().unwrap();
+    assert_eq!(rejected.len(), 2);
+    assert_eq!(rejected[0]["index"], 1);
+    assert_eq!(rejected[0]["messageId"], format!("{u}-bad"));
+    assert_eq!(rejected[1]["error"]["field"], "type");
+    let events = s.wait_for_events(&format!("user_id:{u}"), 2).await;
+    assert_eq!(events.len(), 2);
+    assert!(
+        events
+            .iter()
+            .all(|e| e["context"]["library"]["name"] == "analytics-python"),
+        "batch context merged"
+    );
+    // All bad: 400 with the list.
+    let (status, resp) = s
+        .post("/v1/batch", &json!({"batch": [{"type": "track"}]}))
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(resp["error"]["rejected"][0]["index"], 0);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_appear_and_count_once() {
+    let s = TestServer::start().await;
+    let u = uid();
+    let mut ev = segment::track(&u, "Purchased");
+    ev["messageId"] = json!(format!("dup-{u}"));
+    for _ in 0..3 {
+        assert_eq!(s.post("/v1/track", &ev).await.0, 200);
+    }
+    let batch = json!({"batch": [segment::item("track", ev.clone()), segment::item("track", segment::track(&u, "Other"))]});
+    assert_eq!(s.post("/v1/batch", &batch).await.0, 200);
+    let events = s.wait_for_events(&format!("user_id:{u}"), 2).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let events_after = s.wait_for_events(&format!("user_id:{u}"), 2).await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events_after.len(), 2);
+    let (_, meta) = s.get(&format!("/v1/profiles/user_id:{u}/metadata")).await;
+    assert_eq!(meta["metadata"]["event_counts"]["Purchased"], 1);
+    assert_eq!(meta["metadata"]["total_events"], 2);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_order_identify_does_not_overwrite_newer_traits() {
+    let s = TestServer::start().await;
+    let u = uid();
+    let newer = json!({"userId": u, "traits": {"plan": "enterprise", "email": format!("{u}@example.com")}, "timestamp": "2024-06-01T00:00:00Z", "messageId": format!("{u}-new")});
+    let older = json!({"userId": u, "traits": {"plan": "free", "company": "Acme"}, "timestamp": "2024-01-01T00:00:00Z", "messageId": format!("{u}-old")});
+    assert_eq!(s.post("/v1/identify", &newer).await.0, 200);
+    assert_eq!(s.post("/v1/identify", &older).await.0, 200);
+    s.wait_for_events(&format!("user_id:{u}"), 2).await;
+    let (status, body) = s
+        .get(&format!(
+            "/v1/profiles/email:{u}@example.com/traits?verbose=true"
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["traits"]["plan"]["value"], "enterprise");
+    assert_eq!(body["traits"]["plan"]["message_id"], format!("{u}-new"));
+    assert_eq!(
+        body["traits"]["plan"]["updated_at"],
+        "2024-06-01T00:00:00.000Z"
+    );
+    assert_eq!(body["traits"]["company"]["value"], "Acme");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identify_stitches_anonymous_history_and_queries_page() {
+    let s = TestServer::start().await;
+    let (u, a) = (uid(), uid());
+    for i in 0..5 {
+        let body = json!({"anonymousId": a, "event": "Browse", "properties": {"i": i}, "timestamp": format!("2024-01-0{}T00:00:00Z", i + 1)});
+        assert_eq!(s.post("/v1/track", &body).await.0, 200);
+    }
+    let id = json!({"anonymousId": a, "userId": u, "traits": {"name": "Bo"}, "timestamp": "2024-01-07T00:00:00Z"});
+    assert_eq!(s.post("/v1/identify", &id).await.0, 200);
+    let all = s.wait_for_events(&format!("user_id:{u}"), 6).await;
+    assert_eq!(all.len(), 6, "the anonymous history belongs to the user");
+    // Pages of 2, newest first, by cursor.
+    let mut seen = Vec::new();
+    let mut next = String::new();
+    loop {
+        let q = if next.is_empty() {
+            String::new()
+        } else {
+            format!("&next={next}")
+        };
+        let (status, body) = s
+            .get(&format!("/v1/profiles/anonymous_id:{a}/events?limit=2{q}"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        seen.extend(
+            body["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["timestamp"].as_str().unwrap().to_owned()),
+        );
+        if body["cursor"]["has_more"] != true {
+            break;
+        }
+        next = body["cursor"]["next"].as_str().unwrap().to_owned();
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.reverse();
+    assert_eq!(seen, sorted);
+    assert_eq!(seen.len(), 6);
+    // Range and name filter.
+    let (_, body) = s
+        .get(&format!("/v1/profiles/user_id:{u}/events?sort=asc&event=Browse&start=2024-01-02T00:00:00Z&end=2024-01-04T00:00:00Z"))
+        .await;
+    let days: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["timestamp"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        days,
+        ["2024-01-02T00:00:00.000Z", "2024-01-03T00:00:00.000Z"]
+    );
+    let (status, body) = s
+        .get(&format!("/v1/profiles/user_id:{u}/events?limit=500"))
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["field"], "limit");
+    let (status, _) = s
+        .get(&format!("/v1/profiles/user_id:{u}/events?next=garbage"))
+        .await;
+    assert_eq!(status, 400);
+    let (_, meta) = s.get(&format!("/v1/profiles/user_id:{u}/metadata")).await;
+    assert_eq!(meta["metadata"]["first_seen"], "2024-01-01T00:00:00.000Z");
+    assert_eq!(meta["metadata"]["event_counts"]["Browse"], 5);
+    let (status, body) = s.get("/v1/profiles/user_id:nobody-at-all/traits").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "not_found");
+    let (status, _) = s.get("/v1/profiles/nocolon/traits").await;
+    assert_eq!(status, 400);
+    let (status, body) = s
+        .get(&format!("/v1/profiles/user_id:{u}/events?limit=lots"))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_query");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("limit"),
+        "{body}"
+    );
+    let (status, body) = s.get("/v1/nowhere").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "not_found");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traits_page_and_filter() {
+    let s = TestServer::start().await;
+    let u = uid();
+    let traits: serde_json::Map<String, Value> =
+        (0..15).map(|i| (format!("t{i:02}"), json!(i))).collect();
+    s.post("/v1/identify", &json!({"userId": u, "traits": traits}))
+        .await;
+    s.wait_for_events(&format!("user_id:{u}"), 1).await;
+    let (_, first) = s.get(&format!("/v1/profiles/user_id:{u}/traits")).await;
+    assert_eq!(first["traits"].as_object().unwrap().len(), 10);
+    assert_eq!(first["cursor"]["has_more"], true);
+    let next = first["cursor"]["next"].as_str().unwrap();
+    let (_, second) = s
+        .get(&format!("/v1/profiles/user_id:{u}/traits?next={next}"))
+        .await;
+    assert_eq!(second["traits"].as_object().unwrap().len(), 5);
+    assert_eq!(second["cursor"]["has_more"], false);
+    let (_, some) = s
+        .get(&format!("/v1/profiles/user_id:{u}/traits?include=t01,t03"))
+        .await;
+    assert_eq!(some["traits"], json!({"t01": 1, "t03": 3}));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspaces_never_see_each_other() {
+    let s = TestServer::start().await;
+    let other = s.create_workspace("other").await;
+    let u = uid();
+    s.post(
+        "/v1/identify",
+        &segment::identify(&u, json!({"secret": "mine"})),
+    )
+    .await;
+    s.wait_for_events(&format!("user_id:{u}"), 1).await;
+    let (status, _) = read(
+        s.client
+            .get(s.url(&format!("/v1/profiles/user_id:{u}/traits")))
+            .bearer_auth(&other.token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        status, 404,
+        "another workspace's token does not see the profile"
+    );
+    // The same user id written through the other workspace's key stays apart.
+    let r = s
+        .client
+        .post(s.url("/v1/identify"))
+        .basic_auth(&other.write_key, Some(""))
+        .json(&segment::identify(&u, json!({"secret": "theirs"})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, mine) = s.get(&format!("/v1/profiles/user_id:{u}/traits")).await;
+    assert_eq!(mine["traits"]["secret"], "mine");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_metrics_and_cors() {
+    let s = TestServer::start().await;
+    let (status, _) = read(s.client.get(s.url("/healthz")).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    let (status, body) = read(s.client.get(s.url("/readyz")).send().await.unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+    s.post("/v1/track", &segment::track("m", "Metric")).await;
+    let text = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("trailmark_ingest_events_total{outcome=\"accepted\",type=\"track\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("trailmark_http_request_duration_seconds_bucket"));
+    assert!(text.contains("trailmark_log_append_duration_seconds_count"));
+    let pre = s
+        .client
+        .request(reqwest::Method::OPTIONS, s.url("/v1/batch"))
+        .header("origin", "https://shop.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .send()
+        .await
+        .unwrap();
+    assert!(pre.status().is_success());
+    assert_eq!(pre.headers()["access-control-allow-origin"], "*");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_everything_and_rebuild_is_identical() {
+    let s = TestServer::start().await;
+    let u = uid();
+    for i in 0..20 {
+        let ev = if i % 5 == 0 {
+            json!({"userId": u, "anonymousId": format!("{u}-a"), "traits": {"n": i}, "type": "identify"})
+        } else {
+            json!({"anonymousId": format!("{u}-a"), "event": format!("E{}", i % 3), "type": "track"})
+        };
+        assert_eq!(s.post("/v1/batch", &json!({"batch": [ev]})).await.0, 200);
+    }
+    s.wait_for_events(&format!("user_id:{u}"), 20).await;
+    let before = snapshot(&s, &u).await;
+    let dir = s.stop().await;
+    let s = TestServer::start_in(dir, |_| {}).await;
+    assert_eq!(snapshot(&s, &u).await, before, "a restart changes nothing");
+    let dir = s.stop().await;
+    let replayed = common::rebuild(&dir).await;
+    assert_eq!(replayed, 20);
+    let s = TestServer::start_in(dir, |_| {}).await;
+    assert_eq!(
+        snapshot(&s, &u).await,
+        before,
+        "a rebuild from the log gives identical results"
+    );
+    s.stop().await;
+}
+
+async fn snapshot(s: &TestServer, u: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    for route in [
+        "traits?limit=200",
+        "events?limit=200",
+        "external_ids",
+        "metadata",
+    ] {
+        out.push(s.get(&format!("/v1/profiles/user_id:{u}/{route}")).await.1);
+    }
+    out
+}
