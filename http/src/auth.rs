@@ -83,7 +83,9 @@ fn percent_decode(s: &str) -> String {
 /// request, every profile read) do not hash and look up the same key each
 /// time. Only known credentials are kept, each for at most `ttl`, so a
 /// credential removed from the directory stops working within `ttl`; the
-/// cache is emptied when it reaches `max` entries.
+/// cache is emptied when it reaches `max` entries. While the directory is
+/// unavailable (a store outage), an expired entry is still honoured, so ingest
+/// keeps accepting events from known sources into the log.
 pub struct CredentialCache {
     writes: Cache<WriteGrant>,
     reads: Cache<ReadGrant>,
@@ -110,6 +112,12 @@ impl<G: Clone> Cache<G> {
             .get(key)
             .filter(|(_, at)| at.elapsed() < self.ttl)
             .map(|(g, _)| g.clone())
+    }
+
+    /// The entry whatever its age: for when the directory cannot answer.
+    fn get_stale(&self, key: &str) -> Option<G> {
+        let entries = self.entries.read().expect("credential cache lock");
+        entries.get(key).map(|(g, _)| g.clone())
     }
 
     fn put(&self, key: &str, grant: G) {
@@ -145,7 +153,17 @@ where
     if let Some(g) = cache.get(key) {
         return Ok(Some(g));
     }
-    let found = lookup.await?;
+    let found = match lookup.await {
+        Ok(found) => found,
+        Err(e) if e.is_retryable() => match cache.get_stale(key) {
+            Some(g) => {
+                tracing::warn!(error = %e, "directory unavailable; using a cached credential");
+                return Ok(Some(g));
+            }
+            None => return Err(e.into()),
+        },
+        Err(e) => return Err(e.into()),
+    };
     if let Some(g) = &found {
         cache.put(key, g.clone());
     }

@@ -21,11 +21,13 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
-/// 200 when the log and the store both answer, else 503 naming which does not.
+/// 200 when the backends this process needs answer, else 503; both the log
+/// and the store are reported either way.
 async fn readyz(State(state): State<AppState>) -> Response {
     let log = state.log.check_ready().await;
     let store = state.store.check_ready().await;
-    let status = if log.is_ok() && store.is_ok() {
+    let needs = state.readiness;
+    let status = if (!needs.log || log.is_ok()) && (!needs.store || store.is_ok()) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

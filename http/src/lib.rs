@@ -49,6 +49,29 @@ pub struct AppState {
     pub append_timeout: Duration,
     /// Recently resolved write keys and tokens.
     pub credentials: Arc<auth::CredentialCache>,
+    /// Which backends `/readyz` requires.
+    pub readiness: Readiness,
+}
+
+/// Which backends a process needs to serve, so that `/readyz` fails only for
+/// those: ingest keeps taking events into the log while the store is down
+/// (known write keys are cached), and the query API does not use the log.
+/// Both are always reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    /// The log must answer.
+    pub log: bool,
+    /// The store must answer.
+    pub store: bool,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self {
+            log: true,
+            store: true,
+        }
+    }
 }
 
 impl AppState {
@@ -66,6 +89,7 @@ impl AppState {
             metrics: None,
             limits: Limits::default(),
             append_timeout: Duration::from_secs(10),
+            readiness: Readiness::default(),
         }
     }
 }
@@ -79,9 +103,16 @@ pub struct AppStateBuilder {
     metrics: Option<Arc<Metrics>>,
     limits: Limits,
     append_timeout: Duration,
+    readiness: Readiness,
 }
 
 impl AppStateBuilder {
+    /// Which backends `/readyz` requires.
+    pub fn readiness(mut self, readiness: Readiness) -> Self {
+        self.readiness = readiness;
+        self
+    }
+
     /// Uses `clock` instead of the wall clock.
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
@@ -118,6 +149,7 @@ impl AppStateBuilder {
             limits: self.limits,
             append_timeout: self.append_timeout,
             credentials: Arc::new(auth::CredentialCache::default()),
+            readiness: self.readiness,
         })
     }
 }

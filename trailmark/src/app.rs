@@ -65,7 +65,12 @@ pub fn state(
     config: &Config,
     backends: &Backends,
     metrics: Arc<Metrics>,
+    role: Role,
 ) -> anyhow::Result<AppState> {
+    let readiness = trailmark_http::Readiness {
+        log: role.serves_ingest() || role.projects(),
+        store: role.serves_queries() || role.projects(),
+    };
     Ok(AppState::builder(
         backends.log.clone(),
         backends.store.clone(),
@@ -74,6 +79,7 @@ pub fn state(
     .metrics(metrics)
     .limits(config.limits())
     .append_timeout(config.append_timeout())
+    .readiness(readiness)
     .build()?)
 }
 
@@ -113,7 +119,7 @@ pub struct Running {
 pub async fn start(config: Config, role: Role, listener: TcpListener) -> anyhow::Result<Running> {
     let backends = Arc::new(Backends::open(&config).await?);
     let metrics = Arc::new(Metrics::new());
-    let state = state(&config, &backends, metrics.clone())?;
+    let state = state(&config, &backends, metrics.clone(), role)?;
     let addr = listener.local_addr()?;
     // Distributed roles start many at once; `trailmark migrate` bootstraps
     // for them instead.

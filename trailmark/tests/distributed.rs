@@ -1,0 +1,388 @@
+//! Scale-out and faults on the distributed backends, with every role a
+//! separate process of the built binary on a real Kafka and Cassandra
+//! (`deploy/local/engines up`):
+//!
+//! - two projectors share the partitions, one is SIGKILLed under load, and
+//!   the other takes over: every acknowledged event is there exactly once;
+//! - Cassandra stops for 30 s under load: ingest keeps accepting, the query
+//!   API's `/readyz` reports the outage, the projector catches up after;
+//! - Kafka stops: ingest answers 503 (promptly, not 200) and recovers.
+//!
+//! These tests stop and start the shared engines, so they run one at a time
+//! (cargo runs test binaries one after another, so no other suite sees it).
+
+mod common;
+
+/// Roles are separate processes on Kafka and Cassandra.
+const DISTRIBUTED: bool = true;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Role, TOKEN, WRITE_KEY, prepare_distributed, read, spawn_role};
+use serde_json::{Value, json};
+use trailmark::config::Config;
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn engines(action: &str, name: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/local/engines");
+    let status = std::process::Command::new(script)
+        .args([action, name])
+        .status()
+        .expect("run deploy/local/engines");
+    assert!(status.success(), "engines {action} {name} failed");
+}
+
+/// Starts an engine again when dropped, even if the test failed, so that
+/// later suites find it running.
+struct Restart(&'static str);
+
+impl Drop for Restart {
+    fn drop(&mut self) {
+        engines("start", self.0);
+    }
+}
+
+fn config(dir: &std::path::Path) -> Config {
+    let mut config = Config::for_test(dir);
+    config.bootstrap.write_key = Some(WRITE_KEY.into());
+    config.bootstrap.token = Some(TOKEN.into());
+    config
+}
+
+/// Sends batches of `Load` events for `users` users, retrying a batch (same
+/// messageIds, as an SDK would) until it is acknowledged; returns the
+/// acknowledged count per user. Stops after `batches` batches.
+async fn load(
+    ingest: String,
+    tag: String,
+    users: usize,
+    batches: usize,
+    per_batch: usize,
+) -> BTreeMap<String, usize> {
+    let client = reqwest::Client::new();
+    let mut acked: BTreeMap<String, usize> = BTreeMap::new();
+    for b in 0..batches {
+        let items: Vec<Value> = (0..per_batch)
+            .map(|i| {
+                let user = format!("{tag}-u{}", (b * per_batch + i) % users);
+                json!({
+                    "type": "track",
+                    "event": "Load",
+                    "userId": user,
+                    "messageId": format!("{tag}-{b}-{i}"),
+                })
+            })
+            .collect();
+        let body = json!({ "batch": items });
+        loop {
+            let sent = client
+                .post(format!("{ingest}/v1/batch"))
+                .basic_auth(WRITE_KEY, Some(""))
+                .json(&body)
+                .timeout(Duration::from_secs(30))
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status() == 200 => break,
+                Ok(r) if r.status() == 503 => {}
+                Ok(r) => panic!("unexpected status {}", r.status()),
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        for item in body["batch"].as_array().unwrap() {
+            *acked
+                .entry(item["userId"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    acked
+}
+
+fn merge(into: &mut BTreeMap<String, usize>, from: BTreeMap<String, usize>) {
+    for (k, v) in from {
+        *into.entry(k).or_default() += v;
+    }
+}
+
+/// Waits until every user's timeline and count match what was acknowledged,
+/// then checks there are no duplicates.
+async fn assert_exactly_once(query: &str, acked: &BTreeMap<String, usize>, patience: Duration) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + patience;
+    for (user, want) in acked {
+        loop {
+            let (status, meta) = read(
+                client
+                    .get(format!("{query}/v1/profiles/user_id:{user}/metadata"))
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await
+                    .expect("metadata"),
+            )
+            .await;
+            let have = meta["metadata"]["event_counts"]["Load"]
+                .as_u64()
+                .unwrap_or(0) as usize;
+            if status == 200 && have == *want {
+                break;
+            }
+            assert!(
+                have <= *want,
+                "{user}: {have} counted, only {want} acknowledged"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{user}: {have} of {want} acknowledged events projected in time ({meta})"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let (_, events) = read(
+            client
+                .get(format!(
+                    "{query}/v1/profiles/user_id:{user}/events?limit=200"
+                ))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .expect("events"),
+        )
+        .await;
+        let ids: std::collections::BTreeSet<&str> = events["data"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .map(|e| e["message_id"].as_str().expect("message_id"))
+            .collect();
+        assert_eq!(ids.len(), *want, "{user}: each event once in the timeline");
+    }
+}
+
+async fn applied_by(role: &Role) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", role.base))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .find(|l| {
+            l.starts_with("trailmark_projector_events_total") && l.contains("outcome=\"applied\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_projectors_share_the_partitions_and_one_survives_a_kill() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    prepare_distributed(dir.path(), config(dir.path())).await;
+    let ingest = spawn_role(dir.path(), "ingest", "ingest").await;
+    let query = spawn_role(dir.path(), "query-api", "query-api").await;
+    let first = spawn_role(dir.path(), "projector", "projector-1").await;
+    let second = spawn_role(dir.path(), "projector", "projector-2").await;
+
+    // Warm up until both projectors have applied something: they split the
+    // partitions between them.
+    let mut acked = load(ingest.base.clone(), "warm".into(), 40, 10, 20).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut round = 0;
+    while applied_by(&first).await == 0 || applied_by(&second).await == 0 {
+        assert!(Instant::now() < deadline, "both projectors get partitions");
+        round += 1;
+        let tag = format!("warm{round}");
+        merge(&mut acked, load(ingest.base.clone(), tag, 40, 1, 20).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Load from four clients; kill one projector a third of the way in.
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        clients.push(tokio::spawn(load(
+            ingest.base.clone(),
+            format!("c{c}"),
+            10,
+            30,
+            20,
+        )));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    second.kill().await;
+    for c in clients {
+        merge(&mut acked, c.await.unwrap());
+    }
+    assert_exactly_once(&query.base, &acked, Duration::from_secs(120)).await;
+    let total: usize = acked.values().sum();
+    assert!(total >= 2_400 + 200, "{total} events acknowledged");
+    for role in [ingest, query, first] {
+        role.terminate().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cassandra_outage_delays_projections_and_loses_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    prepare_distributed(dir.path(), config(dir.path())).await;
+    let ingest = spawn_role(dir.path(), "ingest", "ingest").await;
+    let query = spawn_role(dir.path(), "query-api", "query-api").await;
+    let projector = spawn_role(dir.path(), "projector", "projector").await;
+    let mut acked = load(ingest.base.clone(), "before".into(), 20, 5, 20).await;
+
+    // Load throughout the outage, from a task that records every answer.
+    let stop = Arc::new(AtomicBool::new(false));
+    let during = {
+        let (stop, base) = (stop.clone(), ingest.base.clone());
+        tokio::spawn(async move {
+            let mut acked = BTreeMap::new();
+            let mut round = 0;
+            while !stop.load(Ordering::Relaxed) {
+                merge(
+                    &mut acked,
+                    load(base.clone(), format!("during{round}"), 20, 1, 20).await,
+                );
+                round += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            acked
+        })
+    };
+    engines("stop", "cassandra");
+    let restart = Restart("cassandra");
+    let client = reqwest::Client::new();
+    let (status, body) = read(
+        client
+            .get(format!("{}/readyz", query.base))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 503, "the query API reports the outage: {body}");
+    assert_eq!(body["store"]["status"], "down");
+    // Ingest stays ready: it needs only the log.
+    let (status, body) = read(
+        client
+            .get(format!("{}/readyz", ingest.base))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let outage = Instant::now();
+    // During the outage, every request is answered 200 promptly.
+    while outage.elapsed() < Duration::from_secs(30) {
+        let started = Instant::now();
+        let r = client
+            .post(format!("{}/v1/track", ingest.base))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&json!({"type": "track", "event": "Load", "userId": "outage-u"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "ingest accepts into Kafka while the store is down"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        *acked.entry("outage-u".into()).or_default() += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(restart);
+    stop.store(true, Ordering::Relaxed);
+    merge(&mut acked, during.await.unwrap());
+    // The projector retried with backoff and catches up.
+    assert_exactly_once(&query.base, &acked, Duration::from_secs(180)).await;
+    let (status, _) = read(
+        client
+            .get(format!("{}/readyz", query.base))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    for role in [ingest, query, projector] {
+        role.terminate().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kafka_outage_gets_503_not_200_and_recovers() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    prepare_distributed(dir.path(), config(dir.path())).await;
+    let ingest = spawn_role(dir.path(), "ingest", "ingest").await;
+    let query = spawn_role(dir.path(), "query-api", "query-api").await;
+    let projector = spawn_role(dir.path(), "projector", "projector").await;
+    let mut acked = load(ingest.base.clone(), "before".into(), 5, 2, 10).await;
+    let client = reqwest::Client::new();
+    let event = json!({"type": "track", "event": "Load", "userId": "k-u", "messageId": "k-during"});
+
+    engines("stop", "kafka");
+    let restart = Restart("kafka");
+    let started = Instant::now();
+    let r = client
+        .post(format!("{}/v1/track", ingest.base))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(&event)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "not acknowledged while Kafka is down");
+    assert!(r.headers().get("retry-after").is_some());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "answered promptly ({:?})",
+        started.elapsed()
+    );
+    let (status, body) = read(
+        client
+            .get(format!("{}/readyz", ingest.base))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["log"]["status"], "down");
+
+    drop(restart);
+    // The same event, retried as an SDK would, is taken once Kafka is back.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let r = client
+            .post(format!("{}/v1/track", ingest.base))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&event)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert_eq!(r.status(), 503);
+        assert!(
+            Instant::now() < deadline,
+            "ingest recovers when Kafka returns"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    *acked.entry("k-u".into()).or_default() += 1;
+    merge(
+        &mut acked,
+        load(ingest.base.clone(), "after".into(), 5, 2, 10).await,
+    );
+    assert_exactly_once(&query.base, &acked, Duration::from_secs(120)).await;
+    for role in [ingest, query, projector] {
+        role.terminate().await;
+    }
+}
