@@ -555,6 +555,12 @@ impl EventLog for KafkaLog {
         let mut pending = Vec::with_capacity(letters.len());
         for l in &letters {
             let (partition, position) = (l.partition.to_string(), l.position.to_string());
+            // Letters from the projector name no source: it is this topic.
+            let source = if l.source.is_empty() {
+                self.config.topic.as_str()
+            } else {
+                l.source.as_str()
+            };
             let headers = OwnedHeaders::new()
                 .insert(Header {
                     key: "trailmark.source.topic",
@@ -572,7 +578,7 @@ impl EventLog for KafkaLog {
                     key: "trailmark.error",
                     value: Some(l.error.as_str()),
                 });
-            let key = format!("{}/{}/{}", l.source, l.partition, l.position);
+            let key = format!("{source}/{}/{}", l.partition, l.position);
             let record = FutureRecord::to(&topic)
                 .key(&key)
                 .payload(l.payload.as_ref())

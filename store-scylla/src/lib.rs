@@ -308,8 +308,11 @@ struct Statements {
 const TIMELINE_COLUMNS: &str = "SELECT time, message_id, counter, body FROM timeline WHERE workspace = ? AND id = ? AND bucket = ?";
 
 impl Statements {
-    async fn prepare(session: &Session) -> Result<Self> {
+    async fn prepare(session: &Session, keyspace: &str) -> Result<Self> {
+        // Table names are qualified: prepared statements under `USE` are
+        // ambiguous, and Cassandra warns on every one.
         let p = |cql: String| async move {
+            let cql = qualify(&cql, keyspace);
             let mut s = session.prepare(cql).await.map_err(classify)?;
             s.set_is_idempotent(true);
             Ok::<_, StoreError>(s)
@@ -349,6 +352,7 @@ impl Statements {
 pub struct ScyllaStore {
     session: Arc<Session>,
     st: Arc<Statements>,
+    keyspace: Arc<str>,
 }
 
 async fn open_session(config: &ScyllaConfig, keyspace: Option<&str>) -> Result<Session> {
@@ -372,10 +376,24 @@ async fn open_session(config: &ScyllaConfig, keyspace: Option<&str>) -> Result<S
     })
 }
 
+/// Qualifies the table of a DML statement with the keyspace.
+fn qualify(cql: &str, keyspace: &str) -> String {
+    let mut out = cql.to_owned();
+    for verb in ["INSERT INTO ", " FROM ", "UPDATE ", "TRUNCATE "] {
+        if let Some(at) = out.find(verb) {
+            out.insert_str(at + verb.len(), &format!("{keyspace}."));
+        }
+    }
+    out
+}
+
 /// The schema version recorded in the keyspace (0: none).
-async fn schema_version(session: &Session) -> Result<i32> {
+async fn schema_version(session: &Session, keyspace: &str) -> Result<i32> {
     let rows = session
-        .query_unpaged("SELECT version FROM schema_migrations", ())
+        .query_unpaged(
+            qualify("SELECT version FROM schema_migrations", keyspace),
+            (),
+        )
         .await;
     let rows = match rows {
         Ok(r) => r,
@@ -417,11 +435,7 @@ impl ScyllaStore {
                 config.keyspace
             )));
         }
-        session
-            .use_keyspace(&config.keyspace, false)
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let found = schema_version(&session).await?;
+        let found = schema_version(&session, &config.keyspace).await?;
         let want = schema::current_version();
         if found != want {
             let advice = if found < want {
@@ -434,10 +448,11 @@ impl ScyllaStore {
                 config.keyspace
             )));
         }
-        let st = Statements::prepare(&session).await?;
+        let st = Statements::prepare(&session, &config.keyspace).await?;
         Ok(Self {
             session: Arc::new(session),
             st: Arc::new(st),
+            keyspace: config.keyspace.as_str().into(),
         })
     }
 
@@ -470,7 +485,7 @@ impl ScyllaStore {
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         run(schema::MIGRATIONS_TABLE.to_owned()).await?;
-        let found = schema_version(&session).await?;
+        let found = schema_version(&session, &config.keyspace).await?;
         let mut applied = Vec::new();
         for m in schema::MIGRATIONS.iter().filter(|m| m.version > found) {
             tracing::info!(
@@ -483,7 +498,7 @@ impl ScyllaStore {
             }
             session
                 .query_unpaged(
-                    "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, toTimestamp(now()))",
+                    qualify("INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, toTimestamp(now()))", &config.keyspace),
                     (m.version, m.description),
                 )
                 .await
@@ -681,7 +696,7 @@ impl ScyllaStore {
     #[doc(hidden)]
     pub async fn forget_applied_messages_for_test(&self) -> Result<()> {
         self.session
-            .query_unpaged("TRUNCATE dedup", ())
+            .query_unpaged(qualify("TRUNCATE dedup", &self.keyspace), ())
             .await
             .map_err(classify)?;
         Ok(())
@@ -815,6 +830,147 @@ impl ScyllaStore {
     }
 }
 
+/// The writes of a batch's new events, coalesced: within a batch each
+/// identifier's earliest time, each link, each trait's winner and each bucket
+/// are written once (they are idempotent, so once is as good as many), and
+/// each event's timeline row once. Counts are left to the caller, per primary
+/// identifier: `(partition, position, counter, time)` in log order.
+struct Plan {
+    writes: Vec<Write>,
+    by_primary: CountsByPrimary,
+}
+
+/// Per `(workspace, primary identifier)`: `(partition, position, counter,
+/// time)` of each new event, in log order.
+type CountsByPrimary = BTreeMap<(String, String), Vec<(u32, u64, String, i64)>>;
+
+fn plan(events: &[&LoggedEvent]) -> Result<Plan> {
+    let mut writes = Vec::with_capacity(events.len() * 2);
+    let mut by_primary = CountsByPrimary::new();
+    let mut first_seen: HashMap<(String, String), i64> = HashMap::new();
+    let mut links: HashSet<(String, String, String)> = HashSet::new();
+    let mut traits: HashMap<(String, String, String), TraitValue> = HashMap::new();
+    let mut buckets: HashSet<(String, String, i64)> = HashSet::new();
+    for le in events {
+        let ev = &le.event;
+        let ws = &ev.workspace_id;
+        let p = project(ev);
+        let primary = id_text(&p.primary);
+        for id in &p.identifiers {
+            let text = id_text(id);
+            first_seen
+                .entry((ws.clone(), text.clone()))
+                .and_modify(|t| *t = (*t).min(p.time))
+                .or_insert(p.time);
+            if text != primary {
+                links.insert((ws.clone(), primary.clone(), text.clone()));
+                links.insert((ws.clone(), text, primary.clone()));
+            }
+        }
+        for (name, value) in p.traits {
+            let candidate = TraitValue {
+                value,
+                updated_at: p.time,
+                message_id: p.message_id.clone(),
+            };
+            match traits.entry((ws.clone(), primary.clone(), name)) {
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    if candidate.supersedes(o.get()) {
+                        o.insert(candidate);
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(candidate);
+                }
+            }
+        }
+        buckets.insert((ws.clone(), primary.clone(), bucket_of(p.time)));
+        let mut body = Vec::with_capacity(512);
+        ev.write_api_json(&mut body);
+        writes.push(Write::Timeline {
+            ws: ws.clone(),
+            id: primary.clone(),
+            time: p.time,
+            message_id: p.message_id.clone(),
+            counter: p.counter.clone(),
+            body: String::from_utf8(body).map_err(corrupt)?,
+        });
+        by_primary.entry((ws.clone(), primary)).or_default().push((
+            le.partition,
+            le.position,
+            p.counter,
+            p.time,
+        ));
+    }
+    writes.extend(
+        first_seen
+            .into_iter()
+            .map(|((ws, id), time)| Write::FirstSeen { ws, id, time }),
+    );
+    writes.extend(
+        links
+            .into_iter()
+            .map(|(ws, id, linked)| Write::Link { ws, id, linked }),
+    );
+    writes.extend(
+        traits
+            .into_iter()
+            .map(|((ws, id, name), value)| Write::Trait {
+                ws,
+                id,
+                name,
+                value,
+            }),
+    );
+    writes.extend(
+        buckets
+            .into_iter()
+            .map(|(ws, id, bucket)| Write::Bucket { ws, id, bucket }),
+    );
+    Ok(Plan { writes, by_primary })
+}
+
+impl ScyllaStore {
+    /// Writes the rows `apply` would write for `events` (stats rows from the
+    /// batch alone, de-duplication rows), blind: no reads, no decisions, no
+    /// checkpoint. Only for the benchmark baseline, "a plain write loop of
+    /// the same rows"; it does not keep the store's guarantees.
+    #[doc(hidden)]
+    pub async fn write_rows_blind_for_baseline(&self, events: &[LoggedEvent]) -> Result<()> {
+        let refs: Vec<&LoggedEvent> = events.iter().collect();
+        let Plan {
+            mut writes,
+            by_primary,
+        } = plan(&refs)?;
+        for ((ws, id), evs) in by_primary {
+            let mut row = StatsRow::default();
+            for (partition, position, counter, time) in evs {
+                row.seen = Some(match row.seen {
+                    Some(s) => s.include(time),
+                    None => Seen {
+                        first: time,
+                        last: time,
+                    },
+                });
+                *row.counts.entry(counter).or_default() += 1;
+                row.applied.insert(partition as i32, position as i64 + 1);
+            }
+            writes.push(Write::Stats { ws, id, row });
+        }
+        self.run_all(writes).await?;
+        let mut marks = Vec::with_capacity(events.len());
+        for le in events {
+            let ev = &le.event;
+            marks.push(self.write(
+                &self.st.insert_dedup,
+                (&ev.workspace_id, &ev.message_id, ev.received_at, 176_400),
+            ));
+        }
+        concurrently(marks).await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl ProfileStore for ScyllaStore {
     async fn apply(&self, batch: ApplyBatch) -> Result<ApplyOutcome> {
@@ -843,73 +999,10 @@ impl ProfileStore for ScyllaStore {
         outcome.applied = fresh.len();
 
         // 2. Their effects: blind writes, and counts folded per identifier.
-        let mut writes = Vec::new();
-        // Per primary identifier: (partition, position, counter, time).
-        let mut by_primary: BTreeMap<(String, String), Vec<(u32, u64, String, i64)>> =
-            BTreeMap::new();
-        let mut buckets = HashSet::new();
-        for le in &fresh {
-            let ev = &le.event;
-            let ws = ev.workspace_id.clone();
-            let p = project(ev);
-            let primary = id_text(&p.primary);
-            for id in &p.identifiers {
-                let text = id_text(id);
-                writes.push(Write::FirstSeen {
-                    ws: ws.clone(),
-                    id: text.clone(),
-                    time: p.time,
-                });
-                if text != primary {
-                    writes.push(Write::Link {
-                        ws: ws.clone(),
-                        id: primary.clone(),
-                        linked: text.clone(),
-                    });
-                    writes.push(Write::Link {
-                        ws: ws.clone(),
-                        id: text,
-                        linked: primary.clone(),
-                    });
-                }
-            }
-            for (name, value) in p.traits {
-                writes.push(Write::Trait {
-                    ws: ws.clone(),
-                    id: primary.clone(),
-                    name,
-                    value: TraitValue {
-                        value,
-                        updated_at: p.time,
-                        message_id: p.message_id.clone(),
-                    },
-                });
-            }
-            let bucket = bucket_of(p.time);
-            if buckets.insert((ws.clone(), primary.clone(), bucket)) {
-                writes.push(Write::Bucket {
-                    ws: ws.clone(),
-                    id: primary.clone(),
-                    bucket,
-                });
-            }
-            let mut body = Vec::with_capacity(512);
-            ev.write_api_json(&mut body);
-            writes.push(Write::Timeline {
-                ws: ws.clone(),
-                id: primary.clone(),
-                time: p.time,
-                message_id: p.message_id.clone(),
-                counter: p.counter.clone(),
-                body: String::from_utf8(body).map_err(corrupt)?,
-            });
-            by_primary.entry((ws, primary)).or_default().push((
-                le.partition,
-                le.position,
-                p.counter,
-                p.time,
-            ));
-        }
+        let Plan {
+            mut writes,
+            by_primary,
+        } = plan(&fresh)?;
         let mut folds = Vec::with_capacity(by_primary.len());
         for ((ws, id), events) in by_primary {
             folds.push(async move {
@@ -981,7 +1074,7 @@ impl ProfileStore for ScyllaStore {
 
     async fn reset_projections(&self) -> Result<()> {
         for table in schema::PROJECTION_TABLES {
-            let mut st = Statement::new(format!("TRUNCATE {table}"));
+            let mut st = Statement::new(qualify(&format!("TRUNCATE {table}"), &self.keyspace));
             st.set_request_timeout(Some(Duration::from_secs(60)));
             self.session.query_unpaged(st, ()).await.map_err(classify)?;
         }
@@ -1255,6 +1348,23 @@ mod tests {
         ] {
             assert!(ScyllaConfig::from_uri(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn statements_name_their_keyspace() {
+        assert_eq!(
+            qualify("SELECT a FROM t WHERE x = ?", "ks"),
+            "SELECT a FROM ks.t WHERE x = ?"
+        );
+        assert_eq!(
+            qualify("INSERT INTO t (a) VALUES (?)", "ks"),
+            "INSERT INTO ks.t (a) VALUES (?)"
+        );
+        assert_eq!(
+            qualify("UPDATE t USING TIMESTAMP ? SET a = ?", "ks"),
+            "UPDATE ks.t USING TIMESTAMP ? SET a = ?"
+        );
+        assert_eq!(qualify("TRUNCATE t", "ks"), "TRUNCATE ks.t");
     }
 
     #[test]

@@ -56,6 +56,10 @@ struct Cli {
     /// The server's base URL; nothing else is contacted.
     #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
     url: String,
+    /// The query API's base URL when it is a separate process (the
+    /// distributed mode); default: `--url`.
+    #[arg(long, global = true)]
+    query_url: Option<String>,
     /// Allow a --url that is not a loopback address.
     #[arg(long, global = true)]
     allow_remote: bool,
@@ -591,11 +595,15 @@ async fn run_ingest(
         args.concurrency + visibility.map_or(0, |v| v.max_probes),
         Duration::from_secs(cli.request_timeout),
     )?;
+    let query_base = base_url(
+        cli.query_url.as_deref().unwrap_or(&cli.url),
+        cli.allow_remote,
+    )?;
     let probes = visibility
         .map(|v| -> Result<Probing> {
             Ok(Probing {
                 events_url: format!(
-                    "{base}/v1/profiles/user_id:{{user_id}}/events?limit=200&sort=desc"
+                    "{query_base}/v1/profiles/user_id:{{user_id}}/events?limit=200&sort=desc"
                 ),
                 auth: bearer(&v.token)?,
                 every: v.sample_every.max(1),
