@@ -158,6 +158,9 @@ where
         Err(e) if e.is_retryable() => match cache.get_stale(key) {
             Some(g) => {
                 tracing::warn!(error = %e, "directory unavailable; using a cached credential");
+                // Trust it for another period rather than make every request
+                // wait for the directory's timeout first.
+                cache.put(key, g.clone());
                 return Ok(Some(g));
             }
             None => return Err(e.into()),

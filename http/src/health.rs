@@ -21,11 +21,27 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
+async fn bounded(
+    check: impl std::future::Future<Output = Result<(), String>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(READY_CHECK_TIMEOUT, check).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {READY_CHECK_TIMEOUT:?}")),
+    }
+}
+
+/// How long `/readyz` waits for each backend.
+const READY_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1_500);
+
 /// 200 when the backends this process needs answer, else 503; both the log
 /// and the store are reported either way.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let log = state.log.check_ready().await;
-    let store = state.store.check_ready().await;
+    // Concurrently, and bounded: a probe must answer within its own timeout
+    // even when a backend hangs.
+    let (log, store) = tokio::join!(
+        bounded(async { state.log.check_ready().await.map_err(|e| e.to_string()) }),
+        bounded(async { state.store.check_ready().await.map_err(|e| e.to_string()) }),
+    );
     let needs = state.readiness;
     let status = if (!needs.log || log.is_ok()) && (!needs.store || store.is_ok()) {
         StatusCode::OK
@@ -40,8 +56,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
         status,
         axum::Json(json!({
             "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
-            "log": show(log.map_err(|e| e.to_string())),
-            "store": show(store.map_err(|e| e.to_string())),
+            "log": show(log),
+            "store": show(store),
         })),
     )
         .into_response()

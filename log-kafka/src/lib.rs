@@ -289,6 +289,10 @@ fn topic_partitions<C: ConsumerContext>(meta: &BaseConsumer<C>, topic: &str) -> 
     Ok(t.partitions().len() as u32)
 }
 
+/// How often a partition's start position is asked for (0.5 s apart) before
+/// falling back to the group's committed offset.
+const START_POSITION_ATTEMPTS: usize = 10;
+
 /// Starts assigned partitions at the positions the projector asks for.
 struct Rebalancer {
     topic: String,
@@ -316,10 +320,20 @@ impl ConsumerContext for Rebalancer {
                 let mut assigned = TopicPartitionList::new();
                 for e in tpl.elements_for_topic(&self.topic) {
                     let p = e.partition() as u32;
+                    let mut attempts = 0;
                     let offset = loop {
+                        attempts += 1;
                         match self.runtime.block_on(self.start.start_position(p)) {
                             Ok(Some(pos)) => break Offset::Offset(pos as i64),
                             Ok(None) => break Offset::Beginning,
+                            // The group's committed offset mirrors a position
+                            // the store held, so it is never ahead of it: a
+                            // safe place to start (a replay is harmless), and
+                            // the callback must not block the consumer long.
+                            Err(error) if attempts >= START_POSITION_ATTEMPTS => {
+                                tracing::warn!(partition = p, %error, "cannot read start position; starting at the group's committed offset");
+                                break Offset::Stored;
+                            }
                             Err(error) => {
                                 tracing::warn!(partition = p, %error, "cannot read start position; retrying");
                                 std::thread::sleep(Duration::from_millis(500));
@@ -385,6 +399,12 @@ impl Subscription for KafkaSubscription {
                 if out.is_empty() && std::time::Instant::now() >= deadline {
                     break;
                 }
+            }
+            // A rebalance during the poll may have taken partitions away: their
+            // records are now another projector's to apply.
+            if let Ok(now) = consumer.assignment() {
+                let mine: Vec<i32> = now.elements().iter().map(|e| e.partition()).collect();
+                out.retain(|d| mine.contains(&(d.partition as i32)));
             }
             Ok(out)
         })
@@ -564,7 +584,7 @@ impl EventLog for KafkaLog {
             let headers = OwnedHeaders::new()
                 .insert(Header {
                     key: "trailmark.source.topic",
-                    value: Some(l.source.as_str()),
+                    value: Some(source),
                 })
                 .insert(Header {
                     key: "trailmark.source.partition",

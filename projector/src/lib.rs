@@ -331,7 +331,9 @@ impl Projector {
         payloads: Vec<bytes::Bytes>,
     ) -> Result<trailmark_store::ApplyOutcome> {
         let mut total = trailmark_store::ApplyOutcome::default();
-        for (event, payload) in batch.events.into_iter().zip(payloads) {
+        let count = batch.events.len();
+        let mut refused = Vec::new();
+        for (event, payload) in batch.events.iter().zip(payloads) {
             let single = ApplyBatch {
                 consumer: batch.consumer.clone(),
                 positions: Vec::new(),
@@ -348,30 +350,40 @@ impl Projector {
                         break;
                     }
                     Err(ProjectorError::Store(e)) if attempt >= MAX_ATTEMPTS => {
-                        tracing::error!(
-                            partition = event.partition,
-                            position = event.position,
-                            error = %e,
-                            "the store refuses an event; dead-lettering it"
-                        );
-                        self.metrics
-                            .projector_events
-                            .with_label_values(&["dead_lettered"])
-                            .inc();
-                        let d = Delivery {
-                            partition: event.partition,
-                            position: event.position,
-                            next_position: event.position + 1,
-                            payload: payload.clone(),
-                        };
-                        self.send_dead_letters(vec![dead_letter(&d, format!("cannot apply: {e}"))])
-                            .await?;
+                        refused.push((event, payload, e));
                         break;
                     }
                     Err(ProjectorError::Store(_)) => continue,
                     Err(e) => return Err(e),
                 }
             }
+        }
+        // When every event of a batch is refused, the fault is the store's
+        // (a dropped table, revoked rights), not the events': stop rather
+        // than set the whole stream aside.
+        if count > 1 && refused.len() == count {
+            let (_, _, e) = refused.pop().expect("refused events");
+            return Err(e.into());
+        }
+        for (event, payload, e) in refused {
+            tracing::error!(
+                partition = event.partition,
+                position = event.position,
+                error = %e,
+                "the store refuses an event; dead-lettering it"
+            );
+            self.metrics
+                .projector_events
+                .with_label_values(&["dead_lettered"])
+                .inc();
+            let d = Delivery {
+                partition: event.partition,
+                position: event.position,
+                next_position: event.position + 1,
+                payload,
+            };
+            self.send_dead_letters(vec![dead_letter(&d, format!("cannot apply: {e}"))])
+                .await?;
         }
         self.apply_with_retry(ApplyBatch {
             events: Vec::new(),

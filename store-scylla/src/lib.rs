@@ -23,16 +23,21 @@
 //!   connected components on read (the root is the smallest identifier, as in
 //!   the domain's model). Edges commute, so projectors of different partitions
 //!   can link the same person at once without a race. An identifier's earliest
-//!   time is a cell written with the write timestamp `BASE - time`, so the
+//!   time is a cell written with the write timestamp `-SHIFT - time`, so the
 //!   store keeps the minimum by itself.
 //! - **Traits** are one cell per `(identifier, name)` written with the write
-//!   timestamp `BASE + event time`; on a tie the larger value wins, and the
+//!   timestamp `event time - SHIFT`; on a tie the larger value wins, and the
 //!   value starts with the `messageId`, which is the domain's tie-break.
 //! - **Counts and seen times** are read, folded and written back by the one
 //!   projector that owns the identifier's log partition (an event's primary
 //!   identifier is its partition key). The row remembers, per partition, the
 //!   position after the last event it includes, so a replay skips what it
-//!   already counted.
+//!   already counted. Its write timestamp is the sum of those positions, so
+//!   a projector that lost the partition during a long stall and writes late
+//!   cannot overwrite the newer row; checkpoints are fenced by their
+//!   position the same way. Counts are written after the other effects.
+//! - Write timestamps of the min/max cells are negative (far in the past),
+//!   never in the future, which ScyllaDB refuses.
 //! - **De-duplication** rows (`workspace, messageId → receivedAt`) are written
 //!   after the effects, so a row means "fully applied"; a TTL of twice the
 //!   window cleans them up.
@@ -40,6 +45,10 @@
 //! Writes are prepared statements, issued concurrently; the only batch is the
 //! checkpoint's, which stays inside one partition. The consistency level is
 //! configurable and defaults to `LOCAL_QUORUM`.
+//!
+//! Known limit: de-duplication is exact within a partition. A `messageId`
+//! sent again under a *different* user (so to another partition) and applied
+//! by two projectors at the same moment can count twice.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -70,9 +79,21 @@ pub mod schema;
 /// holds one identifier's events of one week.
 pub const BUCKET_MICROS: i64 = 7 * 24 * 3_600 * 1_000_000;
 
-/// Write timestamps of the min/max cells sit around this base, far from wall
-/// clock time, and only those cells use them.
-const TIMESTAMP_BASE: i64 = 1 << 62;
+/// Write timestamps of the min/max cells sit far *below* wall-clock time
+/// (negative: Cassandra and ScyllaDB accept them), never in the future, which
+/// ScyllaDB refuses (`restrict_future_timestamp`) and Cassandra can guard.
+/// Only those cells use them.
+const TIMESTAMP_SHIFT: i64 = 1 << 61;
+
+/// The write timestamp of a trait cell: later events win.
+fn trait_timestamp(time: i64) -> i64 {
+    time - TIMESTAMP_SHIFT
+}
+
+/// The write timestamp of a first-seen cell: earlier events win.
+fn first_seen_timestamp(time: i64) -> i64 {
+    -TIMESTAMP_SHIFT - time
+}
 
 /// The most identifiers one profile resolves to; a larger component (a shared
 /// device id linking thousands of people) is cut off, with a warning.
@@ -325,19 +346,19 @@ impl Statements {
             insert_timeline: p("INSERT INTO timeline (workspace, id, bucket, time, message_id, counter, body) VALUES (?, ?, ?, ?, ?, ?, ?)".into()).await?,
             insert_bucket: p("INSERT INTO timeline_buckets (workspace, id, bucket) VALUES (?, ?, ?)".into()).await?,
             select_stats: p("SELECT first_seen, last_seen, counts, applied FROM stats WHERE workspace = ? AND id = ?".into()).await?,
-            upsert_stats: p("INSERT INTO stats (workspace, id, first_seen, last_seen, counts, applied) VALUES (?, ?, ?, ?, ?, ?)".into()).await?,
+            upsert_stats: p("INSERT INTO stats (workspace, id, first_seen, last_seen, counts, applied) VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?".into()).await?,
             select_dedup: p("SELECT received_at FROM dedup WHERE workspace = ? AND message_id = ?".into()).await?,
             insert_dedup: p("INSERT INTO dedup (workspace, message_id, received_at) VALUES (?, ?, ?) USING TTL ?".into()).await?,
-            upsert_checkpoint: p("INSERT INTO checkpoints (consumer, partition, position) VALUES (?, ?, ?)".into()).await?,
+            upsert_checkpoint: p("INSERT INTO checkpoints (consumer, partition, position) VALUES (?, ?, ?) USING TIMESTAMP ?".into()).await?,
             select_checkpoints: p("SELECT partition, position FROM checkpoints WHERE consumer = ?".into()).await?,
             select_links: p("SELECT linked, first_seen FROM identity_links WHERE workspace = ? AND id = ?".into()).await?,
             select_traits: p("SELECT name, value FROM traits WHERE workspace = ? AND id = ?".into()).await?,
             buckets_asc: p("SELECT bucket FROM timeline_buckets WHERE workspace = ? AND id = ? AND bucket >= ? AND bucket <= ? ORDER BY bucket ASC".into()).await?,
             buckets_desc: p("SELECT bucket FROM timeline_buckets WHERE workspace = ? AND id = ? AND bucket >= ? AND bucket <= ? ORDER BY bucket DESC".into()).await?,
             timeline_asc_from: p(tl("AND time >= ? AND time < ? ORDER BY time ASC, message_id ASC LIMIT ?")).await?,
-            timeline_asc_after: p(tl("AND (time, message_id) > (?, ?) AND (time) < (?) ORDER BY time ASC, message_id ASC LIMIT ?")).await?,
+            timeline_asc_after: p(tl("AND (time, message_id) > (?, ?) AND (time, message_id) < (?, '') ORDER BY time ASC, message_id ASC LIMIT ?")).await?,
             timeline_desc_from: p(tl("AND time >= ? AND time < ? ORDER BY time DESC, message_id DESC LIMIT ?")).await?,
-            timeline_desc_before: p(tl("AND (time) >= (?) AND (time, message_id) < (?, ?) ORDER BY time DESC, message_id DESC LIMIT ?")).await?,
+            timeline_desc_before: p(tl("AND (time, message_id) >= (?, '') AND (time, message_id) < (?, ?) ORDER BY time DESC, message_id DESC LIMIT ?")).await?,
             insert_workspace: p("INSERT INTO workspaces (id, name, created_at) VALUES (?, ?, ?)".into()).await?,
             select_workspaces: p("SELECT id, name, created_at FROM workspaces".into()).await?,
             insert_credential: p("INSERT INTO credentials (credential, workspace_id, source_id) VALUES (?, ?, ?)".into()).await?,
@@ -600,13 +621,26 @@ struct StatsRow {
     applied: BTreeMap<i32, i64>,
 }
 
+impl StatsRow {
+    /// The row's write timestamp: the sum of its partitions' positions, which
+    /// grows with every event folded in. A projector that lost its partition
+    /// (evicted during a long stall) but still writes folds fewer events than
+    /// the one that took over, so its late write loses instead of erasing
+    /// counts; and coordinators' clocks never order these writes.
+    fn fence(&self) -> i64 {
+        self.applied
+            .values()
+            .fold(0i64, |a, p| a.saturating_add(*p))
+    }
+}
+
 impl ScyllaStore {
     async fn run(&self, w: Write) -> Result<()> {
         let st = &self.st;
         match w {
             Write::Link { ws, id, linked } => self.write(&st.insert_link, (ws, id, linked)).await,
             Write::FirstSeen { ws, id, time } => {
-                self.write(&st.first_seen, (TIMESTAMP_BASE - time, time, ws, id))
+                self.write(&st.first_seen, (first_seen_timestamp(time), time, ws, id))
                     .await
             }
             Write::Trait {
@@ -615,7 +649,7 @@ impl ScyllaStore {
                 name,
                 value,
             } => {
-                let ts = TIMESTAMP_BASE + value.updated_at;
+                let ts = trait_timestamp(value.updated_at);
                 self.write(&st.upsert_trait, (ts, encode_trait(&value), ws, id, name))
                     .await
             }
@@ -638,9 +672,18 @@ impl ScyllaStore {
             }
             Write::Stats { ws, id, row } => {
                 let seen = row.seen.unwrap_or(Seen { first: 0, last: 0 });
+                let fence = row.fence();
                 self.write(
                     &st.upsert_stats,
-                    (ws, id, seen.first, seen.last, row.counts, row.applied),
+                    (
+                        ws,
+                        id,
+                        seen.first,
+                        seen.last,
+                        row.counts,
+                        row.applied,
+                        fence,
+                    ),
                 )
                 .await
             }
@@ -999,10 +1042,7 @@ impl ProfileStore for ScyllaStore {
         outcome.applied = fresh.len();
 
         // 2. Their effects: blind writes, and counts folded per identifier.
-        let Plan {
-            mut writes,
-            by_primary,
-        } = plan(&fresh)?;
+        let Plan { writes, by_primary } = plan(&fresh)?;
         let mut folds = Vec::with_capacity(by_primary.len());
         for ((ws, id), events) in by_primary {
             folds.push(async move {
@@ -1033,8 +1073,10 @@ impl ProfileStore for ScyllaStore {
             });
         }
         let stats = concurrently(folds).await?;
-        writes.extend(stats.into_iter().flatten());
         self.run_all(writes).await?;
+        // Counts last: if another write fails for good (and the event ends up
+        // a dead letter), it has not been counted.
+        self.run_all(stats.into_iter().flatten().collect()).await?;
 
         // 3. Only now: "this message is applied".
         let ttl = (window / 1_000_000)
@@ -1056,7 +1098,14 @@ impl ProfileStore for ScyllaStore {
             let mut values = Vec::new();
             for (partition, position) in &batch.positions {
                 b.append_statement(self.st.upsert_checkpoint.clone());
-                values.push((batch.consumer.as_str(), *partition as i32, *position as i64));
+                // Fenced by the position: a late write from a projector that
+                // lost the partition never moves the checkpoint back.
+                values.push((
+                    batch.consumer.as_str(),
+                    *partition as i32,
+                    *position as i64,
+                    *position as i64,
+                ));
             }
             b.set_is_idempotent(true);
             self.session.batch(&b, values).await.map_err(classify)?;
@@ -1389,6 +1438,8 @@ mod tests {
         assert!(decode_trait(&[0, 0, 0, 0, 200]).is_err());
     }
 
+    const T_2026: i64 = 1_780_000_000_000_000;
+
     #[test]
     fn buckets_are_weeks_and_floor_negative_times() {
         assert_eq!(bucket_of(0), 0);
@@ -1397,9 +1448,15 @@ mod tests {
         assert_eq!(bucket_of(-1), -1);
         const LAST: i64 = 253_402_300_799_000_000; // 9999-12-31T23:59:59Z
         const FIRST: i64 = -62_135_596_800_000_000; // 0001-01-01T00:00:00Z
-        // Event times of years 1..9999 keep write timestamps positive, and
-        // `BASE ± time` cannot overflow (const evaluation would fail).
-        const { assert!(TIMESTAMP_BASE - LAST > 0 && TIMESTAMP_BASE + FIRST > 0) };
-        const { assert!(TIMESTAMP_BASE + LAST > TIMESTAMP_BASE - FIRST - LAST) };
+        // Every event time of years 1..9999 maps to a negative write
+        // timestamp (never in the future), without overflow, in order.
+        for (a, b) in [(FIRST, 0), (0, T_2026), (T_2026, LAST)] {
+            assert!(trait_timestamp(a) < trait_timestamp(b));
+            assert!(first_seen_timestamp(a) > first_seen_timestamp(b));
+        }
+        for t in [FIRST, LAST] {
+            assert!(trait_timestamp(t) < 0 && first_seen_timestamp(t) < 0);
+            assert!(first_seen_timestamp(t) > i64::MIN + 1);
+        }
     }
 }

@@ -247,14 +247,18 @@ pub async fn rebuild(config: &Config) -> anyhow::Result<u64> {
 /// as ingest keys them. Returns how many, and the position after the last.
 pub async fn replay_dead_letters(backends: &Backends, from: u64) -> anyhow::Result<(u64, u64)> {
     let codec = trailmark_schemas::EventCodec::new()?;
+    // Read up to the end as it is now, then append: letters that fail again
+    // while this runs are not replayed in a loop.
+    let mut letters = Vec::new();
     let mut next = from;
-    let mut replayed = 0;
     loop {
-        let letters = backends.log.dead_letters(next, 500).await?;
-        if letters.is_empty() {
-            return Ok((replayed, next));
-        }
-        let records = letters
+        let page = backends.log.dead_letters(next, 500).await?;
+        let Some((last, _)) = page.last() else { break };
+        next = last + 1;
+        letters.extend(page);
+    }
+    for chunk in letters.chunks(500) {
+        let records = chunk
             .iter()
             .map(|(_, l)| trailmark_log::Record {
                 // A record this build still cannot decode keeps no key; its
@@ -267,7 +271,6 @@ pub async fn replay_dead_letters(backends: &Backends, from: u64) -> anyhow::Resu
             })
             .collect();
         backends.log.append(records).await?;
-        replayed += letters.len() as u64;
-        next = letters.last().map(|(at, _)| at + 1).unwrap_or(next);
     }
+    Ok((letters.len() as u64, next))
 }
