@@ -175,6 +175,17 @@ pub struct KafkaLog {
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The producer's settings: idempotent, every in-sync replica acknowledges,
+/// batched and compressed. (The benchmark's baseline producer uses them too.)
+pub const PRODUCER_SETTINGS: &[(&str, &str)] = &[
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    ("linger.ms", "5"),
+    ("batch.num.messages", "10000"),
+    ("compression.type", "lz4"),
+    ("queue.buffering.max.messages", "1000000"),
+];
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
@@ -220,14 +231,11 @@ impl KafkaLog {
 
     /// Connects to the topic, which must exist (`trailmark migrate`).
     pub async fn open(config: KafkaConfig) -> Result<Self> {
-        let producer: FutureProducer<Context> = config
-            .client()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("batch.num.messages", "10000")
-            .set("compression.type", "lz4")
-            .set("queue.buffering.max.messages", "1000000")
+        let mut client = config.client();
+        for (k, v) in PRODUCER_SETTINGS {
+            client.set(*k, *v);
+        }
+        let producer: FutureProducer<Context> = client
             .set("message.timeout.ms", "5000")
             .create_with_context(Context)
             .map_err(invalid)?;

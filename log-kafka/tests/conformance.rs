@@ -11,13 +11,7 @@ use trailmark_log::{EventLog, Result};
 use trailmark_log_kafka::{KafkaConfig, KafkaLog};
 
 fn topic_for(at: &Path) -> String {
-    let digest = at
-        .to_string_lossy()
-        .bytes()
-        .fold(0xcbf29ce484222325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100000001b3)
-        });
-    format!("tm-test-{digest:016x}")
+    format!("tm-test-{}", trailmark_testkit::name_for_path(at))
 }
 
 fn open(at: &Path) -> Result<Arc<dyn EventLog>> {

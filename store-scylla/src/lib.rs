@@ -66,11 +66,11 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::unprepared::Statement;
 use serde_json::value::RawValue;
 use trailmark_domain::profile::{Seen, TraitValue, is_duplicate, merge_trait, project};
-use trailmark_domain::{Clock, IdKind, Identifier, SystemClock};
+use trailmark_domain::{IdKind, Identifier};
 use trailmark_store::{
     ApplyBatch, ApplyOutcome, CreatedWorkspace, LoggedEvent, ProfileMetadata, ProfileRef,
     ProfileStore, ReadGrant, Result, StoreError, TimelineEntry, TimelinePage, TimelineQuery,
-    Workspace, WorkspaceDirectory, WriteGrant, new_secret, token_digest,
+    Workspace, WorkspaceDirectory, WriteGrant, token_digest,
 };
 
 pub mod schema;
@@ -1275,22 +1275,15 @@ impl WorkspaceDirectory for ScyllaStore {
         write_key: Option<&str>,
         token: Option<&str>,
     ) -> Result<CreatedWorkspace> {
-        let id = format!("ws_{}", uuid::Uuid::now_v7().simple());
-        let source_id = format!("src_{}", uuid::Uuid::now_v7().simple());
-        let write_key = write_key
-            .map(str::to_owned)
-            .unwrap_or_else(|| new_secret("wk_"));
-        let token = token
-            .map(str::to_owned)
-            .unwrap_or_else(|| new_secret("tmk_"));
-        let created_at = SystemClock.now_micros();
+        let created = CreatedWorkspace::new(name, write_key, token)?;
+        let (id, source_id) = (&created.workspace.id, &created.source_id);
         // Credentials are checked, then written. Not a lightweight transaction:
         // ScyllaDB keyspaces with tablets do not support them, and generated
         // credentials are random; only a supplied one can collide, and the
         // commands that supply one run alone.
         let credentials = [
-            format!("w:{write_key}"),
-            format!("t:{}", token_digest(&token)),
+            format!("w:{}", created.write_key),
+            format!("t:{}", token_digest(&created.token)),
         ];
         for (credential, what) in credentials.iter().zip(["write key", "token"]) {
             let taken: Vec<(String, String)> =
@@ -1299,22 +1292,14 @@ impl WorkspaceDirectory for ScyllaStore {
                 return Err(StoreError::Conflict(what.into()));
             }
         }
-        self.write(&self.st.insert_workspace, (&id, name, created_at))
+        let created_at = created.workspace.created_at;
+        self.write(&self.st.insert_workspace, (id, name, created_at))
             .await?;
         for credential in &credentials {
-            self.write(&self.st.insert_credential, (credential, &id, &source_id))
+            self.write(&self.st.insert_credential, (credential, id, source_id))
                 .await?;
         }
-        Ok(CreatedWorkspace {
-            workspace: Workspace {
-                id,
-                name: name.to_owned(),
-                created_at,
-            },
-            source_id,
-            write_key,
-            token,
-        })
+        Ok(created)
     }
 
     async fn workspaces(&self) -> Result<Vec<Workspace>> {

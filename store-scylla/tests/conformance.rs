@@ -13,13 +13,7 @@ use trailmark_store_scylla::{ScyllaConfig, ScyllaStore};
 static MIGRATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn keyspace_for(at: &Path) -> String {
-    let digest = at
-        .to_string_lossy()
-        .bytes()
-        .fold(0xcbf29ce484222325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100000001b3)
-        });
-    format!("tm_test_{digest:016x}")
+    format!("tm_test_{}", trailmark_testkit::name_for_path(at))
 }
 
 fn open(at: &Path) -> (Arc<dyn ProfileStore>, Arc<dyn WorkspaceDirectory>) {

@@ -54,7 +54,7 @@ use trailmark_domain::{Event, IdKind, Identifier};
 use crate::{
     ApplyBatch, ApplyOutcome, CreatedWorkspace, ProfileMetadata, ProfileRef, ProfileStore,
     ReadGrant, Result, StoreError, TimelineEntry, TimelinePage, TimelineQuery, Workspace,
-    WorkspaceDirectory, WriteGrant, new_secret, token_digest,
+    WorkspaceDirectory, WriteGrant, token_digest,
 };
 
 /// How far past the de-duplication window an entry is kept before it is
@@ -956,21 +956,11 @@ impl WorkspaceDirectory for EmbeddedStore {
         token: Option<&str>,
     ) -> Result<CreatedWorkspace> {
         let ks = &self.inner.ks;
-        let workspace = Workspace {
-            id: format!("ws_{}", uuid::Uuid::now_v7().simple()),
-            name: name.to_owned(),
-            created_at: trailmark_domain::Clock::now_micros(&trailmark_domain::SystemClock),
-        };
-        let source_id = format!("src_{}", uuid::Uuid::now_v7().simple());
-        let write_key = write_key.map_or_else(|| new_secret("wk_"), str::to_owned);
-        let token = token.map_or_else(|| new_secret("tmk_"), str::to_owned);
-        if write_key == token {
-            return Err(StoreError::Invalid(
-                "the write key and the token must differ".into(),
-            ));
-        }
+        let created = CreatedWorkspace::new(name, write_key, token)?;
+        let (workspace, source_id) = (&created.workspace, &created.source_id);
+        let (write_key, token) = (&created.write_key, &created.token);
         let wkey = [b"w\0".as_slice(), write_key.as_bytes()].concat();
-        let tkey = [b"t\0".as_slice(), token_digest(&token).as_bytes()].concat();
+        let tkey = [b"t\0".as_slice(), token_digest(token).as_bytes()].concat();
         let _writer = self.inner.writer.lock().expect("writer lock");
         if ks.credentials.contains_key(&wkey).map_err(unavailable)? {
             return Err(StoreError::Conflict("write key".into()));
@@ -979,7 +969,7 @@ impl WorkspaceDirectory for EmbeddedStore {
             return Err(StoreError::Conflict("token".into()));
         }
         let mut tx = self.inner.db.batch();
-        tx.insert(&ks.workspaces, workspace.id.as_bytes(), json(&workspace));
+        tx.insert(&ks.workspaces, workspace.id.as_bytes(), json(workspace));
         tx.insert(
             &ks.credentials,
             wkey,
@@ -997,12 +987,7 @@ impl WorkspaceDirectory for EmbeddedStore {
         );
         tx.commit().map_err(unavailable)?;
         self.persist()?;
-        Ok(CreatedWorkspace {
-            workspace,
-            source_id,
-            write_key,
-            token,
-        })
+        Ok(created)
     }
 
     async fn workspaces(&self) -> Result<Vec<Workspace>> {

@@ -257,6 +257,31 @@ pub trait WorkspaceDirectory: Send + Sync + 'static {
     async fn resolve_token(&self, token: &str) -> Result<Option<ReadGrant>>;
 }
 
+impl CreatedWorkspace {
+    /// A new workspace with one source, for a store to persist: ids are
+    /// UUIDv7s, and credentials are generated unless given. A write key that
+    /// equals the token is refused.
+    pub fn new(name: &str, write_key: Option<&str>, token: Option<&str>) -> Result<Self> {
+        let write_key = write_key.map_or_else(|| new_secret("wk_"), str::to_owned);
+        let token = token.map_or_else(|| new_secret("tmk_"), str::to_owned);
+        if write_key == token {
+            return Err(StoreError::Invalid(
+                "the write key and the token must differ".into(),
+            ));
+        }
+        Ok(Self {
+            workspace: Workspace {
+                id: format!("ws_{}", uuid::Uuid::now_v7().simple()),
+                name: name.to_owned(),
+                created_at: trailmark_domain::Clock::now_micros(&trailmark_domain::SystemClock),
+            },
+            source_id: format!("src_{}", uuid::Uuid::now_v7().simple()),
+            write_key,
+            token,
+        })
+    }
+}
+
 /// A fresh random credential with a readable prefix.
 pub fn new_secret(prefix: &str) -> String {
     let a = uuid::Uuid::new_v4().simple().to_string();

@@ -13,6 +13,19 @@ pub const WORKSPACE: &str = "ws_test";
 /// 2024-01-01T00:00:00Z in microseconds; builders' times are offsets from it.
 pub const T0: i64 = 1_704_067_200_000_000;
 
+/// A short name that is the same for the same path and differs between
+/// paths (64-bit FNV-1a, hex): tests name their Kafka topic or Cassandra
+/// keyspace after their temporary directory, so "reopen" finds the same one.
+pub fn name_for_path(path: &std::path::Path) -> String {
+    let digest = path
+        .to_string_lossy()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+    format!("{digest:016x}")
+}
+
 /// Builds a normalised [`Event`].
 #[derive(Debug, Clone)]
 pub struct EventBuilder {

@@ -46,6 +46,17 @@ impl Drop for Restart {
     }
 }
 
+/// Migrates a topic and keyspace of the test's own, then starts ingest, the
+/// query API and one projector on them.
+async fn three_roles(dir: &tempfile::TempDir) -> [Role; 3] {
+    prepare_distributed(dir.path(), config(dir.path())).await;
+    [
+        spawn_role(dir.path(), "ingest", "ingest").await,
+        spawn_role(dir.path(), "query-api", "query-api").await,
+        spawn_role(dir.path(), "projector", "projector").await,
+    ]
+}
+
 fn config(dir: &std::path::Path) -> Config {
     let mut config = Config::for_test(dir);
     config.bootstrap.write_key = Some(WRITE_KEY.into());
@@ -229,10 +240,7 @@ async fn two_projectors_share_the_partitions_and_one_survives_a_kill() {
 async fn a_cassandra_outage_delays_projections_and_loses_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    prepare_distributed(dir.path(), config(dir.path())).await;
-    let ingest = spawn_role(dir.path(), "ingest", "ingest").await;
-    let query = spawn_role(dir.path(), "query-api", "query-api").await;
-    let projector = spawn_role(dir.path(), "projector", "projector").await;
+    let [ingest, query, projector] = three_roles(&dir).await;
     let mut acked = load(ingest.base.clone(), "before".into(), 20, 5, 20).await;
 
     // Load throughout the outage, from a task that records every answer.
@@ -319,10 +327,7 @@ async fn a_cassandra_outage_delays_projections_and_loses_nothing() {
 async fn a_kafka_outage_gets_503_not_200_and_recovers() {
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    prepare_distributed(dir.path(), config(dir.path())).await;
-    let ingest = spawn_role(dir.path(), "ingest", "ingest").await;
-    let query = spawn_role(dir.path(), "query-api", "query-api").await;
-    let projector = spawn_role(dir.path(), "projector", "projector").await;
+    let [ingest, query, projector] = three_roles(&dir).await;
     let mut acked = load(ingest.base.clone(), "before".into(), 5, 2, 10).await;
     let client = reqwest::Client::new();
     let event = json!({"type": "track", "event": "Load", "userId": "k-u", "messageId": "k-during"});

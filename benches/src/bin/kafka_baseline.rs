@@ -73,14 +73,11 @@ async fn main() -> Result<()> {
             Err((t, e)) => anyhow::bail!("creating {t}: {e}"),
         }
     }
-    let producer: FutureProducer = config
-        .clone()
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("batch.num.messages", "10000")
-        .set("compression.type", "lz4")
-        .set("queue.buffering.max.messages", "1000000")
+    let mut producer_config = config.clone();
+    for (k, v) in trailmark_log_kafka::PRODUCER_SETTINGS {
+        producer_config.set(*k, *v);
+    }
+    let producer: FutureProducer = producer_config
         .set("message.timeout.ms", "30000")
         .create()
         .context("producer")?;

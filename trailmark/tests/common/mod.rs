@@ -81,16 +81,6 @@ pub fn cassandra_host() -> String {
     std::env::var("TRAILMARK_TEST_CASSANDRA").unwrap_or_else(|_| "127.0.0.1:9042".into())
 }
 
-fn name_for(dir: &std::path::Path) -> String {
-    let digest = dir
-        .to_string_lossy()
-        .bytes()
-        .fold(0xcbf29ce484222325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100000001b3)
-        });
-    format!("{digest:016x}")
-}
-
 /// The configuration file the distributed roles of `dir` share.
 pub fn config_path(dir: &std::path::Path) -> std::path::PathBuf {
     dir.join("trailmark.toml")
@@ -98,7 +88,7 @@ pub fn config_path(dir: &std::path::Path) -> std::path::PathBuf {
 
 /// Writes the distributed configuration for `dir`, then runs `migrate`.
 pub async fn prepare_distributed(dir: &std::path::Path, mut config: Config) {
-    let n = name_for(dir);
+    let n = trailmark_testkit::name_for_path(dir);
     config.log_uri = Some(format!(
         "kafka://{}/tm-e2e-{n}?partitions=4",
         kafka_brokers()
