@@ -16,6 +16,8 @@
 //! This crate knows only the [`trailmark_log::EventLog`] trait; the binary
 //! chooses the backend.
 
+pub mod sdk;
+
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -65,8 +67,12 @@ pub fn routes() -> Router<AppState> {
                     header::CONTENT_TYPE,
                     header::CONTENT_ENCODING,
                 ])
+                // Browsers may read it, so SDKs can honour it across origins.
+                .expose_headers([header::RETRY_AFTER])
                 .max_age(std::time::Duration::from_secs(86_400)),
         )
+        // After the layers: the bundle is neither decompressed nor POSTed.
+        .merge(sdk::routes())
 }
 
 /// Reads the whole (decompressed) body, refusing more than `limit` bytes.

@@ -645,3 +645,58 @@ async fn snapshot(s: &TestServer, u: &str) -> Vec<Value> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_browser_sdk_is_served_with_long_lived_caching() {
+    let s = TestServer::start().await;
+    let r = s
+        .client
+        .get(s.url("/sdk/v1/trailmark.min.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/javascript")
+    );
+    assert!(
+        r.headers()["cache-control"]
+            .to_str()
+            .unwrap()
+            .contains("max-age=86400")
+    );
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    let etag = r.headers()["etag"].clone();
+    let body = r.bytes().await.unwrap();
+    assert_eq!(body.as_ref(), trailmark_ingest::sdk::SDK_BUNDLE);
+    // Revalidation: unchanged, so 304 with no body.
+    let again = s
+        .client
+        .get(s.url("/sdk/v1/trailmark.min.js"))
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
+    // The exact version never changes: cached for a year.
+    let pinned = s
+        .client
+        .get(s.url(&format!(
+            "/sdk/{}/trailmark.min.js",
+            trailmark_ingest::sdk::SDK_VERSION
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pinned.status(), 200);
+    assert!(
+        pinned.headers()["cache-control"]
+            .to_str()
+            .unwrap()
+            .contains("immutable")
+    );
+    s.stop().await;
+}

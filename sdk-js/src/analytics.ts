@@ -1,0 +1,403 @@
+// Owns the public API (analytics.js-compatible) and the delivery loop: turning
+// calls into Segment messages, batching them to `/v1/batch`, retrying, flushing
+// on page exit, and honouring consent. Storage, ids, context and the retry
+// policy live in their own modules; this file wires them to browser events.
+//
+// Delivery is at-least-once: an event leaves the persisted queue only when
+// the server has answered for it, so anything sent during page exit (whose
+// answer we may never see) is sent again by the next page load or another
+// tab. The server de-duplicates by messageId, which makes that safe.
+
+import { context, pageInfo, type Dict } from './context';
+import { Identity, type Traits } from './identity';
+import { bytes, chunks, Queue, type Message } from './queue';
+import { backoff, verdict } from './retry';
+import { cookieStore, localStore, topDomain, type Store } from './storage';
+import { uuidv4, uuidv7 } from './uuid';
+
+export type Consent = 'granted' | 'denied' | 'pending';
+export type Callback = (msg?: Message) => void;
+
+export interface CallOptions {
+  timestamp?: Date | string;
+  context?: Dict;
+  anonymousId?: string;
+  integrations?: Dict;
+}
+
+export interface LoadOptions {
+  /** Ingest base URL; defaults to the origin the SDK was served from. */
+  apiHost?: string;
+  /** Send when this many events are queued (default 20). */
+  flushAt?: number;
+  /** …or this many ms after the first queued event (default 2000). */
+  flushInterval?: number;
+  /** Bound of the persisted queue; the oldest events go first (default 500). */
+  maxQueueSize?: number;
+  /** false: no cookie and no localStorage; identity and queue in memory. */
+  cookies?: boolean;
+  /** Overrides cookie-domain discovery ('' = host-only cookie). */
+  cookieDomain?: string;
+  /** 'pending' queues in memory without sending until setConsent. */
+  consent?: Consent;
+  /** Domains whose links `decorate()` tags with `tm_aid`. */
+  crossDomains?: string[];
+  /** Send a page view on pushState/replaceState/popstate. */
+  trackHistory?: boolean;
+  /** Backoff base and cap in ms (default 1000 / 60000). */
+  retryBase?: number;
+  retryMax?: number;
+}
+
+// Server limits, with headroom: 32 KB per event, 500 KB per body, 2,500 per
+// batch. 60 KB is under the 64 KB budget browsers give keepalive requests.
+const MAX_EVENT = 32000;
+const MAX_BODY = 500000;
+const MAX_COUNT = 500;
+const MAX_UNLOAD = 60000;
+const AID_PARAM = 'tm_aid';
+
+export interface User {
+  id(): string | null;
+  anonymousId(): string;
+  traits(): Traits;
+}
+
+/** Pulls the (first) callback out of an argument list, as analytics.js
+ * accepts it in any trailing position. */
+function split(args: unknown[]): [unknown[], Callback | undefined] {
+  const i = args.findIndex((a) => typeof a === 'function');
+  return i < 0 ? [args, undefined] : [args.slice(0, i), args[i] as Callback];
+}
+
+const isObj = (x: unknown): x is Dict => typeof x === 'object' && x !== null;
+const str = (x: unknown): string | undefined => (x == null ? undefined : String(x));
+
+export class Analytics {
+  private wk = '';
+  private loaded = false;
+  private pre: [keyof Analytics, unknown[]][] = [];
+  private consent: Consent = 'granted';
+  private o: LoadOptions = {};
+  private url = '';
+  private persist: Store[] = [];
+  private local: ReturnType<typeof localStore> = null;
+  private id!: Identity;
+  private q!: Queue;
+  private timer: ReturnType<typeof setTimeout> | undefined;
+  private blocked = false;
+  private sending = false;
+  private attempt = 0;
+  /** messageIds in an unanswered page-exit request; not sent again meanwhile. */
+  private flying = new Set<string>();
+  private ref = '';
+  private last = '';
+
+  constructor(private defaultHost?: string) {}
+
+  load(writeKey: string, options: LoadOptions = {}): this {
+    if (this.loaded) return this;
+    this.wk = writeKey;
+    const o = (this.o = { flushAt: 20, flushInterval: 2000, maxQueueSize: 500, ...options });
+    this.consent = o.consent || 'granted';
+    this.url = (o.apiHost || this.defaultHost || location.origin).replace(/\/+$/, '') + '/v1/batch';
+    if (o.cookies !== false) {
+      const host = location.hostname;
+      this.local = localStore();
+      this.persist = [
+        cookieStore(document, o.cookieDomain ?? topDomain(document, host), location.protocol === 'https:'),
+        ...(this.local ? [this.local] : []),
+      ];
+    }
+    this.id = new Identity(this.persist);
+    this.q = new Queue(o.maxQueueSize!, `tm.${writeKey}.`, uuidv4(), null);
+
+    // A visitor arriving from one of our other domains keeps their identity.
+    const u = new URL(location.href);
+    const aid = u.searchParams.get(AID_PARAM);
+    if (aid && /^[\w-]{1,64}$/.test(aid)) {
+      this.id.aid = aid;
+      u.searchParams.delete(AID_PARAM);
+      // Drop it from the address bar so it is neither shared nor tracked as part of the URL.
+      history.replaceState(history.state, '', u.href);
+    }
+    this.ref = document.referrer;
+    this.last = location.href;
+    this.grant();
+
+    const flushOnExit = () => this.exit();
+    addEventListener('visibilitychange', () => document.visibilityState === 'hidden' && flushOnExit());
+    addEventListener('pagehide', () => {
+      flushOnExit();
+      this.q.release();
+    });
+    addEventListener('pageshow', () => this.q.beat(Date.now()));
+    addEventListener('online', () => this.retryNow());
+    // Renews our lease and adopts the queues of tabs that died. The period is
+    // well under LEASE_MS, so a live tab never looks dead.
+    setInterval(() => {
+      if (this.consent !== 'granted') return;
+      const now = Date.now();
+      this.q.beat(now);
+      this.q.reclaim(now);
+      this.schedule();
+    }, 5000);
+
+    if (o.trackHistory) {
+      const h = history;
+      for (const k of ['pushState', 'replaceState'] as const) {
+        const f = h[k];
+        h[k] = function (this: History, ...a: Parameters<History['pushState']>) {
+          f.apply(this, a);
+          nav();
+        };
+      }
+      const nav = () => {
+        if (location.href === this.last) return;
+        this.ref = this.last;
+        this.last = location.href;
+        this.page();
+      };
+      addEventListener('popstate', nav);
+    }
+
+    this.loaded = true;
+    for (const [m, a] of this.pre.splice(0)) (this[m] as (...x: unknown[]) => unknown)(...a);
+    return this;
+  }
+
+  /** Queues the call until `load`; true when it did. */
+  private defer(m: keyof Analytics, a: IArguments): boolean {
+    if (!this.loaded) this.pre.push([m, [...a]]);
+    return !this.loaded;
+  }
+
+  page(...args: unknown[]): this {
+    if (this.defer('page', arguments)) return this;
+    const [a, cb] = split(args);
+    let category: string | undefined;
+    let name: string | undefined;
+    const sOrNil = (x: unknown) => x == null || typeof x === 'string';
+    if (a.length > 1 && sOrNil(a[0]) && sOrNil(a[1])) [category, name] = [str(a.shift()), str(a.shift())];
+    else if (typeof a[0] === 'string') name = a.shift() as string;
+    const [props, opts] = a as [Dict?, CallOptions?];
+    const properties: Dict = { ...pageInfo(this.ref), ...props };
+    if (name) properties.name = name;
+    if (category) properties.category = category;
+    return this.enqueue('page', { name, category, properties }, opts, cb);
+  }
+
+  track(event: string, properties?: Dict, options?: CallOptions | Callback, cb?: Callback): this;
+  track(...args: unknown[]): this {
+    if (this.defer('track', arguments)) return this;
+    const [[event, properties, opts], cb] = split(args);
+    return this.enqueue('track', { event: str(event), properties: properties || {} }, opts as CallOptions, cb);
+  }
+
+  identify(userId?: string | null | Traits, traits?: Traits | CallOptions | Callback, ...rest: unknown[]): this;
+  identify(...args: unknown[]): this {
+    if (this.defer('identify', arguments)) return this;
+    const [a, cb] = split(args);
+    if (isObj(a[0])) a.unshift(null);
+    const uid = str(a[0]);
+    const id = this.id;
+    // A different user on this browser must not inherit the previous traits.
+    if (uid && id.uid && uid !== id.uid) id.traits = {};
+    if (uid) id.uid = uid;
+    id.traits = { ...id.traits, ...(a[1] as Traits) };
+    this.save();
+    return this.enqueue('identify', { traits: id.traits }, a[2] as CallOptions, cb);
+  }
+
+  group(groupId: string, traits?: Traits | CallOptions | Callback, ...rest: unknown[]): this;
+  group(...args: unknown[]): this {
+    if (this.defer('group', arguments)) return this;
+    const [[groupId, traits, opts], cb] = split(args);
+    return this.enqueue('group', { groupId: str(groupId), traits: traits || {} }, opts as CallOptions, cb);
+  }
+
+  alias(userId: string, previousId?: string | CallOptions | Callback, ...rest: unknown[]): this;
+  alias(...args: unknown[]): this {
+    if (this.defer('alias', arguments)) return this;
+    const [a, cb] = split(args);
+    if (isObj(a[1])) a.splice(1, 0, undefined);
+    const previousId = str(a[1]) || this.id.uid || this.id.aid;
+    return this.enqueue('alias', { userId: str(a[0]), previousId }, a[2] as CallOptions, cb);
+  }
+
+  /** Forgets the user: clears userId and traits, starts a new anonymousId. */
+  reset(): this {
+    if (this.defer('reset', arguments)) return this;
+    this.id.reset();
+    this.save();
+    return this;
+  }
+
+  user(): User {
+    const id = this.id;
+    return { id: () => id.uid, anonymousId: () => id.aid, traits: () => id.traits };
+  }
+
+  anonymousId(): string {
+    return this.id.aid;
+  }
+
+  ready(cb: () => void): this {
+    if (!this.defer('ready', arguments)) setTimeout(cb, 0);
+    return this;
+  }
+
+  setConsent(c: Consent): this {
+    if (this.defer('setConsent', arguments)) return this;
+    this.consent = c;
+    if (c === 'denied') {
+      // Forget everything we hold or wrote, and keep nothing from now on.
+      clearTimeout(this.timer);
+      this.q.clear();
+      this.q.store = null;
+      this.id.clear();
+    } else this.grant();
+    return this;
+  }
+
+  /** Adds `tm_aid` to URLs on the configured cross-domains, so the visitor
+   * keeps one anonymousId across them. Other URLs are returned unchanged. */
+  decorate(url: string): string {
+    try {
+      const u = new URL(url, location.href);
+      const h = u.hostname;
+      if ((this.o.crossDomains || []).some((d) => h === d || h.endsWith('.' + d))) {
+        u.searchParams.set(AID_PARAM, this.id.aid);
+        return u.href;
+      }
+    } catch {
+      // Not a URL: leave it alone.
+    }
+    return url;
+  }
+
+  /** Sends what is queued now, ignoring the flush timer (not a backoff). */
+  flush(): Promise<void> {
+    return this.send();
+  }
+
+  /** Persistence starts only with consent; before that, memory only. */
+  private grant(): void {
+    if (this.consent !== 'granted') return;
+    if (this.local && this.o.cookies !== false) this.q.store = this.local;
+    this.save();
+    const now = Date.now();
+    this.q.beat(now);
+    this.q.reclaim(now);
+    this.q.save();
+    this.schedule();
+  }
+
+  private save(): void {
+    if (this.consent === 'granted') this.id.save();
+  }
+
+  private enqueue(type: string, fields: Dict, opts: CallOptions = {}, cb?: Callback): this {
+    if (this.consent === 'denied') return this;
+    const ts = new Date(opts.timestamp || Date.now()).toISOString();
+    const m: Message = {
+      type,
+      ...fields,
+      messageId: uuidv7(),
+      anonymousId: opts.anonymousId || this.id.aid,
+      timestamp: ts,
+      originalTimestamp: ts,
+      context: { ...context(this.ref), ...opts.context },
+      integrations: opts.integrations || {},
+    };
+    if (this.id.uid && !m.userId) m.userId = this.id.uid;
+    if (bytes(JSON.stringify(m)) > MAX_EVENT) console.warn(`trailmark: ${type} dropped, over ${MAX_EVENT} bytes`);
+    else {
+      this.q.push(m);
+      this.schedule();
+    }
+    // Called at once rather than on delivery: delivery survives navigation.
+    if (cb) setTimeout(() => cb(m), 0);
+    return this;
+  }
+
+  private schedule(): void {
+    if (this.consent !== 'granted' || !this.q.items.length) return;
+    if (this.q.items.length >= this.o.flushAt!) void this.send();
+    else if (!this.timer) this.timer = setTimeout(() => this.send(), this.o.flushInterval);
+  }
+
+  private body(batch: Message[]): string {
+    return JSON.stringify({ batch, sentAt: new Date().toISOString(), writeKey: this.wk });
+  }
+
+  private pending(): Message[] {
+    return this.q.items.filter((m) => !this.flying.has(m.messageId));
+  }
+
+  /** One request at a time; on a transient failure, waits and tries again. */
+  private async send(): Promise<void> {
+    if (this.sending || this.blocked || this.consent !== 'granted') return;
+    clearTimeout(this.timer);
+    this.timer = undefined;
+    const batch = chunks(this.pending().slice(0, MAX_COUNT), MAX_COUNT, MAX_BODY, bytes(this.body([])))[0];
+    if (!batch) return;
+    this.sending = true;
+    let status = 0;
+    let retryAfter: string | null = null;
+    try {
+      // A string body goes as text/plain and there are no custom headers: a
+      // "simple" CORS request, so no preflight round trip before each batch.
+      const r = await fetch(this.url, { method: 'POST', body: this.body(batch), credentials: 'omit' });
+      status = r.status;
+      retryAfter = r.headers.get('Retry-After');
+    } catch {
+      // Network error or offline: status 0, retried below.
+    }
+    this.sending = false;
+    if (this.consent !== 'granted') return;
+    const v = verdict(status);
+    if (v === 'retry') {
+      this.blocked = true;
+      const o = this.o;
+      this.timer = setTimeout(() => this.retryNow(), backoff(this.attempt++, retryAfter, o.retryBase, o.retryMax));
+      return;
+    }
+    if (v === 'drop') console.warn(`trailmark: server refused ${batch.length} event(s) with HTTP ${status}, dropped`);
+    this.attempt = 0;
+    this.q.remove(new Set(batch.map((m) => m.messageId)));
+    this.schedule();
+  }
+
+  private retryNow(): void {
+    clearTimeout(this.timer);
+    this.timer = undefined;
+    this.blocked = false;
+    void this.send();
+  }
+
+  /** Page exit (hidden or pagehide): hand everything to the browser in
+   * keepalive requests, which outlive the page. Events stay queued until a
+   * response comes back; if the page dies first, the next load re-sends them. */
+  private exit(): void {
+    if (this.consent !== 'granted') return;
+    for (const c of chunks(this.pending(), MAX_COUNT, MAX_UNLOAD, bytes(this.body([])))) {
+      const body = this.body(c);
+      const ids = new Set(c.map((m) => m.messageId));
+      ids.forEach((i) => this.flying.add(i));
+      const done = (ok: boolean) => {
+        ids.forEach((i) => this.flying.delete(i));
+        if (ok) this.q.remove(ids);
+      };
+      fetch(this.url, { method: 'POST', body, keepalive: true, credentials: 'omit' }).then(
+        (r) => done(verdict(r.status) !== 'retry'),
+        () => {
+          // keepalive refused (over the browser's 64 KB in-flight budget, or
+          // unsupported): a beacon carries the write key in the body instead.
+          done(false);
+          navigator.sendBeacon?.(this.url, new Blob([body], { type: 'text/plain' }));
+        },
+      );
+    }
+  }
+}

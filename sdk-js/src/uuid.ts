@@ -1,0 +1,38 @@
+// Owns identifier generation: UUID v4 for anonymous ids and UUID v7 for
+// message ids. v7 is time-ordered, so the server's de-duplication index and
+// the event log stay roughly sorted; a 12-bit counter in rand_a keeps ids
+// strictly increasing within one millisecond (RFC 9562, method 1).
+
+const rand = (n: number): Uint8Array => crypto.getRandomValues(new Uint8Array(n));
+const hex = (b: Uint8Array): string => Array.from(b, (x) => (x + 256).toString(16).slice(1)).join('');
+
+export function uuidv4(): string {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  const b = rand(16);
+  b[6] = (b[6]! & 15) | 64;
+  b[8] = (b[8]! & 63) | 128;
+  const h = hex(b);
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+let lastMs = 0;
+let seq = 0;
+
+/** A UUID v7; ids from one page are strictly increasing, even within 1 ms
+ * and when the wall clock steps back (the last timestamp is reused). */
+export function uuidv7(now: number = Date.now()): string {
+  const b = rand(8);
+  if (now > lastMs) {
+    lastMs = now;
+    // Start the counter in its lower half so a burst has room to count up.
+    seq = ((b[0]! << 8) | b[1]!) & 0x7ff;
+  } else if (++seq > 0xfff) {
+    // Counter exhausted: borrow the next millisecond rather than repeat.
+    lastMs++;
+    seq = 0;
+  }
+  b[0] = (b[2]! & 63) | 128;
+  const t = lastMs.toString(16).padStart(12, '0');
+  const r = hex(b);
+  return `${t.slice(0, 8)}-${t.slice(8)}-7${seq.toString(16).padStart(3, '0')}-${r.slice(0, 4)}-${r.slice(4)}`;
+}

@@ -1,0 +1,124 @@
+// Browser → Trailmark delivery, end to end: page exit mid-batch, a server
+// that is unavailable for a while, and a reload while offline.
+
+import type { Browser, Request } from 'playwright-core';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { close, configured, eventsOf, launch, startFlakyProxy, startSite, startTrailmark, type Trailmark } from './harness';
+
+type Sent = { batch: { messageId: string; userId?: string; type: string }[] };
+
+/** messageIds the page sent for `userId`, from the requests Chromium made. */
+function recorder() {
+  const ids = new Set<string>();
+  return {
+    ids,
+    on: (req: Request) => {
+      if (req.method() !== 'POST' || !req.url().endsWith('/v1/batch')) return;
+      for (const m of (JSON.parse(req.postData() || '{}') as Sent).batch || []) if (m.userId) ids.add(m.messageId);
+    },
+  };
+}
+
+describe.skipIf(!configured)('trailmark.js against a real server', () => {
+  let tm: Trailmark;
+  let browser: Browser;
+
+  beforeAll(async () => {
+    tm = await startTrailmark();
+    browser = await launch();
+  });
+  afterAll(async () => {
+    await browser?.close();
+    await tm?.stop();
+  });
+
+  it('delivers every event exactly once when the visitor navigates away mid-batch', async () => {
+    const site = await startSite(tm.url, tm.writeKey);
+    const ctx = await browser.newContext();
+    const page = await ctx.newPage();
+    const rec = recorder();
+    page.on('request', rec.on);
+    const uid = `e2e-nav-${Date.now()}`;
+    await page.goto(site.url);
+    await page.waitForFunction(() => (window as unknown as { trailmark: { initialize?: boolean } }).trailmark.initialize);
+    await page.evaluate((id) => {
+      const t = (window as unknown as { trailmark: Record<string, (...a: unknown[]) => void> }).trailmark;
+      t.identify!(id, { plan: 'e2e' });
+      for (let i = 0; i < 5; i++) t.track!('Step', { i });
+    }, uid);
+    // Well before the 2 s flush: only the page-exit path can deliver these.
+    await page.goto(`${site.url}/away`);
+    const rows = await eventsOf(tm, uid, (r) => r.filter((x) => x.type === 'track').length >= 5);
+    const ids = rows.map((r) => r.message_id);
+    expect(rows.filter((r) => r.type === 'track')).toHaveLength(5);
+    expect(rows.filter((r) => r.type === 'identify')).toHaveLength(1);
+    expect(new Set(ids).size).toBe(ids.length); // none twice
+    for (const id of rec.ids) expect(ids).toContain(id);
+    await ctx.close();
+    await close(site.server);
+  });
+
+  it('retries through a 503 spell, honouring Retry-After, and delivers once it recovers', async () => {
+    const proxy = await startFlakyProxy(tm.url, 3);
+    const site = await startSite(proxy.url, tm.writeKey, { flushInterval: 200 });
+    const ctx = await browser.newContext();
+    const page = await ctx.newPage();
+    const uid = `e2e-503-${Date.now()}`;
+    await page.goto(site.url);
+    await page.evaluate((id) => {
+      const t = (window as unknown as { trailmark: Record<string, (...a: unknown[]) => void> }).trailmark;
+      t.identify!(id);
+      t.track!('During outage');
+    }, uid);
+    const rows = await eventsOf(tm, uid, (r) => r.some((x) => x.event === 'During outage'), 30_000);
+    expect(proxy.state.failed).toBe(3);
+    expect(proxy.state.passed).toBeGreaterThanOrEqual(1);
+    expect(rows.filter((r) => r.event === 'During outage')).toHaveLength(1);
+    await ctx.close();
+    await close(site.server);
+    await close(proxy.server);
+  });
+
+  it('keeps the queue across a reload while offline and delivers when back online', async () => {
+    const proxy = await startFlakyProxy(tm.url, 0);
+    const site = await startSite(proxy.url, tm.writeKey);
+    const ctx = await browser.newContext();
+    const page = await ctx.newPage();
+    // Serve the site from the test while the network is off, so the page
+    // itself can reload. setOffline flips navigator.onLine and fires the
+    // offline/online events; the proxy going down makes the API really
+    // unreachable, including for keepalive requests sent during the reload.
+    const html = await (await fetch(site.url)).text();
+    const sdk = await (await fetch(`${site.url}/sdk.js`)).text();
+    await page.route(`${site.url}/`, (r) => r.fulfill({ contentType: 'text/html', body: html }));
+    await page.route(`${site.url}/sdk.js`, (r) => r.fulfill({ contentType: 'text/javascript', body: sdk }));
+    const uid = `e2e-offline-${Date.now()}`;
+    await page.goto(site.url);
+    await page.waitForFunction(() => (window as unknown as { trailmark: { initialize?: boolean } }).trailmark.initialize);
+    await ctx.setOffline(true);
+    proxy.state.down = true;
+    await page.evaluate((id) => {
+      const t = (window as unknown as { trailmark: Record<string, (...a: unknown[]) => void> }).trailmark;
+      t.identify!(id);
+      t.track!('Offline 1');
+      t.track!('Offline 2');
+    }, uid);
+    await page.waitForTimeout(2500); // the flush fails: nothing reaches the server
+    await page.reload();
+    await page.waitForFunction(() => (window as unknown as { trailmark: { initialize?: boolean } }).trailmark.initialize);
+    const queued = await page.evaluate(() =>
+      Object.keys(localStorage).filter((k) => k.includes('.q.')).map((k) => JSON.parse(localStorage.getItem(k)!).length as number),
+    );
+    expect(queued.reduce((a, b) => a + b, 0)).toBeGreaterThanOrEqual(3);
+    expect((await eventsOf(tm, uid, () => false, 500)).length).toBe(0);
+    proxy.state.down = false;
+    await ctx.setOffline(false);
+    const rows = await eventsOf(tm, uid, (r) => r.filter((x) => x.type === 'track').length >= 2, 30_000);
+    expect(rows.filter((r) => r.type === 'track').map((r) => r.event).sort()).toEqual(['Offline 1', 'Offline 2']);
+    const ids = rows.map((r) => r.message_id);
+    expect(new Set(ids).size).toBe(ids.length);
+    await ctx.close();
+    await close(site.server);
+    await close(proxy.server);
+  });
+});

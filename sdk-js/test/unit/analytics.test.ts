@@ -1,0 +1,305 @@
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import { Analytics } from '../../src/analytics';
+import type { Message } from '../../src/queue';
+
+type Body = { batch: Message[]; sentAt: string; writeKey: string };
+let fetchMock: ReturnType<typeof vi.fn>;
+let answers: (() => Promise<Response>)[];
+let n = 0;
+
+/** Each test uses its own write key, because instances from earlier tests
+ * keep their listeners on the shared jsdom window. */
+const wk = () => `wk${++n}`;
+const bodies = (key: string): Body[] =>
+  fetchMock.mock.calls.map((c) => JSON.parse((c[1] as RequestInit).body as string) as Body).filter((b) => b.writeKey === key);
+const sent = (key: string) => bodies(key).flatMap((b) => b.batch);
+const ok = () => Promise.resolve(new Response('{"success":true}', { status: 200 }));
+
+beforeEach(() => {
+  vi.useFakeTimers();
+  localStorage.clear();
+  for (const c of document.cookie.split('; ')) document.cookie = `${c.split('=')[0]}=; max-age=0; path=/; domain=example.com`;
+  answers = [];
+  fetchMock = vi.fn(() => (answers.shift() || ok)());
+  vi.stubGlobal('fetch', fetchMock);
+});
+afterEach(() => {
+  vi.useRealTimers();
+  vi.unstubAllGlobals();
+  vi.restoreAllMocks();
+});
+
+describe('messages', () => {
+  it('builds Segment messages with v7 ids, timestamps and automatic context', async () => {
+    const key = wk();
+    const a = new Analytics().load(key, { apiHost: 'https://api.example.net/' });
+    a.track('Clicked', { x: 1 }, { context: { ip: '1.2.3.4' }, integrations: { All: false } });
+    await vi.advanceTimersByTimeAsync(2000);
+    expect(fetchMock.mock.calls[0]![0]).toBe('https://api.example.net/v1/batch');
+    const b = bodies(key)[0]!;
+    expect(b.sentAt).toMatch(/Z$/);
+    const m = b.batch[0]!;
+    expect(m).toMatchObject({ type: 'track', event: 'Clicked', properties: { x: 1 }, integrations: { All: false } });
+    expect(m.messageId).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-7/);
+    expect(m.anonymousId).toBe(a.anonymousId());
+    expect(m.originalTimestamp).toBe(m.timestamp);
+    expect(m.context).toMatchObject({
+      ip: '1.2.3.4',
+      page: { path: '/shop', search: '?utm_source=news&utm_campaign=spring&gclid=g1', url: location.href },
+      campaign: { source: 'news', name: 'spring', gclid: 'g1' },
+      library: { name: 'trailmark.js' },
+      locale: navigator.language,
+    });
+    expect((m.context as { timezone?: string }).timezone).toBeTruthy();
+  });
+
+  it('normalises analytics.js argument shapes', async () => {
+    const key = wk();
+    const a = new Analytics().load(key, { apiHost: 'https://h' });
+    const cb = vi.fn();
+    a.page();
+    a.page('Docs', 'Install', { v: 1 });
+    a.page('Pricing', { plan: 'pro' });
+    a.page({ only: 'props' }, cb);
+    a.identify({ email: 'a@b.c' });
+    a.identify('u1', { plan: 'pro' }, { timestamp: '2024-01-02T03:04:05Z' });
+    a.group('g1', { size: 3 });
+    a.alias('u2');
+    await vi.advanceTimersByTimeAsync(2000);
+    const ms = sent(key);
+    expect(ms.map((m) => m.type)).toEqual(['page', 'page', 'page', 'page', 'identify', 'identify', 'group', 'alias']);
+    expect(ms[1]).toMatchObject({ category: 'Docs', name: 'Install', properties: { v: 1, name: 'Install', category: 'Docs', path: '/shop' } });
+    expect(ms[2]).toMatchObject({ name: 'Pricing', properties: { plan: 'pro' } });
+    expect(ms[3]!.properties).toMatchObject({ only: 'props' });
+    expect(cb).toHaveBeenCalledOnce();
+    expect(ms[4]).toMatchObject({ traits: { email: 'a@b.c' } });
+    expect(ms[4]!.userId).toBeUndefined();
+    expect(ms[5]).toMatchObject({ userId: 'u1', traits: { email: 'a@b.c', plan: 'pro' }, timestamp: '2024-01-02T03:04:05.000Z' });
+    expect(ms[6]).toMatchObject({ groupId: 'g1', traits: { size: 3 }, userId: 'u1' });
+    expect(ms[7]).toMatchObject({ userId: 'u2', previousId: 'u1' });
+  });
+
+  it('queues calls made before load', async () => {
+    const key = wk();
+    const a = new Analytics();
+    a.track('Early');
+    const ready = vi.fn();
+    a.ready(ready);
+    a.load(key, { apiHost: 'https://h' });
+    await vi.advanceTimersByTimeAsync(2000);
+    expect(sent(key).map((m) => m.event)).toEqual(['Early']);
+    expect(ready).toHaveBeenCalled();
+  });
+
+  it('drops an event over 32 KB with a warning', async () => {
+    const warn = vi.spyOn(console, 'warn').mockImplementation(() => {});
+    const key = wk();
+    new Analytics().load(key, { apiHost: 'https://h' }).track('Big', { s: 'x'.repeat(40_000) });
+    await vi.advanceTimersByTimeAsync(2000);
+    expect(sent(key)).toEqual([]);
+    expect(warn).toHaveBeenCalled();
+  });
+});
+
+describe('batching', () => {
+  it('sends at flushAt events or after flushInterval', async () => {
+    const key = wk();
+    const a = new Analytics().load(key, { apiHost: 'https://h', flushAt: 3, flushInterval: 500 });
+    a.track('1');
+    a.track('2');
+    expect(bodies(key)).toHaveLength(0);
+    a.track('3');
+    await vi.advanceTimersByTimeAsync(0);
+    expect(bodies(key).map((b) => b.batch.length)).toEqual([3]);
+    a.track('4');
+    await vi.advanceTimersByTimeAsync(499);
+    expect(bodies(key)).toHaveLength(1);
+    await vi.advanceTimersByTimeAsync(1);
+    expect(bodies(key).map((b) => b.batch.length)).toEqual([3, 1]);
+  });
+});
+
+describe('retries', () => {
+  it('honours Retry-After on 503 and 429, then delivers', async () => {
+    const key = wk();
+    answers = [
+      () => Promise.resolve(new Response('', { status: 503, headers: { 'Retry-After': '3' } })),
+      () => Promise.resolve(new Response('', { status: 429, headers: { 'Retry-After': '1' } })),
+    ];
+    new Analytics().load(key, { apiHost: 'https://h' }).track('E');
+    await vi.advanceTimersByTimeAsync(2000);
+    expect(bodies(key)).toHaveLength(1);
+    await vi.advanceTimersByTimeAsync(2999);
+    expect(bodies(key)).toHaveLength(1);
+    await vi.advanceTimersByTimeAsync(1);
+    expect(bodies(key)).toHaveLength(2);
+    await vi.advanceTimersByTimeAsync(1000);
+    expect(bodies(key)).toHaveLength(3);
+    // The same messageId each time: safe, the server de-duplicates.
+    expect(new Set(sent(key).map((m) => m.messageId)).size).toBe(1);
+    expect(localStorage.length === 0 || !Object.keys(localStorage).some((k) => k.startsWith(`tm.${key}.q.`))).toBe(true);
+  });
+
+  it('backs off exponentially on network errors and 5xx', async () => {
+    const key = wk();
+    vi.spyOn(Math, 'random').mockReturnValue(1);
+    answers = [() => Promise.reject(new TypeError('offline')), () => Promise.resolve(new Response('', { status: 500 }))];
+    new Analytics().load(key, { apiHost: 'https://h', retryBase: 100 }).track('E');
+    await vi.advanceTimersByTimeAsync(2000);
+    await vi.advanceTimersByTimeAsync(100); // attempt 0: 100 ms
+    expect(bodies(key)).toHaveLength(2);
+    await vi.advanceTimersByTimeAsync(199);
+    expect(bodies(key)).toHaveLength(2);
+    await vi.advanceTimersByTimeAsync(1); // attempt 1: 200 ms
+    expect(bodies(key)).toHaveLength(3);
+  });
+
+  it.each([400, 401, 413])('drops on HTTP %i with a warning', async (status) => {
+    const warn = vi.spyOn(console, 'warn').mockImplementation(() => {});
+    const key = wk();
+    answers = [() => Promise.resolve(new Response('{}', { status }))];
+    const a = new Analytics().load(key, { apiHost: 'https://h' });
+    a.track('E');
+    await vi.advanceTimersByTimeAsync(2000);
+    await vi.advanceTimersByTimeAsync(60_000);
+    expect(bodies(key)).toHaveLength(1);
+    expect(warn).toHaveBeenCalledWith(expect.stringContaining(String(status)));
+  });
+});
+
+describe('persistence and identity', () => {
+  it('keeps the unsent queue across a reload', async () => {
+    const key = wk();
+    answers = [() => Promise.reject(new TypeError('offline'))];
+    const a = new Analytics().load(key, { apiHost: 'https://h' });
+    a.track('Offline');
+    await vi.advanceTimersByTimeAsync(2000);
+    expect(Object.keys(localStorage).filter((k) => k.startsWith(`tm.${key}.q.`))).toHaveLength(1);
+    dispatchEvent(new Event('pagehide')); // releases the lease
+    new Analytics().load(key, { apiHost: 'https://h' });
+    await vi.advanceTimersByTimeAsync(2000);
+    const events = sent(key).filter((m) => m.event === 'Offline');
+    expect(events.length).toBeGreaterThanOrEqual(2);
+    expect(new Set(events.map((m) => m.messageId)).size).toBe(1);
+  });
+
+  it('persists userId and traits in a cookie on the registrable domain and localStorage; reset clears', () => {
+    const key = wk();
+    const a = new Analytics().load(key, { apiHost: 'https://h' });
+    a.identify('u9', { plan: 'pro' });
+    expect(document.cookie).toContain('tm_uid=u9');
+    expect(document.cookie).toContain(`tm_aid=${a.anonymousId()}`);
+    const b = new Analytics().load(wk(), { apiHost: 'https://h' });
+    expect(b.user().id()).toBe('u9');
+    expect(b.user().traits()).toEqual({ plan: 'pro' });
+    expect(b.anonymousId()).toBe(a.anonymousId());
+    const old = b.anonymousId();
+    b.reset();
+    expect(b.user().id()).toBeNull();
+    expect(b.anonymousId()).not.toBe(old);
+    expect(document.cookie).not.toContain('tm_uid');
+  });
+
+  it('cookies: false keeps everything in memory', async () => {
+    const key = wk();
+    answers = [() => Promise.reject(new TypeError('offline'))];
+    const a = new Analytics().load(key, { apiHost: 'https://h', cookies: false });
+    a.identify('mem');
+    await vi.advanceTimersByTimeAsync(2000);
+    expect(document.cookie).toBe('');
+    expect(localStorage.length).toBe(0);
+  });
+});
+
+describe('consent', () => {
+  it('pending queues without sending or storing; granted releases', async () => {
+    const key = wk();
+    const a = new Analytics().load(key, { apiHost: 'https://h', consent: 'pending' });
+    a.track('Before');
+    await vi.advanceTimersByTimeAsync(10_000);
+    expect(bodies(key)).toHaveLength(0);
+    expect(document.cookie).toBe('');
+    expect(localStorage.length).toBe(0);
+    a.setConsent('granted');
+    await vi.advanceTimersByTimeAsync(2000);
+    expect(sent(key).map((m) => m.event)).toEqual(['Before']);
+    expect(document.cookie).toContain('tm_aid=');
+  });
+
+  it('denied clears the queue and stops', async () => {
+    const key = wk();
+    const a = new Analytics().load(key, { apiHost: 'https://h', consent: 'pending' });
+    a.track('Before');
+    a.setConsent('denied');
+    a.track('After');
+    await vi.advanceTimersByTimeAsync(10_000);
+    dispatchEvent(new Event('pagehide'));
+    expect(bodies(key)).toHaveLength(0);
+    expect(document.cookie).toBe('');
+  });
+});
+
+describe('page exit', () => {
+  it('flushes with keepalive when the page is hidden, chunked under 64 KB', async () => {
+    const key = wk();
+    const a = new Analytics().load(key, { apiHost: 'https://h', flushAt: 1000 });
+    for (let i = 0; i < 30; i++) a.track('E', { s: 'x'.repeat(4000) });
+    dispatchEvent(new Event('pagehide'));
+    const calls = fetchMock.mock.calls.filter((c) => ((c[1] as RequestInit).body as string).includes(key));
+    expect(calls.length).toBeGreaterThan(1);
+    for (const c of calls) {
+      expect((c[1] as RequestInit).keepalive).toBe(true);
+      expect(new TextEncoder().encode((c[1] as RequestInit).body as string).length).toBeLessThan(64 * 1024);
+    }
+    expect(sent(key)).toHaveLength(30);
+  });
+
+  it('falls back to sendBeacon with a text/plain Blob carrying the write key', async () => {
+    const key = wk();
+    const beacon = vi.fn(() => true);
+    Object.defineProperty(navigator, 'sendBeacon', { value: beacon, configurable: true });
+    answers = [() => Promise.reject(new TypeError('keepalive quota'))];
+    new Analytics().load(key, { apiHost: 'https://h' }).track('Bye');
+    dispatchEvent(new Event('pagehide'));
+    await vi.advanceTimersByTimeAsync(0);
+    expect(beacon).toHaveBeenCalledOnce();
+    const [url, blob] = beacon.mock.calls[0] as unknown as [string, Blob];
+    expect(url).toBe('https://h/v1/batch');
+    expect(blob.type).toBe('text/plain');
+    vi.useRealTimers(); // FileReader completes on a real task
+    const text = await new Promise<string>((r) => {
+      const f = new FileReader();
+      f.onload = () => r(f.result as string);
+      f.readAsText(blob);
+    });
+    expect(JSON.parse(text)).toMatchObject({ writeKey: key, batch: [{ event: 'Bye' }] });
+  });
+});
+
+describe('cross-domain and SPA', () => {
+  it('decorates links to cross-domains only, and adopts tm_aid on load', () => {
+    const a = new Analytics().load(wk(), { apiHost: 'https://h', crossDomains: ['example.org'] });
+    expect(a.decorate('https://shop.example.org/cart?x=1')).toBe(`https://shop.example.org/cart?x=1&tm_aid=${a.anonymousId()}`);
+    expect(a.decorate('https://evil.org/')).toBe('https://evil.org/');
+    const home = location.href;
+    history.replaceState(null, '', '/landing?tm_aid=shared-id-1&q=2');
+    const b = new Analytics().load(wk(), { apiHost: 'https://h' });
+    expect(b.anonymousId()).toBe('shared-id-1');
+    expect(location.search).toBe('?q=2');
+    history.replaceState(null, '', home);
+  });
+
+  it('trackHistory sends a page view per URL change, with the previous URL as referrer', async () => {
+    const key = wk();
+    const home = location.href;
+    new Analytics().load(key, { apiHost: 'https://h', trackHistory: true });
+    history.pushState(null, '', '/a');
+    history.replaceState(null, '', '/a'); // same URL: no page view
+    history.pushState(null, '', '/b');
+    await vi.advanceTimersByTimeAsync(2000);
+    const pages = sent(key).filter((m) => m.type === 'page');
+    expect(pages.map((m) => (m.properties as { path: string }).path)).toEqual(['/a', '/b']);
+    expect((pages[1]!.properties as { referrer: string }).referrer).toBe('https://www.example.com/a');
+    history.replaceState(null, '', home);
+  });
+});

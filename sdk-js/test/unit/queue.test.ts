@@ -1,0 +1,110 @@
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import { bytes, chunks, LEASE_MS, Queue, type Message } from '../../src/queue';
+import { uuidv7 } from '../../src/uuid';
+
+function keyed() {
+  const m = new Map<string, string>();
+  return {
+    m,
+    get: (k: string) => m.get(k) ?? null,
+    set: (k: string, v: string) => void m.set(k, v),
+    del: (k: string) => void m.delete(k),
+    keys: () => [...m.keys()],
+  };
+}
+const msg = (extra: Record<string, unknown> = {}): Message => ({ messageId: uuidv7(), type: 'track', ...extra });
+
+afterEach(() => vi.restoreAllMocks());
+
+describe('Queue', () => {
+  it('is bounded and drops the oldest with a warning', () => {
+    const warn = vi.spyOn(console, 'warn').mockImplementation(() => {});
+    const q = new Queue(3, 'tm.wk.', 'tab', null);
+    const ms = [msg(), msg(), msg(), msg(), msg()];
+    ms.forEach((m) => q.push(m));
+    expect(q.items).toEqual(ms.slice(2));
+    expect(warn).toHaveBeenCalledTimes(2);
+  });
+
+  it('persists every change under its tab key and removes the key when empty', () => {
+    const s = keyed();
+    const q = new Queue(10, 'tm.wk.', 'A', s);
+    const a = msg();
+    q.push(a);
+    q.push(msg());
+    expect(JSON.parse(s.get('tm.wk.q.A')!)).toHaveLength(2);
+    q.remove(new Set([a.messageId]));
+    expect(JSON.parse(s.get('tm.wk.q.A')!)).toHaveLength(1);
+    q.clear();
+    expect(s.get('tm.wk.q.A')).toBeNull();
+  });
+
+  it('adopts the queue of a tab whose lease lapsed or was released, in call order, once', () => {
+    const s = keyed();
+    const now = 1_000_000;
+    const dead = new Queue(10, 'tm.wk.', 'dead', s);
+    const gone = new Queue(10, 'tm.wk.', 'gone', s);
+    const live = new Queue(10, 'tm.wk.', 'live', s);
+    const other = new Queue(10, 'tm.other.', 'x', s);
+    const m1 = msg(), m2 = msg(), m3 = msg(), m4 = msg();
+    dead.push(m1);
+    gone.push(m3);
+    live.push(m2);
+    other.push(m4);
+    dead.beat(now - LEASE_MS - 1);
+    gone.release(); // pagehide
+    live.beat(now - 10);
+    const me = new Queue(10, 'tm.wk.', 'me', s);
+    me.push(m2); // already known: not duplicated
+    me.reclaim(now);
+    expect(me.items.map((m) => m.messageId)).toEqual([m1, m2, m3].map((m) => m.messageId));
+    expect(s.get('tm.wk.q.dead')).toBeNull();
+    expect(s.get('tm.wk.q.gone')).toBeNull();
+    expect(s.get('tm.wk.q.live')).not.toBeNull(); // its lease is fresh
+    expect(s.get('tm.other.q.x')).not.toBeNull(); // another write key
+    expect(JSON.parse(s.get('tm.wk.q.me')!)).toHaveLength(3);
+  });
+
+  it('drops a corrupt foreign queue', () => {
+    const s = keyed();
+    s.set('tm.wk.q.bad', '{nope');
+    const me = new Queue(10, 'tm.wk.', 'me', s);
+    me.reclaim(Date.now());
+    expect(s.get('tm.wk.q.bad')).toBeNull();
+    expect(me.items).toEqual([]);
+  });
+});
+
+describe('chunks', () => {
+  const body = (c: Message[]) => bytes(JSON.stringify({ batch: c, sentAt: new Date().toISOString(), writeKey: 'wk' }));
+  const overhead = body([]);
+
+  it('splits by count', () => {
+    const items = Array.from({ length: 45 }, () => msg());
+    const cs = chunks(items, 20, 1e9, overhead);
+    expect(cs.map((c) => c.length)).toEqual([20, 20, 5]);
+    expect(cs.flat()).toEqual(items);
+  });
+
+  it('splits by bytes, each body under the limit, multi-byte characters counted as bytes', () => {
+    const items = Array.from({ length: 50 }, () => msg({ properties: { s: 'é€'.repeat(300) } }));
+    const cs = chunks(items, 1000, 10_000, overhead);
+    expect(cs.length).toBeGreaterThan(1);
+    for (const c of cs) expect(body(c)).toBeLessThanOrEqual(10_000);
+    expect(cs.flat()).toEqual(items);
+  });
+
+  it('sends an event bigger than the budget alone instead of looping', () => {
+    const big = msg({ s: 'x'.repeat(5000) });
+    const cs = chunks([msg(), big, msg()], 100, 2000, overhead);
+    expect(cs.map((c) => c.length)).toEqual([1, 1, 1]);
+  });
+
+  it('keeps server limits for a large backlog (500 KB, 2,500 events)', () => {
+    const items = Array.from({ length: 3000 }, () => msg({ properties: { s: 'x'.repeat(400) } }));
+    for (const c of chunks(items, 2500, 500_000, overhead)) {
+      expect(c.length).toBeLessThanOrEqual(2500);
+      expect(body(c)).toBeLessThanOrEqual(500_000);
+    }
+  });
+});
