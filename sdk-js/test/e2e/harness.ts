@@ -61,14 +61,19 @@ const listen = (s: Server) =>
 export const close = (s: Server) => new Promise<void>((ok) => s.close(() => ok()));
 
 /** The site under test: `/` embeds the snippet pointed at `apiHost`, with the
- * SDK loaded from this origin's `/sdk.js` (dist/trailmark.min.js). */
+ * SDK loaded from this origin's `/sdk.js`: the bundle Trailmark itself serves
+ * at `/sdk/v1/trailmark.min.js`, fetched once here so that a page can still
+ * load it while the tests cut the network to Trailmark. */
 export async function startSite(apiHost: string, writeKey: string, loadOptions = {}): Promise<{ url: string; server: Server }> {
   const snippet = readFileSync(join(ROOT, 'snippet.js'), 'utf8');
+  const served = await fetch(`${apiHost}/sdk/v1/trailmark.min.js`);
+  if (!served.ok) throw new Error(`Trailmark did not serve the SDK: ${served.status}`);
+  const sdk = Buffer.from(await served.arrayBuffer());
   const server = createServer((req, res) => {
     const origin = `http://${req.headers.host}`;
     if (req.url === '/sdk.js') {
       res.writeHead(200, { 'content-type': 'text/javascript' });
-      res.end(readFileSync(join(ROOT, 'dist/trailmark.min.js')));
+      res.end(sdk);
     } else if (req.url?.startsWith('/away')) {
       res.writeHead(200, { 'content-type': 'text/html' });
       res.end('<!doctype html><title>away</title><p>no tracking here</p>');
