@@ -137,7 +137,8 @@ impl Projector {
     /// in hand.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<()> {
         tokio::pin!(shutdown);
-        let (mut sub, mut positions, starts) = self.subscribe().await?;
+        let (mut sub, starts) = self.subscribe().await?;
+        let mut positions = BTreeMap::new();
         let mut last_commit = Instant::now();
         let mut last_lag = Instant::now();
         loop {
@@ -188,7 +189,7 @@ impl Projector {
     /// then returns; used by `trailmark rebuild`.
     pub async fn catch_up(&self) -> Result<u64> {
         let ends = self.log.end_positions().await?;
-        let (mut sub, _, _) = self.subscribe().await?;
+        let (mut sub, _) = self.subscribe().await?;
         let mut positions = self.store.checkpoints(&self.config.group).await?;
         let mut applied = 0u64;
         let done = |positions: &BTreeMap<u32, u64>| {
@@ -208,15 +209,12 @@ impl Projector {
         Ok(applied)
     }
 
-    /// Joins the group at the store's checkpoints; returns the subscription
-    /// and those checkpoints, the positions it starts from.
+    /// Joins the group, each partition starting at the store's checkpoint
+    /// when it is assigned; returns the subscription and where each assigned
+    /// partition started.
     async fn subscribe(
         &self,
-    ) -> Result<(
-        Box<dyn trailmark_log::Subscription>,
-        BTreeMap<u32, u64>,
-        Arc<StoreCheckpoints>,
-    )> {
+    ) -> Result<(Box<dyn trailmark_log::Subscription>, Arc<StoreCheckpoints>)> {
         let starts = Arc::new(StoreCheckpoints {
             store: self.store.clone(),
             group: self.config.group.clone(),
@@ -226,7 +224,7 @@ impl Projector {
             .log
             .subscribe(&self.config.group, starts.clone())
             .await?;
-        Ok((sub, BTreeMap::new(), starts))
+        Ok((sub, starts))
     }
 
     /// Mirrors the store's checkpoints into the log's consumer positions, for
@@ -303,7 +301,7 @@ impl Projector {
             events,
             dedup_window_micros: self.config.dedup_window.as_micros() as i64,
         };
-        let outcome = match self.apply_with_retry(batch.clone()).await {
+        let outcome = match self.apply_with_retry(&batch).await {
             Ok(outcome) => outcome,
             Err(ProjectorError::Store(e)) => {
                 tracing::warn!(error = %e, "the store refused a batch; applying its events one by one");
@@ -343,7 +341,7 @@ impl Projector {
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                match self.apply_with_retry(single.clone()).await {
+                match self.apply_with_retry(&single).await {
                     Ok(o) => {
                         total.applied += o.applied;
                         total.duplicates += o.duplicates;
@@ -385,7 +383,7 @@ impl Projector {
             self.send_dead_letters(vec![dead_letter(&d, format!("cannot apply: {e}"))])
                 .await?;
         }
-        self.apply_with_retry(ApplyBatch {
+        self.apply_with_retry(&ApplyBatch {
             events: Vec::new(),
             ..batch
         })
@@ -413,7 +411,7 @@ impl Projector {
         }
     }
 
-    async fn apply_with_retry(&self, batch: ApplyBatch) -> Result<trailmark_store::ApplyOutcome> {
+    async fn apply_with_retry(&self, batch: &ApplyBatch) -> Result<trailmark_store::ApplyOutcome> {
         let mut backoff = Duration::from_millis(50);
         loop {
             let start = Instant::now();

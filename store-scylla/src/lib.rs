@@ -622,6 +622,30 @@ struct StatsRow {
 }
 
 impl StatsRow {
+    /// Folds in the event at `position` of `partition`, unless the row
+    /// already includes it (counted before a crash cut a batch short).
+    /// Returns whether the row changed.
+    fn count(&mut self, partition: u32, position: u64, counter: String, time: i64) -> bool {
+        let (partition, position) = (partition as i32, position as i64);
+        if self
+            .applied
+            .get(&partition)
+            .is_some_and(|next| *next > position)
+        {
+            return false;
+        }
+        self.seen = Some(match self.seen {
+            Some(s) => s.include(time),
+            None => Seen {
+                first: time,
+                last: time,
+            },
+        });
+        *self.counts.entry(counter).or_default() += 1;
+        self.applied.insert(partition, position + 1);
+        true
+    }
+
     /// The row's write timestamp: the sum of its partitions' positions, which
     /// grows with every event folded in. A projector that lost its partition
     /// (evicted during a long stall) but still writes folds fewer events than
@@ -988,15 +1012,7 @@ impl ScyllaStore {
         for ((ws, id), evs) in by_primary {
             let mut row = StatsRow::default();
             for (partition, position, counter, time) in evs {
-                row.seen = Some(match row.seen {
-                    Some(s) => s.include(time),
-                    None => Seen {
-                        first: time,
-                        last: time,
-                    },
-                });
-                *row.counts.entry(counter).or_default() += 1;
-                row.applied.insert(partition as i32, position as i64 + 1);
+                row.count(partition, position, counter, time);
             }
             writes.push(Write::Stats { ws, id, row });
         }
@@ -1049,25 +1065,7 @@ impl ProfileStore for ScyllaStore {
                 let mut row = self.read_stats(&ws, &id).await?;
                 let mut changed = false;
                 for (partition, position, counter, time) in events {
-                    let partition = partition as i32;
-                    let position = position as i64;
-                    if row
-                        .applied
-                        .get(&partition)
-                        .is_some_and(|next| *next > position)
-                    {
-                        continue; // counted before a crash cut the batch short
-                    }
-                    row.seen = Some(match row.seen {
-                        Some(s) => s.include(time),
-                        None => Seen {
-                            first: time,
-                            last: time,
-                        },
-                    });
-                    *row.counts.entry(counter).or_default() += 1;
-                    row.applied.insert(partition, position + 1);
-                    changed = true;
+                    changed |= row.count(partition, position, counter, time);
                 }
                 Ok::<_, StoreError>(changed.then_some(Write::Stats { ws, id, row }))
             });

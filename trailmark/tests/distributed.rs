@@ -114,6 +114,17 @@ async fn load(
     acked
 }
 
+/// Posts one event to ingest with the write key.
+async fn track(client: &reqwest::Client, ingest: &Role, event: &Value) -> reqwest::Response {
+    client
+        .post(format!("{}/v1/track", ingest.base))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(event)
+        .send()
+        .await
+        .unwrap()
+}
+
 fn merge(into: &mut BTreeMap<String, usize>, from: BTreeMap<String, usize>) {
     for (k, v) in from {
         *into.entry(k).or_default() += v;
@@ -288,13 +299,8 @@ async fn a_cassandra_outage_delays_projections_and_loses_nothing() {
     // During the outage, every request is answered 200 promptly.
     while outage.elapsed() < Duration::from_secs(30) {
         let started = Instant::now();
-        let r = client
-            .post(format!("{}/v1/track", ingest.base))
-            .basic_auth(WRITE_KEY, Some(""))
-            .json(&json!({"type": "track", "event": "Load", "userId": "outage-u"}))
-            .send()
-            .await
-            .unwrap();
+        let event = json!({"type": "track", "event": "Load", "userId": "outage-u"});
+        let r = track(&client, &ingest, &event).await;
         assert_eq!(
             r.status(),
             200,
@@ -335,13 +341,7 @@ async fn a_kafka_outage_gets_503_not_200_and_recovers() {
     engines("stop", "kafka");
     let restart = Restart("kafka");
     let started = Instant::now();
-    let r = client
-        .post(format!("{}/v1/track", ingest.base))
-        .basic_auth(WRITE_KEY, Some(""))
-        .json(&event)
-        .send()
-        .await
-        .unwrap();
+    let r = track(&client, &ingest, &event).await;
     assert_eq!(r.status(), 503, "not acknowledged while Kafka is down");
     assert!(r.headers().get("retry-after").is_some());
     assert!(
@@ -364,13 +364,7 @@ async fn a_kafka_outage_gets_503_not_200_and_recovers() {
     // The same event, retried as an SDK would, is taken once Kafka is back.
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let r = client
-            .post(format!("{}/v1/track", ingest.base))
-            .basic_auth(WRITE_KEY, Some(""))
-            .json(&event)
-            .send()
-            .await
-            .unwrap();
+        let r = track(&client, &ingest, &event).await;
         if r.status() == 200 {
             break;
         }

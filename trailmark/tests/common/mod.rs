@@ -100,18 +100,30 @@ pub async fn prepare_distributed(dir: &std::path::Path, mut config: Config) {
     )
     .expect("write config");
     let _one = MIGRATING.lock().await;
+    run_command(
+        dir,
+        &["migrate"],
+        "are the engines up? `deploy/local/engines up`",
+    )
+    .await;
+}
+
+/// Runs a one-shot `trailmark` command on the configuration of `dir`, which
+/// must succeed; returns what it printed.
+async fn run_command(dir: &std::path::Path, args: &[&str], hint: &str) -> String {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trailmark"))
         .arg("--config")
         .arg(config_path(dir))
-        .arg("migrate")
+        .args(args)
         .output()
         .await
-        .expect("run migrate");
+        .expect("run trailmark");
     assert!(
         out.status.success(),
-        "trailmark migrate failed (are the engines up? `deploy/local/engines up`):\n{}",
+        "trailmark {args:?} failed ({hint}):\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8(out.stdout).expect("utf-8")
 }
 
 /// Starts one role of the binary on the configuration of `dir`; returns once
@@ -239,19 +251,12 @@ impl TestServer {
                 token: c.token,
             };
         }
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trailmark"))
-            .arg("--config")
-            .arg(config_path(self.dir.path()))
-            .args(["create-workspace", "--name", name])
-            .output()
-            .await
-            .expect("run create-workspace");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8(out.stdout).expect("utf-8");
+        let text = run_command(
+            self.dir.path(),
+            &["create-workspace", "--name", name],
+            "creating a workspace",
+        )
+        .await;
         let field = |label: &str| {
             text.lines()
                 .find_map(|l| l.trim().strip_prefix(label))
