@@ -40,7 +40,7 @@ export interface LoadOptions {
   cookieDomain?: string;
   /** 'pending' queues in memory without sending until setConsent. */
   consent?: Consent;
-  /** Domains whose links `decorate()` tags with `tm_aid`. */
+  /** Other domains of the site: links to them get `tm_aid` when clicked. */
   crossDomains?: string[];
   /** Send a page view on pushState/replaceState/popstate. */
   trackHistory?: boolean;
@@ -56,6 +56,10 @@ const MAX_BODY = 500000;
 const MAX_COUNT = 500;
 const MAX_UNLOAD = 60000;
 const AID_PARAM = 'tm_aid';
+/** A `tm_aid` older than this (seconds) is ignored: the link was decorated
+ * at click time, so an old one was copied or shared, and adopting it would
+ * merge two visitors. */
+const AID_TTL = 120;
 
 export interface User {
   id(): string | null;
@@ -71,6 +75,8 @@ function split(args: unknown[]): [unknown[], Callback | undefined] {
 }
 
 const isObj = (x: unknown): x is Dict => typeof x === 'object' && x !== null;
+// Ids may be numbers in analytics.js code; anything else is the caller's bug.
+// eslint-disable-next-line @typescript-eslint/no-base-to-string
 const str = (x: unknown): string | undefined => (x == null ? undefined : String(x));
 
 export class Analytics {
@@ -109,14 +115,15 @@ export class Analytics {
         ...(this.local ? [this.local] : []),
       ];
     }
-    this.id = new Identity(this.persist);
-    this.q = new Queue(o.maxQueueSize!, `tm.${writeKey}.`, uuidv4(), null);
+    // Traits stay out of the cookie: see identity.ts.
+    this.id = new Identity(this.persist, this.local ? [this.local] : []);
+    this.q = new Queue(o.maxQueueSize, `tm.${writeKey}.`, uuidv4(), null);
 
     // A visitor arriving from one of our other domains keeps their identity.
     const u = new URL(location.href);
-    const aid = u.searchParams.get(AID_PARAM);
-    if (aid && /^[\w-]{1,64}$/.test(aid)) {
-      this.id.aid = aid;
+    const p = /^([\w-]{1,64})\.(\d{1,12})$/.exec(u.searchParams.get(AID_PARAM) || '');
+    if (p && Math.abs(Date.now() / 1000 - Number(p[2])) < AID_TTL) this.id.aid = p[1]!;
+    if (u.searchParams.has(AID_PARAM)) {
       u.searchParams.delete(AID_PARAM);
       // Drop it from the address bar so it is neither shared nor tracked as part of the URL.
       history.replaceState(history.state, '', u.href);
@@ -125,14 +132,33 @@ export class Analytics {
     this.last = location.href;
     this.grant();
 
-    const flushOnExit = () => this.exit();
-    addEventListener('visibilitychange', () => document.visibilityState === 'hidden' && flushOnExit());
+    addEventListener('visibilitychange', () => {
+      if (document.visibilityState === 'hidden') this.exit();
+    });
     addEventListener('pagehide', () => {
-      flushOnExit();
+      this.exit();
       this.q.release();
     });
-    addEventListener('pageshow', () => this.q.beat(Date.now()));
-    addEventListener('online', () => this.retryNow());
+    addEventListener('pageshow', () => {
+      this.q.beat(Date.now());
+    });
+    addEventListener('online', () => {
+      this.retryNow();
+    });
+    if (o.crossDomains?.length) {
+      // Decorate a cross-domain link as it is used, so its tm_aid is fresh:
+      // mousedown covers the context menu and middle clicks, click covers the
+      // keyboard and scripts. Capture phase, so a page handler that navigates
+      // itself (and stops propagation) still sees the decorated href.
+      const tag = (e: Event) => {
+        // The target may be a text node or the document, which lack closest().
+        const t = e.target as Partial<Element> | null;
+        const a = t?.closest?.('a[href]') as HTMLAnchorElement | null;
+        if (a) a.href = this.decorate(a.href);
+      };
+      addEventListener('mousedown', tag, true);
+      addEventListener('click', tag, true);
+    }
     // Renews our lease and adopts the queues of tabs that died. The period is
     // well under LEASE_MS, so a live tab never looks dead.
     setInterval(() => {
@@ -146,9 +172,9 @@ export class Analytics {
     if (o.trackHistory) {
       const h = history;
       for (const k of ['pushState', 'replaceState'] as const) {
-        const f = h[k];
-        h[k] = function (this: History, ...a: Parameters<History['pushState']>) {
-          f.apply(this, a);
+        const f = h[k].bind(h);
+        h[k] = (...a: Parameters<History['pushState']>) => {
+          f(...a);
           nav();
         };
       }
@@ -167,13 +193,13 @@ export class Analytics {
   }
 
   /** Queues the call until `load`; true when it did. */
-  private defer(m: keyof Analytics, a: IArguments): boolean {
-    if (!this.loaded) this.pre.push([m, [...a]]);
+  private defer(m: keyof Analytics, a: unknown[]): boolean {
+    if (!this.loaded) this.pre.push([m, a]);
     return !this.loaded;
   }
 
   page(...args: unknown[]): this {
-    if (this.defer('page', arguments)) return this;
+    if (this.defer('page', args)) return this;
     const [a, cb] = split(args);
     let category: string | undefined;
     let name: string | undefined;
@@ -189,14 +215,14 @@ export class Analytics {
 
   track(event: string, properties?: Dict, options?: CallOptions | Callback, cb?: Callback): this;
   track(...args: unknown[]): this {
-    if (this.defer('track', arguments)) return this;
+    if (this.defer('track', args)) return this;
     const [[event, properties, opts], cb] = split(args);
     return this.enqueue('track', { event: str(event), properties: properties || {} }, opts as CallOptions, cb);
   }
 
   identify(userId?: string | null | Traits, traits?: Traits | CallOptions | Callback, ...rest: unknown[]): this;
   identify(...args: unknown[]): this {
-    if (this.defer('identify', arguments)) return this;
+    if (this.defer('identify', args)) return this;
     const [a, cb] = split(args);
     if (isObj(a[0])) a.unshift(null);
     const uid = str(a[0]);
@@ -211,14 +237,14 @@ export class Analytics {
 
   group(groupId: string, traits?: Traits | CallOptions | Callback, ...rest: unknown[]): this;
   group(...args: unknown[]): this {
-    if (this.defer('group', arguments)) return this;
+    if (this.defer('group', args)) return this;
     const [[groupId, traits, opts], cb] = split(args);
     return this.enqueue('group', { groupId: str(groupId), traits: traits || {} }, opts as CallOptions, cb);
   }
 
   alias(userId: string, previousId?: string | CallOptions | Callback, ...rest: unknown[]): this;
   alias(...args: unknown[]): this {
-    if (this.defer('alias', arguments)) return this;
+    if (this.defer('alias', args)) return this;
     const [a, cb] = split(args);
     if (isObj(a[1])) a.splice(1, 0, undefined);
     const previousId = str(a[1]) || this.id.uid || this.id.aid;
@@ -227,7 +253,7 @@ export class Analytics {
 
   /** Forgets the user: clears userId and traits, starts a new anonymousId. */
   reset(): this {
-    if (this.defer('reset', arguments)) return this;
+    if (this.defer('reset', [])) return this;
     this.id.reset();
     this.save();
     return this;
@@ -243,12 +269,12 @@ export class Analytics {
   }
 
   ready(cb: () => void): this {
-    if (!this.defer('ready', arguments)) setTimeout(cb, 0);
+    if (!this.defer('ready', [cb])) setTimeout(cb, 0);
     return this;
   }
 
   setConsent(c: Consent): this {
-    if (this.defer('setConsent', arguments)) return this;
+    if (this.defer('setConsent', [c])) return this;
     this.consent = c;
     if (c === 'denied') {
       // Forget everything we hold or wrote, and keep nothing from now on.
@@ -260,14 +286,17 @@ export class Analytics {
     return this;
   }
 
-  /** Adds `tm_aid` to URLs on the configured cross-domains, so the visitor
-   * keeps one anonymousId across them. Other URLs are returned unchanged. */
+  /** Adds `tm_aid=<anonymousId>.<unix seconds>` to a URL on one of the
+   * `crossDomains` (other than this host), so the visitor keeps one
+   * anonymousId there; the receiving page honours it for AID_TTL seconds.
+   * Other URLs are returned unchanged. Links are decorated automatically when
+   * clicked; call this for navigations made from script, just before them. */
   decorate(url: string): string {
     try {
       const u = new URL(url, location.href);
       const h = u.hostname;
-      if ((this.o.crossDomains || []).some((d) => h === d || h.endsWith('.' + d))) {
-        u.searchParams.set(AID_PARAM, this.id.aid);
+      if (h !== location.hostname && (this.o.crossDomains || []).some((d) => h === d || h.endsWith('.' + d))) {
+        u.searchParams.set(AID_PARAM, `${this.id.aid}.${Math.floor(Date.now() / 1000)}`);
         return u.href;
       }
     } catch {
@@ -276,7 +305,8 @@ export class Analytics {
     return url;
   }
 
-  /** Sends what is queued now, ignoring the flush timer (not a backoff). */
+  /** Sends the oldest queued batch now, without waiting for the flush timer
+   * (a backoff still applies). Settles when that request is answered. */
   flush(): Promise<void> {
     return this.send();
   }
@@ -297,8 +327,12 @@ export class Analytics {
     if (this.consent === 'granted') this.id.save();
   }
 
+  /** Queues a message. The callback runs once the event is queued (and
+   * persisted, where allowed), not on delivery: delivery survives navigation,
+   * so code that navigates in the callback loses nothing. analytics.js runs
+   * it after a fixed 300 ms for the same purpose. It runs even when the event
+   * is not sent (consent denied, oversized), as analytics.js's does. */
   private enqueue(type: string, fields: Dict, opts: CallOptions = {}, cb?: Callback): this {
-    if (this.consent === 'denied') return this;
     const ts = new Date(opts.timestamp || Date.now()).toISOString();
     const m: Message = {
       type,
@@ -311,20 +345,30 @@ export class Analytics {
       integrations: opts.integrations || {},
     };
     if (this.id.uid && !m.userId) m.userId = this.id.uid;
-    if (bytes(JSON.stringify(m)) > MAX_EVENT) console.warn(`trailmark: ${type} dropped, over ${MAX_EVENT} bytes`);
+    if (this.consent === 'denied') {
+      // Not kept: the visitor said no.
+    } else if (bytes(JSON.stringify(m)) > MAX_EVENT) console.warn(`trailmark: ${type} dropped, over ${MAX_EVENT} bytes`);
     else {
       this.q.push(m);
       this.schedule();
     }
-    // Called at once rather than on delivery: delivery survives navigation.
-    if (cb) setTimeout(() => cb(m), 0);
+    if (cb)
+      setTimeout(() => {
+        cb(m);
+      }, 0);
     return this;
   }
 
   private schedule(): void {
     if (this.consent !== 'granted' || !this.q.items.length) return;
     if (this.q.items.length >= this.o.flushAt!) void this.send();
-    else if (!this.timer) this.timer = setTimeout(() => this.send(), this.o.flushInterval);
+    else
+      this.timer ||= setTimeout(() => {
+        // Cleared before sending: if a request is still in flight, send()
+        // returns at once and its completion must be free to re-arm us.
+        this.timer = undefined;
+        void this.send();
+      }, this.o.flushInterval);
   }
 
   private body(batch: Message[]): string {
@@ -351,10 +395,21 @@ export class Analytics {
       const r = await fetch(this.url, { method: 'POST', body: this.body(batch), credentials: 'omit' });
       status = r.status;
       retryAfter = r.headers.get('Retry-After');
+      // The server accepts a batch even when some events in it are invalid,
+      // and lists those; each is dropped for good, so say so.
+      if (r.ok)
+        void r.json().then(
+          (b: { rejected?: { error?: { message?: string } }[] }) => {
+            for (const x of b.rejected || []) console.warn(`trailmark: server refused an event: ${x.error?.message}`);
+          },
+          () => undefined,
+        );
     } catch {
       // Network error or offline: status 0, retried below.
     }
     this.sending = false;
+    // Consent may have changed while the request was out.
+    // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition
     if (this.consent !== 'granted') return;
     const v = verdict(status);
     if (v === 'retry') {
@@ -395,6 +450,7 @@ export class Analytics {
           // keepalive refused (over the browser's 64 KB in-flight budget, or
           // unsupported): a beacon carries the write key in the body instead.
           done(false);
+          // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition -- absent in old WebViews
           navigator.sendBeacon?.(this.url, new Blob([body], { type: 'text/plain' }));
         },
       );

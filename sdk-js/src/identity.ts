@@ -1,7 +1,9 @@
 // Owns who the visitor is: the anonymous id, the user id and user traits,
-// and where they persist. The cookie is the source of truth (it is shared
-// across subdomains); localStorage backs it up when cookies are blocked and
-// holds the traits, which are too big for a cookie.
+// and where they persist. The cookie is the source of truth for the ids (it
+// is shared across subdomains); localStorage backs it up when cookies are
+// blocked. Traits never go in a cookie: they can outgrow its 4 KB, and a
+// cookie would send them (emails, names) to the site's servers on every
+// request. They live in localStorage, or in memory when it is unavailable.
 
 import type { Store } from './storage';
 import { uuidv4 } from './uuid';
@@ -18,10 +20,13 @@ export class Identity {
   traits: Traits;
 
   /** `stores` is read in order (cookie first, so the cookie wins when the two
-   * disagree) and written all at once by `save`. */
-  constructor(private stores: Store[]) {
-    const get = (k: string): string | null => {
-      for (const s of stores) {
+   * disagree) and written all at once by `save`; traits use `traitStores`. */
+  constructor(
+    private stores: Store[],
+    private traitStores: Store[] = stores,
+  ) {
+    const get = (k: string, from = stores): string | null => {
+      for (const s of from) {
         const v = s.get(k);
         if (v) return v;
       }
@@ -30,7 +35,7 @@ export class Identity {
     this.aid = get(AID) || uuidv4();
     this.uid = get(UID);
     try {
-      this.traits = JSON.parse(get(TRAITS) || '{}') as Traits;
+      this.traits = JSON.parse(get(TRAITS, traitStores) || '{}') as Traits;
     } catch {
       this.traits = {};
     }
@@ -40,9 +45,10 @@ export class Identity {
   save(): void {
     for (const s of this.stores) {
       s.set(AID, this.aid);
-      this.uid ? s.set(UID, this.uid) : s.del(UID);
-      s.set(TRAITS, JSON.stringify(this.traits));
+      if (this.uid) s.set(UID, this.uid);
+      else s.del(UID);
     }
+    for (const s of this.traitStores) s.set(TRAITS, JSON.stringify(this.traits));
   }
 
   clear(): void {

@@ -7,6 +7,8 @@ const rand = (n: number): Uint8Array => crypto.getRandomValues(new Uint8Array(n)
 const hex = (b: Uint8Array): string => Array.from(b, (x) => (x + 256).toString(16).slice(1)).join('');
 
 export function uuidv4(): string {
+  // Only in secure contexts (https, localhost), and not in older browsers.
+  // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition
   if (crypto.randomUUID) return crypto.randomUUID();
   const b = rand(16);
   b[6] = (b[6]! & 15) | 64;

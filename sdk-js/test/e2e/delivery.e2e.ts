@@ -1,11 +1,12 @@
 // Browser → Trailmark delivery, end to end: page exit mid-batch, a server
-// that is unavailable for a while, and a reload while offline.
+// that is unavailable for a while, a reload while offline, and one visitor
+// crossing to another of the site's domains.
 
 import type { Browser, Request } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { close, configured, eventsOf, launch, startFlakyProxy, startSite, startTrailmark, type Trailmark } from './harness';
 
-type Sent = { batch: { messageId: string; userId?: string; type: string }[] };
+type Sent = { batch?: { messageId: string; userId?: string; type: string }[] };
 
 /** messageIds the page sent for `userId`, from the requests Chromium made. */
 function recorder() {
@@ -28,8 +29,9 @@ describe.skipIf(!configured)('trailmark.js against a real server', () => {
     browser = await launch();
   });
   afterAll(async () => {
-    await browser?.close();
-    await tm?.stop();
+    // Unset when beforeAll failed; that failure is the one to report.
+    await (browser as Browser | undefined)?.close();
+    await (tm as Trailmark | undefined)?.stop();
   });
 
   it('delivers every event exactly once when the visitor navigates away mid-batch', async () => {
@@ -107,7 +109,7 @@ describe.skipIf(!configured)('trailmark.js against a real server', () => {
     await page.reload();
     await page.waitForFunction(() => (window as unknown as { trailmark: { initialize?: boolean } }).trailmark.initialize);
     const queued = await page.evaluate(() =>
-      Object.keys(localStorage).filter((k) => k.includes('.q.')).map((k) => JSON.parse(localStorage.getItem(k)!).length as number),
+      Object.keys(localStorage).filter((k) => k.includes('.q.')).map((k) => (JSON.parse(localStorage.getItem(k)!) as unknown[]).length),
     );
     expect(queued.reduce((a, b) => a + b, 0)).toBeGreaterThanOrEqual(3);
     expect((await eventsOf(tm, uid, () => false, 500)).length).toBe(0);
@@ -120,5 +122,41 @@ describe.skipIf(!configured)('trailmark.js against a real server', () => {
     await ctx.close();
     await close(site.server);
     await close(proxy.server);
+  });
+
+  it('keeps one anonymousId across a click to another of the site\'s domains', async () => {
+    // 127.0.0.1 and localhost are two sites to the browser: separate cookies
+    // and localStorage, so only the decorated link can carry the identity.
+    const site = await startSite(tm.url, tm.writeKey, { crossDomains: ['localhost', '127.0.0.1'] }, (origin) =>
+      origin.includes('127.0.0.1') ? `<a id="hop" href="${origin.replace('127.0.0.1', 'localhost')}/next?from=a">next</a>` : 'landed',
+    );
+    const ctx = await browser.newContext();
+    const page = await ctx.newPage();
+    type T = { anonymousId(): string; track(e: string): void; identify(u: string): void; initialize?: boolean };
+    const ready = () => page.waitForFunction(() => (window as unknown as { trailmark: T }).trailmark.initialize);
+    await page.goto(site.url);
+    await ready();
+    const before = await page.evaluate(() => {
+      const t = (window as unknown as { trailmark: T }).trailmark;
+      t.track('Before hop');
+      return t.anonymousId();
+    });
+    await Promise.all([page.waitForURL(/localhost/), page.click('#hop')]);
+    await ready();
+    const uid = `e2e-xd-${Date.now()}`;
+    const after = await page.evaluate((id) => {
+      const t = (window as unknown as { trailmark: T }).trailmark;
+      t.identify(id);
+      t.track('After hop');
+      return t.anonymousId();
+    }, uid);
+    expect(after).toBe(before);
+    // The parameter is gone from the address bar; the page's own is kept.
+    expect(new URL(page.url()).search).toBe('?from=a');
+    // The anonymous event from the first domain joins the user's timeline.
+    const rows = await eventsOf(tm, uid, (r) => ['Before hop', 'After hop'].every((e) => r.some((x) => x.event === e)), 30_000);
+    expect(rows.filter((r) => r.type === 'track').map((r) => r.event).sort()).toEqual(['After hop', 'Before hop']);
+    await ctx.close();
+    await close(site.server);
   });
 });

@@ -64,7 +64,13 @@ export const close = (s: Server) => new Promise<void>((ok) => s.close(() => ok()
  * SDK loaded from this origin's `/sdk.js`: the bundle Trailmark itself serves
  * at `/sdk/v1/trailmark.min.js`, fetched once here so that a page can still
  * load it while the tests cut the network to Trailmark. */
-export async function startSite(apiHost: string, writeKey: string, loadOptions = {}): Promise<{ url: string; server: Server }> {
+export async function startSite(
+  apiHost: string,
+  writeKey: string,
+  loadOptions = {},
+  /** The page's body, given the origin it was requested on. */
+  body: (origin: string) => string = () => 'e2e',
+): Promise<{ url: string; server: Server }> {
   const snippet = readFileSync(join(ROOT, 'snippet.js'), 'utf8');
   const served = await fetch(`${apiHost}/sdk/v1/trailmark.min.js`);
   if (!served.ok) throw new Error(`Trailmark did not serve the SDK: ${served.status}`);
@@ -81,7 +87,7 @@ export async function startSite(apiHost: string, writeKey: string, loadOptions =
       const opts = JSON.stringify({ apiHost, sdkUrl: `${origin}/sdk.js`, ...loadOptions });
       const s = snippet.replace("tm.load('WRITE_KEY', { apiHost: 'API_HOST' });", `tm.load(${JSON.stringify(writeKey)}, ${opts});`);
       res.writeHead(200, { 'content-type': 'text/html' });
-      res.end(`<!doctype html><html><head><title>e2e</title><script>${s}</script></head><body>e2e</body></html>`);
+      res.end(`<!doctype html><html><head><title>e2e</title><script>${s}</script></head><body>${body(origin)}</body></html>`);
     }
   });
   return { url: await listen(server), server };

@@ -119,6 +119,31 @@ describe('batching', () => {
   });
 });
 
+describe('batching while a request is slow', () => {
+  it('keeps flushing when the flush timer fires during a request', async () => {
+    const key = wk();
+    answers = [() => new Promise((r) => setTimeout(() => r(new Response('{}')), 3000))];
+    const a = new Analytics().load(key, { apiHost: 'https://h', flushInterval: 500 });
+    a.track('E1');
+    await vi.advanceTimersByTimeAsync(600); // E1 out, answered at 3,500 ms
+    a.track('E2');
+    await vi.advanceTimersByTimeAsync(1000); // E2's timer fires while E1 is out
+    expect(bodies(key)).toHaveLength(1);
+    await vi.advanceTimersByTimeAsync(2500);
+    expect(sent(key).map((m) => m.event)).toEqual(['E1', 'E2']);
+  });
+
+  it('warns about each event the server rejected in an accepted batch', async () => {
+    const warn = vi.spyOn(console, 'warn').mockImplementation(() => {});
+    const key = wk();
+    const body = { success: true, accepted: 1, rejected: [{ index: 1, error: { code: 'missing_field', message: 'event is required' } }] };
+    answers = [() => Promise.resolve(new Response(JSON.stringify(body), { status: 200 }))];
+    new Analytics().load(key, { apiHost: 'https://h' }).track('E');
+    await vi.advanceTimersByTimeAsync(2000);
+    expect(warn).toHaveBeenCalledWith(expect.stringContaining('event is required'));
+  });
+});
+
 describe('retries', () => {
   it('honours Retry-After on 503 and 429, then delivers', async () => {
     const key = wk();
@@ -189,6 +214,9 @@ describe('persistence and identity', () => {
     a.identify('u9', { plan: 'pro' });
     expect(document.cookie).toContain('tm_uid=u9');
     expect(document.cookie).toContain(`tm_aid=${a.anonymousId()}`);
+    // Traits are not sent to the site's servers with every request.
+    expect(document.cookie).not.toContain('tm_traits');
+    expect(localStorage.getItem('tm_traits')).toBe('{"plan":"pro"}');
     const b = new Analytics().load(wk(), { apiHost: 'https://h' });
     expect(b.user().id()).toBe('u9');
     expect(b.user().traits()).toEqual({ plan: 'pro' });
@@ -231,7 +259,10 @@ describe('consent', () => {
     const a = new Analytics().load(key, { apiHost: 'https://h', consent: 'pending' });
     a.track('Before');
     a.setConsent('denied');
-    a.track('After');
+    const cb = vi.fn();
+    a.track('After', {}, cb);
+    await vi.advanceTimersByTimeAsync(0);
+    expect(cb).toHaveBeenCalledOnce(); // callers that wait on it are not stuck
     await vi.advanceTimersByTimeAsync(10_000);
     dispatchEvent(new Event('pagehide'));
     expect(bodies(key)).toHaveLength(0);
@@ -277,16 +308,48 @@ describe('page exit', () => {
 });
 
 describe('cross-domain and SPA', () => {
-  it('decorates links to cross-domains only, and adopts tm_aid on load', () => {
-    const a = new Analytics().load(wk(), { apiHost: 'https://h', crossDomains: ['example.org'] });
-    expect(a.decorate('https://shop.example.org/cart?x=1')).toBe(`https://shop.example.org/cart?x=1&tm_aid=${a.anonymousId()}`);
+  it('decorates URLs on the other cross-domains only, with a timestamp', () => {
+    vi.setSystemTime(new Date('2026-01-02T03:04:05Z'));
+    const a = new Analytics().load(wk(), { apiHost: 'https://h', crossDomains: ['example.org', 'www.example.com'] });
+    const t = Date.parse('2026-01-02T03:04:05Z') / 1000;
+    expect(a.decorate('https://shop.example.org/cart?x=1')).toBe(`https://shop.example.org/cart?x=1&tm_aid=${a.anonymousId()}.${t}`);
     expect(a.decorate('https://evil.org/')).toBe('https://evil.org/');
+    // This host shares the cookie already: no parameter.
+    expect(a.decorate('https://www.example.com/x')).toBe('https://www.example.com/x');
+    expect(a.decorate('not a url::')).toBe('not a url::');
+  });
+
+  it('adopts a fresh tm_aid on load, ignores a stale (shared) one, and strips both from the address bar', () => {
     const home = location.href;
-    history.replaceState(null, '', '/landing?tm_aid=shared-id-1&q=2');
+    const now = Math.floor(Date.now() / 1000);
+    history.replaceState(null, '', `/landing?tm_aid=shared-id-1.${now - 30}&q=2`);
     const b = new Analytics().load(wk(), { apiHost: 'https://h' });
     expect(b.anonymousId()).toBe('shared-id-1');
     expect(location.search).toBe('?q=2');
+    history.replaceState(null, '', `/landing?tm_aid=copied-id.${now - 600}&q=3`);
+    const c = new Analytics().load(wk(), { apiHost: 'https://h' });
+    expect(c.anonymousId()).toBe('shared-id-1'); // the cookie's, not the stale link's
+    expect(location.search).toBe('?q=3');
+    history.replaceState(null, '', '/landing?tm_aid=no-timestamp');
+    expect(new Analytics().load(wk(), { apiHost: 'https://h' }).anonymousId()).toBe('shared-id-1');
+    expect(location.search).toBe('');
     history.replaceState(null, '', home);
+  });
+
+  it('decorates a cross-domain link when it is pressed, and leaves other links alone', () => {
+    const a = new Analytics().load(wk(), { apiHost: 'https://h', crossDomains: ['example.net'] });
+    document.body.innerHTML =
+      '<a id="x" href="https://app.example.net/p?a=1"><span id="in">go</span></a><a id="y" href="https://other.org/">other</a>';
+    const x = document.getElementById('x') as HTMLAnchorElement;
+    const y = document.getElementById('y') as HTMLAnchorElement;
+    document.getElementById('in')!.dispatchEvent(new MouseEvent('mousedown', { bubbles: true }));
+    expect(new URL(x.href).searchParams.get('tm_aid')).toMatch(new RegExp(`^${a.anonymousId()}\\.\\d+$`));
+    expect(new URL(x.href).searchParams.get('a')).toBe('1');
+    y.dispatchEvent(new MouseEvent('click', { bubbles: true, cancelable: true }));
+    expect(y.href).toBe('https://other.org/');
+    // Text nodes and the document are not elements: nothing breaks.
+    document.dispatchEvent(new MouseEvent('mousedown', { bubbles: true }));
+    document.body.innerHTML = '';
   });
 
   it('trackHistory sends a page view per URL change, with the previous URL as referrer', async () => {

@@ -1,3 +1,5 @@
+// The snippet is run as a page runs it: as source text, hence Function().
+/* eslint-disable @typescript-eslint/no-implied-eval, @typescript-eslint/no-unsafe-call */
 import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
