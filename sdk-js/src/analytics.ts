@@ -345,11 +345,12 @@ export class Analytics {
       integrations: opts.integrations || {},
     };
     if (this.id.uid && !m.userId) m.userId = this.id.uid;
+    let json: string;
     if (this.consent === 'denied') {
       // Not kept: the visitor said no.
-    } else if (bytes(JSON.stringify(m)) > MAX_EVENT) console.warn(`trailmark: ${type} dropped, over ${MAX_EVENT} bytes`);
+    } else if (bytes((json = JSON.stringify(m))) > MAX_EVENT) console.warn(`trailmark: ${type} dropped, over ${MAX_EVENT} bytes`);
     else {
-      this.q.push(m);
+      this.q.push(m, json);
       this.schedule();
     }
     if (cb)

@@ -1,6 +1,7 @@
 // Owns the automatic `context` every event carries: the page, the campaign
 // (utm_* and ad click ids), user agent, locale, timezone, screen and library.
-// Computed per call, because SPA navigation changes the page under us.
+// The page, campaign and screen are read per call, because SPA navigation
+// changes the page under us; the rest once per page.
 
 declare const __VERSION__: string;
 export const VERSION: string = typeof __VERSION__ === 'string' ? __VERSION__ : '0.0.0';
@@ -26,21 +27,26 @@ export function campaign(search: string): Dict | undefined {
   return Object.keys(c).length ? c : undefined;
 }
 
+/** What does not change while the page lives, computed once: resolving the
+ * time zone builds an Intl formatter, which cost more than the rest of a
+ * track() call together (benches/RESULTS.md). */
+let fixed: Dict | undefined;
+
 export function context(ref: string): Dict {
-  const n = navigator;
-  let timezone: string | undefined;
-  try {
-    timezone = Intl.DateTimeFormat().resolvedOptions().timeZone;
-  } catch {
-    // Very old engines lack Intl; the field is simply left out.
+  if (!fixed) {
+    const n = navigator;
+    let timezone: string | undefined;
+    try {
+      timezone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+    } catch {
+      // Very old engines lack Intl; the field is simply left out.
+    }
+    fixed = { userAgent: n.userAgent, locale: n.language, timezone, library: { name: 'trailmark.js', version: VERSION } };
   }
   return {
     page: pageInfo(ref),
     campaign: campaign(location.search),
-    userAgent: n.userAgent,
-    locale: n.language,
-    timezone,
     screen: { width: screen.width, height: screen.height, density: devicePixelRatio },
-    library: { name: 'trailmark.js', version: VERSION },
+    ...fixed,
   };
 }

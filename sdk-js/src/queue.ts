@@ -2,9 +2,13 @@
 // survive reloads, crashes and offline spells, and the split of that FIFO
 // into request bodies the server accepts.
 //
-// Each tab writes its own key (`tm.<writeKey>.q.<tab>`) and renews a lease
+// Each event is stored under its own key, `tm.<writeKey>.q.<tab>.<messageId>`,
+// so queueing one costs one small write however long the queue is (a single
+// JSON array would be re-encoded whole on every call: 12 ms per call at 500
+// events, measured in benches/RESULTS.md). Each tab also renews a lease
 // (`….hb.<tab>`, a timestamp). A tab whose lease has lapsed is presumed dead
-// and any live tab adopts its events. Two tabs may adopt the same dead queue
+// and any live tab adopts its events: it writes them under its own keys
+// first, then deletes the dead tab's. Two tabs may adopt the same dead queue
 // at once, and a throttled background tab may lose its lease while alive;
 // both only cause re-sends, which the server drops by messageId. That is why
 // there are no locks here: delivery is at-least-once, de-duplicated upstream.
@@ -40,30 +44,34 @@ export class Queue {
      * consent pending); the queue then lives in memory only. */
     public store: KeyedStore | null,
   ) {
-    this.key = prefix + 'q.' + tab;
+    this.key = prefix + 'q.' + tab + '.';
   }
 
-  push(m: Message): void {
+  /** `json` is `m` encoded, when the caller has it already. */
+  push(m: Message, json?: string): void {
     this.items.push(m);
+    this.put(m, json);
     this.trim();
-    this.save();
   }
 
   remove(ids: Set<string>): void {
     this.items = this.items.filter((m) => !ids.has(m.messageId));
-    this.save();
+    ids.forEach((i) => this.store?.del(this.key + i));
   }
 
   clear(): void {
-    this.items = [];
-    this.save();
+    this.remove(new Set(this.items.map((m) => m.messageId)));
   }
 
+  /** Writes every event; for when persistence starts (consent granted). */
   save(): void {
-    const s = this.store;
-    if (!s) return;
-    if (this.items.length) s.set(this.key, JSON.stringify(this.items));
-    else s.del(this.key);
+    this.items.forEach((m) => {
+      this.put(m);
+    });
+  }
+
+  private put(m: Message, json = JSON.stringify(m)): void {
+    this.store?.set(this.key + m.messageId, json);
   }
 
   beat(now: number): void {
@@ -76,39 +84,50 @@ export class Queue {
     this.beat(0);
   }
 
-  /** Adopts the queues of tabs whose lease lapsed. */
+  /** Adopts the events of tabs whose lease lapsed. */
   reclaim(now: number): void {
     const s = this.store;
     if (!s) return;
     const q = this.prefix + 'q.';
-    let got = false;
+    const seen = new Set(this.items.map((m) => m.messageId));
+    const dead = new Set<string>();
+    const n = this.items.length;
     for (const k of s.keys()) {
-      const tab = k.slice(q.length);
-      if (!k.startsWith(q) || tab === this.tab) continue;
-      const hb = this.prefix + 'hb.' + tab;
-      if (now - (Number(s.get(hb)) || 0) < LEASE_MS) continue;
+      if (!k.startsWith(q)) continue;
+      const dot = k.indexOf('.', q.length);
+      // '' for a malformed key: no lease, so it is read (and dropped) below.
+      const tab = dot < 0 ? '' : k.slice(q.length, dot);
+      if (tab === this.tab) continue;
+      if (!dead.has(tab)) {
+        if (now - (Number(s.get(this.prefix + 'hb.' + tab)) || 0) < LEASE_MS) continue;
+        dead.add(tab);
+      }
       try {
-        const seen = new Set(this.items.map((m) => m.messageId));
-        for (const m of JSON.parse(s.get(k) || '[]') as Message[]) if (!seen.has(m.messageId)) this.items.push(m);
-        got = true;
+        const m = JSON.parse(s.get(k) || '') as Message;
+        if (typeof m.messageId == 'string' && !seen.has(m.messageId)) {
+          seen.add(m.messageId);
+          this.items.push(m);
+          this.put(m);
+        }
       } catch {
-        // A corrupt foreign queue is dropped below rather than retried forever.
+        // A corrupt foreign event is dropped below rather than retried forever.
       }
       s.del(k);
-      s.del(hb);
     }
-    if (got) {
+    dead.forEach((t) => {
+      s.del(this.prefix + 'hb.' + t);
+    });
+    if (this.items.length > n) {
       // messageIds are UUID v7, so sorting them restores call order across tabs.
       this.items.sort((a, b) => (a.messageId < b.messageId ? -1 : 1));
       this.trim();
-      this.save();
     }
   }
 
   private trim(): void {
     const over = this.items.length - this.max;
     if (over > 0) {
-      this.items.splice(0, over);
+      this.remove(new Set(this.items.slice(0, over).map((m) => m.messageId)));
       console.warn(`trailmark: queue full, dropped ${over} oldest event(s)`);
     }
   }

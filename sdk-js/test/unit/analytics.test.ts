@@ -199,7 +199,7 @@ describe('persistence and identity', () => {
     const a = new Analytics().load(key, { apiHost: 'https://h' });
     a.track('Offline');
     await vi.advanceTimersByTimeAsync(2000);
-    expect(Object.keys(localStorage).filter((k) => k.startsWith(`tm.${key}.q.`))).toHaveLength(1);
+    expect(Object.keys(localStorage).filter((k) => k.startsWith(`tm.${key}.q.`))).toHaveLength(1); // one event
     dispatchEvent(new Event('pagehide')); // releases the lease
     new Analytics().load(key, { apiHost: 'https://h' });
     await vi.advanceTimersByTimeAsync(2000);

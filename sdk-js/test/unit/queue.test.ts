@@ -26,17 +26,29 @@ describe('Queue', () => {
     expect(warn).toHaveBeenCalledTimes(2);
   });
 
-  it('persists every change under its tab key and removes the key when empty', () => {
+  it('persists each event under its own key, so a push is one write however long the queue', () => {
     const s = keyed();
+    const set = vi.spyOn(s, 'set');
     const q = new Queue(10, 'tm.wk.', 'A', s);
     const a = msg();
+    const b = msg();
     q.push(a);
-    q.push(msg());
-    expect(JSON.parse(s.get('tm.wk.q.A')!)).toHaveLength(2);
+    q.push(b);
+    expect(set).toHaveBeenCalledTimes(2);
+    expect(JSON.parse(s.get(`tm.wk.q.A.${a.messageId}`)!)).toEqual(a);
     q.remove(new Set([a.messageId]));
-    expect(JSON.parse(s.get('tm.wk.q.A')!)).toHaveLength(1);
+    expect(s.keys()).toEqual([`tm.wk.q.A.${b.messageId}`]);
     q.clear();
-    expect(s.get('tm.wk.q.A')).toBeNull();
+    expect(s.keys()).toEqual([]);
+  });
+
+  it('removes the keys of events dropped when full', () => {
+    vi.spyOn(console, 'warn').mockImplementation(() => {});
+    const s = keyed();
+    const q = new Queue(2, 'tm.wk.', 'A', s);
+    const ms = [msg(), msg(), msg()];
+    ms.forEach((m) => q.push(m));
+    expect(s.keys().sort()).toEqual(ms.slice(1).map((m) => `tm.wk.q.A.${m.messageId}`));
   });
 
   it('adopts the queue of a tab whose lease lapsed or was released, in call order, once', () => {
@@ -46,9 +58,10 @@ describe('Queue', () => {
     const gone = new Queue(10, 'tm.wk.', 'gone', s);
     const live = new Queue(10, 'tm.wk.', 'live', s);
     const other = new Queue(10, 'tm.other.', 'x', s);
-    const m1 = msg(), m2 = msg(), m3 = msg(), m4 = msg();
+    const m1 = msg(), m2 = msg(), m3 = msg(), m4 = msg(), m5 = msg();
     dead.push(m1);
     gone.push(m3);
+    gone.push(m5);
     live.push(m2);
     other.push(m4);
     dead.beat(now - LEASE_MS - 1);
@@ -57,20 +70,24 @@ describe('Queue', () => {
     const me = new Queue(10, 'tm.wk.', 'me', s);
     me.push(m2); // already known: not duplicated
     me.reclaim(now);
-    expect(me.items.map((m) => m.messageId)).toEqual([m1, m2, m3].map((m) => m.messageId));
-    expect(s.get('tm.wk.q.dead')).toBeNull();
-    expect(s.get('tm.wk.q.gone')).toBeNull();
-    expect(s.get('tm.wk.q.live')).not.toBeNull(); // its lease is fresh
-    expect(s.get('tm.other.q.x')).not.toBeNull(); // another write key
-    expect(JSON.parse(s.get('tm.wk.q.me')!)).toHaveLength(3);
+    expect(me.items.map((m) => m.messageId)).toEqual([m1, m2, m3, m5].map((m) => m.messageId));
+    const own = (tab: string) => s.keys().filter((k) => k.startsWith(`tm.wk.q.${tab}.`));
+    expect(own('dead')).toEqual([]);
+    expect(own('gone')).toEqual([]);
+    expect(s.get('tm.wk.hb.gone')).toBeNull();
+    expect(own('live')).toHaveLength(1); // its lease is fresh
+    expect(s.get(`tm.other.q.x.${m4.messageId}`)).not.toBeNull(); // another write key
+    expect(own('me')).toHaveLength(4); // written under this tab before the others were deleted
   });
 
-  it('drops a corrupt foreign queue', () => {
+  it('drops corrupt and malformed foreign entries', () => {
     const s = keyed();
-    s.set('tm.wk.q.bad', '{nope');
+    s.set('tm.wk.q.bad.0190a0a0-0000-7000-8000-000000000000', '{nope');
+    s.set('tm.wk.q.old-format-tab', '[{"messageId":"x"}]');
+    s.set('tm.wk.q.bad.no-id', '{"type":"track"}');
     const me = new Queue(10, 'tm.wk.', 'me', s);
     me.reclaim(Date.now());
-    expect(s.get('tm.wk.q.bad')).toBeNull();
+    expect(s.keys()).toEqual([]);
     expect(me.items).toEqual([]);
   });
 });
