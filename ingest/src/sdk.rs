@@ -1,9 +1,10 @@
 //! Serves the browser SDK (`sdk-js/`), so a site needs only its Trailmark
 //! host: the snippet loads `{apiHost}/sdk/v1/trailmark.min.js`.
 //!
-//! The bundle is built by `npm run build` in `sdk-js/`, which copies it to
-//! `ingest/assets/`, where it is committed and compiled in; `sdk-js`'s tests
-//! check that the committed copy is the build of the committed source.
+//! The bundle is built by `npm run build` in `sdk-js/` and copied by hand to
+//! `ingest/assets/` (`cp sdk-js/dist/trailmark.min.js ingest/assets/`),
+//! where it is committed and compiled in. The README's test command fails
+//! when the committed copy is not the build of the committed source.
 //!
 //! Two paths: the major version (`/sdk/v1/…`) is cached for a day and then
 //! revalidated by ETag, so fixes reach sites within a day; the exact version

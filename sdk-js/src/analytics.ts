@@ -8,12 +8,12 @@
 // answer we may never see) is sent again by the next page load or another
 // tab. The server de-duplicates by messageId, which makes that safe.
 
-import { context, pageInfo, type Dict } from './context';
-import { Identity, type Traits } from './identity';
-import { bytes, chunks, Queue, type Message } from './queue';
-import { backoff, verdict } from './retry';
-import { cookieStore, localStore, topDomain, type Store } from './storage';
-import { uuidv4, uuidv7 } from './uuid';
+import { context, pageInfo, type Dict } from './context.js';
+import { Identity, type Traits } from './identity.js';
+import { bytes, chunks, Queue, type Message } from './queue.js';
+import { backoff, verdict } from './retry.js';
+import { cookieStore, localStore, topDomain, type Store } from './storage.js';
+import { uuidv4, uuidv7 } from './uuid.js';
 
 export type Consent = 'granted' | 'denied' | 'pending';
 export type Callback = (msg?: Message) => void;
@@ -96,6 +96,8 @@ export class Analytics {
   private attempt = 0;
   /** messageIds in an unanswered page-exit request; not sent again meanwhile. */
   private flying = new Set<string>();
+  /** Bytes of those requests: the browser allows 64 KB in flight in all. */
+  private inFlight = 0;
   private ref = '';
   private last = '';
 
@@ -108,12 +110,17 @@ export class Analytics {
     this.consent = o.consent || 'granted';
     this.url = (o.apiHost || this.defaultHost || location.origin).replace(/\/+$/, '') + '/v1/batch';
     if (o.cookies !== false) {
-      const host = location.hostname;
       this.local = localStore();
-      this.persist = [
-        cookieStore(document, o.cookieDomain ?? topDomain(document, host), location.protocol === 'https:'),
-        ...(this.local ? [this.local] : []),
-      ];
+      try {
+        // Throws in sandboxed iframes (opaque origins); if it reads once, it
+        // keeps working.
+        // eslint-disable-next-line @typescript-eslint/no-meaningless-void-operator
+        void document.cookie;
+        this.persist = [cookieStore(document, o.cookieDomain ?? topDomain(document, location.hostname), location.protocol === 'https:')];
+      } catch {
+        // No cookies here: localStorage (if any) or memory.
+      }
+      if (this.local) this.persist.push(this.local);
     }
     // Traits stay out of the cookie: see identity.ts.
     this.id = new Identity(this.persist, this.local ? [this.local] : []);
@@ -151,10 +158,11 @@ export class Analytics {
       // keyboard and scripts. Capture phase, so a page handler that navigates
       // itself (and stops propagation) still sees the decorated href.
       const tag = (e: Event) => {
-        // The target may be a text node or the document, which lack closest().
+        // The target may be a text node or the document, which lack
+        // closest(); SVG links have a read-only href and are left alone.
         const t = e.target as Partial<Element> | null;
-        const a = t?.closest?.('a[href]') as HTMLAnchorElement | null;
-        if (a) a.href = this.decorate(a.href);
+        const a = t?.closest?.('a[href]');
+        if (a instanceof HTMLAnchorElement) a.href = this.decorate(a.href);
       };
       addEventListener('mousedown', tag, true);
       addEventListener('click', tag, true);
@@ -201,12 +209,13 @@ export class Analytics {
   page(...args: unknown[]): this {
     if (this.defer('page', args)) return this;
     const [a, cb] = split(args);
-    let category: string | undefined;
-    let name: string | undefined;
-    const sOrNil = (x: unknown) => x == null || typeof x === 'string';
-    if (a.length > 1 && sOrNil(a[0]) && sOrNil(a[1])) [category, name] = [str(a.shift()), str(a.shift())];
-    else if (typeof a[0] === 'string') name = a.shift() as string;
-    const [props, opts] = a as [Dict?, CallOptions?];
+    // As analytics.js resolves them: two strings are the category and the
+    // name, one string is the name; the first object is the properties and
+    // the second the options. Once there is a name, a null holds an object's
+    // place, so page('Home', null, options) has options.
+    const s = a.filter((x): x is string => typeof x === 'string');
+    const [category, name] = s.length > 1 ? s : [undefined, s[0]];
+    const [props, opts] = a.filter((x) => isObj(x) || (name && x === null)) as [Dict?, CallOptions?];
     const properties: Dict = { ...pageInfo(this.ref), ...props };
     if (name) properties.name = name;
     if (category) properties.category = category;
@@ -226,7 +235,7 @@ export class Analytics {
     const [a, cb] = split(args);
     if (isObj(a[0])) a.unshift(null);
     const uid = str(a[0]);
-    const id = this.id;
+    const id = this.who();
     // A different user on this browser must not inherit the previous traits.
     if (uid && id.uid && uid !== id.uid) id.traits = {};
     if (uid) id.uid = uid;
@@ -247,7 +256,8 @@ export class Analytics {
     if (this.defer('alias', args)) return this;
     const [a, cb] = split(args);
     if (isObj(a[1])) a.splice(1, 0, undefined);
-    const previousId = str(a[1]) || this.id.uid || this.id.aid;
+    const id = this.who();
+    const previousId = str(a[1]) || id.uid || id.aid;
     return this.enqueue('alias', { userId: str(a[0]), previousId }, a[2] as CallOptions, cb);
   }
 
@@ -260,12 +270,18 @@ export class Analytics {
   }
 
   user(): User {
-    const id = this.id;
-    return { id: () => id.uid, anonymousId: () => id.aid, traits: () => id.traits };
+    return { id: () => this.who().uid, anonymousId: () => this.who().aid, traits: () => this.who().traits };
   }
 
   anonymousId(): string {
-    return this.id.aid;
+    return this.who().aid;
+  }
+
+  /** The identity, re-read from its stores while they are in use: another
+   * tab or subdomain may have changed it (see identity.ts). */
+  private who(): Identity {
+    if (this.consent === 'granted') this.id.read();
+    return this.id;
   }
 
   ready(cb: () => void): this {
@@ -277,9 +293,15 @@ export class Analytics {
     if (this.defer('setConsent', [c])) return this;
     this.consent = c;
     if (c === 'denied') {
-      // Forget everything we hold or wrote, and keep nothing from now on.
+      // Forget everything we hold or wrote (other tabs' queues included), and
+      // keep nothing from now on. The timer and backoff go too, so that a
+      // later grant starts afresh.
       clearTimeout(this.timer);
+      this.timer = undefined;
+      this.blocked = false;
+      this.attempt = 0;
       this.q.clear();
+      if (this.local) this.q.purge(this.local);
       this.q.store = null;
       this.id.clear();
     } else this.grant();
@@ -295,8 +317,10 @@ export class Analytics {
     try {
       const u = new URL(url, location.href);
       const h = u.hostname;
-      if (h !== location.hostname && (this.o.crossDomains || []).some((d) => h === d || h.endsWith('.' + d))) {
-        u.searchParams.set(AID_PARAM, `${this.id.aid}.${Math.floor(Date.now() / 1000)}`);
+      const ours = (this.o.crossDomains || []).some((d) => h === d || h.endsWith('.' + d));
+      // Without consent the visitor's id goes nowhere, links included.
+      if (ours && h !== location.hostname && this.consent === 'granted') {
+        u.searchParams.set(AID_PARAM, `${this.who().aid}.${Math.floor(Date.now() / 1000)}`);
         return u.href;
       }
     } catch {
@@ -308,7 +332,7 @@ export class Analytics {
   /** Sends the oldest queued batch now, without waiting for the flush timer
    * (a backoff still applies). Settles when that request is answered. */
   flush(): Promise<void> {
-    return this.send();
+    return this.loaded ? this.send() : Promise.resolve();
   }
 
   /** Persistence starts only with consent; before that, memory only. */
@@ -332,19 +356,23 @@ export class Analytics {
    * so code that navigates in the callback loses nothing. analytics.js runs
    * it after a fixed 300 ms for the same purpose. It runs even when the event
    * is not sent (consent denied, oversized), as analytics.js's does. */
-  private enqueue(type: string, fields: Dict, opts: CallOptions = {}, cb?: Callback): this {
-    const ts = new Date(opts.timestamp || Date.now()).toISOString();
+  private enqueue(type: string, fields: Dict, options?: CallOptions | null, cb?: Callback): this {
+    const opts = options || {};
+    const id = this.who();
+    // A timestamp that is not a date falls back to now rather than throw.
+    const d = new Date(opts.timestamp || Date.now());
+    const ts = (isNaN(d.getTime()) ? new Date() : d).toISOString();
     const m: Message = {
       type,
       ...fields,
       messageId: uuidv7(),
-      anonymousId: opts.anonymousId || this.id.aid,
+      anonymousId: opts.anonymousId || id.aid,
       timestamp: ts,
       originalTimestamp: ts,
       context: { ...context(this.ref), ...opts.context },
       integrations: opts.integrations || {},
     };
-    if (this.id.uid && !m.userId) m.userId = this.id.uid;
+    if (id.uid && !m.userId) m.userId = id.uid;
     let json: string;
     if (this.consent === 'denied') {
       // Not kept: the visitor said no.
@@ -416,6 +444,8 @@ export class Analytics {
     if (v === 'retry') {
       this.blocked = true;
       const o = this.o;
+      // A flush timer armed while the request was out is superseded.
+      clearTimeout(this.timer);
       this.timer = setTimeout(() => this.retryNow(), backoff(this.attempt++, retryAfter, o.retryBase, o.retryMax));
       return;
     }
@@ -432,16 +462,23 @@ export class Analytics {
     void this.send();
   }
 
-  /** Page exit (hidden or pagehide): hand everything to the browser in
-   * keepalive requests, which outlive the page. Events stay queued until a
+  /** Page exit (hidden or pagehide): hand the oldest events, up to the
+   * browser's 64 KB keepalive budget, to keepalive requests, which outlive
+   * the page. Events stay queued until a
    * response comes back; if the page dies first, the next load re-sends them. */
   private exit(): void {
     if (this.consent !== 'granted') return;
     for (const c of chunks(this.pending(), MAX_COUNT, MAX_UNLOAD, bytes(this.body([])))) {
       const body = this.body(c);
+      const n = bytes(body);
+      // Oldest first, up to the shared budget; the rest stays persisted for
+      // the next page load (or this one, if the visitor comes back).
+      if (this.inFlight + n > MAX_UNLOAD) break;
+      this.inFlight += n;
       const ids = new Set(c.map((m) => m.messageId));
       ids.forEach((i) => this.flying.add(i));
       const done = (ok: boolean) => {
+        this.inFlight -= n;
         ids.forEach((i) => this.flying.delete(i));
         if (ok) this.q.remove(ids);
       };

@@ -2,7 +2,7 @@
 // stub `window.trailmark` with the real instance and replays the calls the
 // stub queued, in order. Loading the bundle twice is a no-op.
 
-import { Analytics } from './analytics';
+import { Analytics } from './analytics.js';
 
 type Stub = unknown[][] & { _writeKey?: string; _loadOptions?: object; initialize?: boolean };
 const w = window as unknown as { trailmark?: Stub | Analytics };
@@ -18,7 +18,12 @@ if (!stub || !stub.initialize) {
     if (stub._writeKey) a.load(stub._writeKey, stub._loadOptions);
     for (const [m, ...args] of stub) {
       const f = (a as unknown as Record<string, unknown>)[m as string];
-      if (typeof f === 'function') f.apply(a, args);
+      // One bad call must not stop the replay of the ones after it.
+      try {
+        if (typeof f === 'function') f.apply(a, args);
+      } catch (e) {
+        console.error(e);
+      }
     }
   }
 }

@@ -4,9 +4,13 @@
 // blocked. Traits never go in a cookie: they can outgrow its 4 KB, and a
 // cookie would send them (emails, names) to the site's servers on every
 // request. They live in localStorage, or in memory when it is unavailable.
+//
+// The ids are re-read before every call (`read`), as analytics.js does, so a
+// login or reset() in another tab or on another subdomain is seen at once
+// instead of being overwritten by this page's stale copy.
 
-import type { Store } from './storage';
-import { uuidv4 } from './uuid';
+import type { Store } from './storage.js';
+import { uuidv4 } from './uuid.js';
 
 const AID = 'tm_aid';
 const UID = 'tm_uid';
@@ -15,9 +19,9 @@ const TRAITS = 'tm_traits';
 export type Traits = Record<string, unknown>;
 
 export class Identity {
-  aid: string;
-  uid: string | null;
-  traits: Traits;
+  aid = '';
+  uid: string | null = null;
+  traits: Traits = {};
 
   /** `stores` is read in order (cookie first, so the cookie wins when the two
    * disagree) and written all at once by `save`; traits use `traitStores`. */
@@ -25,20 +29,36 @@ export class Identity {
     private stores: Store[],
     private traitStores: Store[] = stores,
   ) {
-    const get = (k: string, from = stores): string | null => {
-      for (const s of from) {
-        const v = s.get(k);
-        if (v) return v;
-      }
-      return null;
-    };
-    this.aid = get(AID) || uuidv4();
-    this.uid = get(UID);
-    try {
-      this.traits = JSON.parse(get(TRAITS, traitStores) || '{}') as Traits;
-    } catch {
-      this.traits = {};
+    this.read();
+  }
+
+  /** Takes both ids from the first store that holds an anonymousId, so they
+   * always come as a pair: a userId that localStorage on one subdomain still
+   * holds after a reset() on another is not resurrected. Traits are kept
+   * only when they were saved for this user. With nothing stored (first
+   * visit, or persistence off) the ids in memory stand. */
+  read(): void {
+    const s = this.stores.find((x) => x.get(AID));
+    if (s) {
+      this.aid = s.get(AID)!;
+      this.uid = s.get(UID);
     }
+    this.aid ||= uuidv4();
+    for (const t of this.traitStores) {
+      const v = t.get(TRAITS);
+      if (!v) continue;
+      try {
+        const [owner, traits] = JSON.parse(v) as [string, Traits];
+        this.traits = owner === this.owner() ? traits : {};
+      } catch {
+        this.traits = {};
+      }
+      break;
+    }
+  }
+
+  private owner(): string {
+    return this.uid || this.aid;
   }
 
   /** Writes every store; skipped while persistence is not allowed. */
@@ -48,7 +68,7 @@ export class Identity {
       if (this.uid) s.set(UID, this.uid);
       else s.del(UID);
     }
-    for (const s of this.traitStores) s.set(TRAITS, JSON.stringify(this.traits));
+    for (const s of this.traitStores) s.set(TRAITS, JSON.stringify([this.owner(), this.traits]));
   }
 
   clear(): void {

@@ -74,6 +74,12 @@ export class Queue {
     this.store?.set(this.key + m.messageId, json);
   }
 
+  /** Deletes every key under this write key's prefix in `s`: all tabs'
+   * queues and leases (consent denied). */
+  purge(s: KeyedStore): void {
+    for (const k of s.keys()) if (k.startsWith(this.prefix)) s.del(k);
+  }
+
   beat(now: number): void {
     this.store?.set(this.prefix + 'hb.' + this.tab, String(now));
   }
@@ -114,9 +120,11 @@ export class Queue {
       }
       s.del(k);
     }
-    dead.forEach((t) => {
-      s.del(this.prefix + 'hb.' + t);
-    });
+    // Forget lapsed leases, including those of tabs that queued nothing:
+    // each page load is a new tab, so they would pile up otherwise.
+    const hb = this.prefix + 'hb.';
+    for (const k of s.keys())
+      if (k.startsWith(hb) && k !== hb + this.tab && now - (Number(s.get(k)) || 0) >= LEASE_MS) s.del(k);
     if (this.items.length > n) {
       // messageIds are UUID v7, so sorting them restores call order across tabs.
       this.items.sort((a, b) => (a.messageId < b.messageId ? -1 : 1));

@@ -80,6 +80,18 @@ describe('Queue', () => {
     expect(own('me')).toHaveLength(4); // written under this tab before the others were deleted
   });
 
+  it('forgets the lapsed leases of tabs that queued nothing, and keeps live ones', () => {
+    const s = keyed();
+    const now = 1_000_000;
+    new Queue(10, 'tm.wk.', 'idle', s).release();
+    new Queue(10, 'tm.wk.', 'old', s).beat(now - LEASE_MS);
+    new Queue(10, 'tm.wk.', 'live', s).beat(now - 1000);
+    const me = new Queue(10, 'tm.wk.', 'me', s);
+    me.beat(now);
+    me.reclaim(now);
+    expect(s.keys().sort()).toEqual(['tm.wk.hb.live', 'tm.wk.hb.me']);
+  });
+
   it('drops corrupt and malformed foreign entries', () => {
     const s = keyed();
     s.set('tm.wk.q.bad.0190a0a0-0000-7000-8000-000000000000', '{nope');

@@ -66,22 +66,42 @@ describe('Identity', () => {
     const cookie = memoryStore();
     const local = memoryStore();
     cookie.set('tm_aid', 'from-cookie');
+    cookie.set('tm_uid', 'u1');
     local.set('tm_aid', 'from-local');
-    local.set('tm_uid', 'u1');
+    local.set('tm_uid', 'u0');
     const id = new Identity([cookie, local]);
     expect(id.aid).toBe('from-cookie');
     expect(id.uid).toBe('u1');
     id.save();
     expect(local.get('tm_aid')).toBe('from-cookie');
+    expect(local.get('tm_uid')).toBe('u1');
   });
 
-  it('falls back to localStorage when cookies were cleared', () => {
+  it('takes both ids from the cookie: a reset on another subdomain is not undone by localStorage', () => {
+    const cookie = memoryStore();
+    const local = memoryStore(); // this subdomain's, still holding the old user
+    cookie.set('tm_aid', 'after-reset');
+    local.set('tm_aid', 'before');
+    local.set('tm_uid', 'old-user');
+    local.set('tm_traits', '["old-user",{"email":"old@example.com"}]');
+    const id = new Identity([cookie, local], [local]);
+    expect([id.aid, id.uid, id.traits]).toEqual(['after-reset', null, {}]);
+  });
+
+  it('falls back to localStorage when cookies were cleared, traits with it', () => {
     const local = memoryStore();
     local.set('tm_aid', 'kept');
-    local.set('tm_traits', '{"plan":"pro"}');
-    const id = new Identity([memoryStore(), local]);
-    expect(id.aid).toBe('kept');
-    expect(id.traits).toEqual({ plan: 'pro' });
+    local.set('tm_uid', 'u7');
+    local.set('tm_traits', '["u7",{"plan":"pro"}]');
+    const id = new Identity([memoryStore(), local], [local]);
+    expect([id.aid, id.uid, id.traits]).toEqual(['kept', 'u7', { plan: 'pro' }]);
+  });
+
+  it('ignores unreadable traits', () => {
+    const local = memoryStore();
+    local.set('tm_aid', 'a');
+    local.set('tm_traits', '{"not":"a pair"');
+    expect(new Identity([local]).traits).toEqual({});
   });
 
   it('reset forgets the user and starts a new anonymous id', () => {
