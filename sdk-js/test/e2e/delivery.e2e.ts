@@ -1,6 +1,7 @@
 // Browser → Trailmark delivery, end to end: page exit mid-batch, a server
-// that is unavailable for a while, a reload while offline, and one visitor
-// crossing to another of the site's domains.
+// that is unavailable for a while, a reload while offline, another tab
+// taking over the queue of a tab that went away, and one visitor crossing
+// to another of the site's domains.
 
 import type { Browser, Request } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -8,14 +9,15 @@ import { close, configured, eventsOf, launch, startFlakyProxy, startSite, startT
 
 type Sent = { batch?: { messageId: string; userId?: string; type: string }[] };
 
-/** messageIds the page sent for `userId`, from the requests Chromium made. */
-function recorder() {
+/** messageIds the page sent (of identified users only, unless `all`), from
+ * the requests Chromium made. */
+function recorder(all = false) {
   const ids = new Set<string>();
   return {
     ids,
     on: (req: Request) => {
       if (req.method() !== 'POST' || !req.url().endsWith('/v1/batch')) return;
-      for (const m of (JSON.parse(req.postData() || '{}') as Sent).batch || []) if (m.userId) ids.add(m.messageId);
+      for (const m of (JSON.parse(req.postData() || '{}') as Sent).batch || []) if (all || m.userId) ids.add(m.messageId);
     },
   };
 }
@@ -118,6 +120,49 @@ describe.skipIf(!configured)('trailmark.js against a real server', () => {
     expect(rows.filter((r) => r.type === 'track').map((r) => r.event).sort()).toEqual(['Offline 1', 'Offline 2']);
     const ids = rows.map((r) => r.message_id);
     expect(new Set(ids).size).toBe(ids.length);
+    await ctx.close();
+    await close(site.server);
+    await close(proxy.server);
+  });
+
+  it('has another open tab deliver the queue of a tab closed while the API was unreachable', async () => {
+    const proxy = await startFlakyProxy(tm.url, 0);
+    const site = await startSite(proxy.url, tm.writeKey);
+    const ctx = await browser.newContext();
+    type T = { track(e: string): void; identify(u: string): void; initialize?: boolean };
+    const open = async () => {
+      const p = await ctx.newPage();
+      await p.goto(site.url);
+      await p.waitForFunction(() => (window as unknown as { trailmark: T }).trailmark.initialize);
+      return p;
+    };
+    const survivor = await open();
+    const rec = recorder(true);
+    survivor.on('request', rec.on);
+    proxy.state.down = true;
+    const doomed = await open();
+    const uid = `e2e-tabs-${Date.now()}`;
+    const ids = await doomed.evaluate((id) => {
+      const t = (window as unknown as { trailmark: T }).trailmark;
+      t.identify(id);
+      t.track('From the closed tab');
+      t.track('From the closed tab');
+      return Object.keys(localStorage).filter((k) => k.includes('.q.')).map((k) => k.slice(k.lastIndexOf('.') + 1));
+    }, uid);
+    await doomed.waitForTimeout(2500); // its flush fails
+    await doomed.close(); // its page-exit requests fail too
+    await survivor.waitForTimeout(500);
+    proxy.state.down = false;
+    // The survivor adopts the queue on its next lease round (every 5 s).
+    const rows = await eventsOf(tm, uid, (r) => r.filter((x) => x.type === 'track').length >= 2, 30_000);
+    expect(rows.filter((r) => r.type === 'track')).toHaveLength(2);
+    expect(rows.filter((r) => r.type === 'identify')).toHaveLength(1);
+    const got = rows.map((r) => r.message_id);
+    expect(new Set(got).size).toBe(got.length);
+    // And it was the surviving tab that sent them.
+    const sentByA = ids.filter((id) => got.includes(id));
+    expect(sentByA.length).toBeGreaterThanOrEqual(4); // page, identify, two tracks
+    for (const id of sentByA) expect(rec.ids).toContain(id);
     await ctx.close();
     await close(site.server);
     await close(proxy.server);
