@@ -1,9 +1,10 @@
 // Enforces the core bundle budget: dist/trailmark.min.js gzipped at level 9
-// must stay under 5 KB, because it sits on every page of every customer.
+// must stay under 5 KB, read strictly as 5,000 bytes, because it sits on
+// every page of every customer.
 import { readFileSync } from 'node:fs';
 import { gzipSync } from 'node:zlib';
 
-const LIMIT = 5120;
+const LIMIT = 5000;
 const file = new URL('../dist/trailmark.min.js', import.meta.url);
 const raw = readFileSync(file);
 const gz = gzipSync(raw, { level: 9 }).length;

@@ -10,7 +10,7 @@
 
 import { context, pageInfo, type Dict } from './context.js';
 import { Identity, type Traits } from './identity.js';
-import { bytes, chunks, Queue, type Message } from './queue.js';
+import { bytes, chunks, Queue, warn, type Message } from './queue.js';
 import { backoff, verdict } from './retry.js';
 import { cookieStore, localStore, topDomain, type Store } from './storage.js';
 import { uuidv4, uuidv7 } from './uuid.js';
@@ -55,6 +55,7 @@ const MAX_EVENT = 32000;
 const MAX_BODY = 500000;
 const MAX_COUNT = 500;
 const MAX_UNLOAD = 60000;
+const DEFAULTS = { flushAt: 20, flushInterval: 2000, maxQueueSize: 500, retryBase: 1000, retryMax: 60000 };
 const AID_PARAM = 'tm_aid';
 /** A `tm_aid` older than this (seconds) is ignored: the link was decorated
  * at click time, so an old one was copied or shared, and adopting it would
@@ -80,77 +81,89 @@ const isObj = (x: unknown): x is Dict => typeof x === 'object' && x !== null;
 const str = (x: unknown): string | undefined => (x == null ? undefined : String(x));
 
 export class Analytics {
-  private wk = '';
-  private loaded = false;
-  private pre: [keyof Analytics, unknown[]][] = [];
-  private consent: Consent = 'granted';
-  private o: LoadOptions = {};
-  private url = '';
-  private persist: Store[] = [];
-  private local: ReturnType<typeof localStore> = null;
-  private id!: Identity;
-  private q!: Queue;
-  private timer: ReturnType<typeof setTimeout> | undefined;
-  private blocked = false;
-  private sending = false;
-  private attempt = 0;
+  #wk = '';
+  #loaded = false;
+  #pre: [keyof Analytics, unknown[]][] = [];
+  #consent: Consent = 'granted';
+  #o: LoadOptions & typeof DEFAULTS = { ...DEFAULTS };
+  #url = '';
+  #persist: Store[] = [];
+  #local: ReturnType<typeof localStore> = null;
+  #id!: Identity;
+  #q!: Queue;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #blocked = false;
+  #sending = false;
+  #attempt = 0;
   /** messageIds in an unanswered page-exit request; not sent again meanwhile. */
-  private flying = new Set<string>();
+  #flying = new Set<string>();
+  /** The identity changed here while it could not be saved (consent not
+   * granted yet): on grant, this page's copy wins over the stored one. */
+  #dirty = false;
   /** Bytes of those requests: the browser allows 64 KB in flight in all. */
-  private inFlight = 0;
-  private ref = '';
-  private last = '';
+  #inFlight = 0;
+  #ref = '';
+  #last = '';
 
-  constructor(private defaultHost?: string) {}
+  readonly #defaultHost?: string;
+
+  constructor(defaultHost?: string) {
+    this.#defaultHost = defaultHost;
+  }
 
   load(writeKey: string, options: LoadOptions = {}): this {
-    if (this.loaded) return this;
-    this.wk = writeKey;
-    const o = (this.o = { flushAt: 20, flushInterval: 2000, maxQueueSize: 500, ...options });
-    this.consent = o.consent || 'granted';
-    this.url = (o.apiHost || this.defaultHost || location.origin).replace(/\/+$/, '') + '/v1/batch';
+    if (this.#loaded) return this;
+    this.#wk = writeKey;
+    const o = (this.#o = { ...DEFAULTS, ...options });
+    // An explicit null or undefined means the default too.
+    for (const [k, v] of Object.entries(DEFAULTS)) (o as Dict)[k] ??= v;
+    this.#consent = o.consent || 'granted';
+    this.#url = (o.apiHost || this.#defaultHost || location.origin).replace(/\/+$/, '') + '/v1/batch';
     if (o.cookies !== false) {
-      this.local = localStore();
+      this.#local = localStore();
       try {
         // Throws in sandboxed iframes (opaque origins); if it reads once, it
         // keeps working.
         // eslint-disable-next-line @typescript-eslint/no-meaningless-void-operator
         void document.cookie;
-        this.persist = [cookieStore(document, o.cookieDomain ?? topDomain(document, location.hostname), location.protocol === 'https:')];
+        this.#persist = [cookieStore(document, o.cookieDomain ?? topDomain(document, location.hostname), location.protocol === 'https:')];
       } catch {
         // No cookies here: localStorage (if any) or memory.
       }
-      if (this.local) this.persist.push(this.local);
+      if (this.#local) this.#persist.push(this.#local);
     }
     // Traits stay out of the cookie: see identity.ts.
-    this.id = new Identity(this.persist, this.local ? [this.local] : []);
-    this.q = new Queue(o.maxQueueSize, `tm.${writeKey}.`, uuidv4(), null);
+    this.#id = new Identity(this.#persist, this.#local ? [this.#local] : []);
+    this.#q = new Queue(o.maxQueueSize, `tm.${writeKey}.`, uuidv4(), null);
 
     // A visitor arriving from one of our other domains keeps their identity.
     const u = new URL(location.href);
     const p = /^([\w-]{1,64})\.(\d{1,12})$/.exec(u.searchParams.get(AID_PARAM) || '');
-    if (p && Math.abs(Date.now() / 1000 - Number(p[2])) < AID_TTL) this.id.aid = p[1]!;
+    if (p && Math.abs(Date.now() / 1000 - Number(p[2])) < AID_TTL) {
+      this.#id.aid = p[1]!;
+      this.#dirty = true;
+    }
     if (u.searchParams.has(AID_PARAM)) {
       u.searchParams.delete(AID_PARAM);
       // Drop it from the address bar so it is neither shared nor tracked as part of the URL.
       history.replaceState(history.state, '', u.href);
     }
-    this.ref = document.referrer;
-    this.last = location.href;
-    this.grant();
+    this.#ref = document.referrer;
+    this.#last = location.href;
+    this.#grant();
 
     addEventListener('visibilitychange', () => {
-      if (document.visibilityState === 'hidden') this.exit();
+      if (document.visibilityState === 'hidden') this.#exit();
     });
     addEventListener('pagehide', () => {
-      this.exit();
-      this.q.release();
+      this.#exit();
+      this.#q.release();
     });
     addEventListener('pageshow', () => {
-      this.q.beat(Date.now());
+      this.#q.beat(Date.now());
     });
     addEventListener('online', () => {
-      this.retryNow();
+      this.#retryNow();
     });
     if (o.crossDomains?.length) {
       // Decorate a cross-domain link as it is used, so its tm_aid is fresh:
@@ -170,11 +183,11 @@ export class Analytics {
     // Renews our lease and adopts the queues of tabs that died. The period is
     // well under LEASE_MS, so a live tab never looks dead.
     setInterval(() => {
-      if (this.consent !== 'granted') return;
+      if (this.#consent !== 'granted') return;
       const now = Date.now();
-      this.q.beat(now);
-      this.q.reclaim(now);
-      this.schedule();
+      this.#q.beat(now);
+      this.#q.reclaim(now);
+      this.#schedule();
     }, 5000);
 
     if (o.trackHistory) {
@@ -187,27 +200,27 @@ export class Analytics {
         };
       }
       const nav = () => {
-        if (location.href === this.last) return;
-        this.ref = this.last;
-        this.last = location.href;
+        if (location.href === this.#last) return;
+        this.#ref = this.#last;
+        this.#last = location.href;
         this.page();
       };
       addEventListener('popstate', nav);
     }
 
-    this.loaded = true;
-    for (const [m, a] of this.pre.splice(0)) (this[m] as (...x: unknown[]) => unknown)(...a);
+    this.#loaded = true;
+    for (const [m, a] of this.#pre.splice(0)) (this[m] as (...x: unknown[]) => unknown)(...a);
     return this;
   }
 
   /** Queues the call until `load`; true when it did. */
-  private defer(m: keyof Analytics, a: unknown[]): boolean {
-    if (!this.loaded) this.pre.push([m, a]);
-    return !this.loaded;
+  #defer(m: keyof Analytics, a: unknown[]): boolean {
+    if (!this.#loaded) this.#pre.push([m, a]);
+    return !this.#loaded;
   }
 
   page(...args: unknown[]): this {
-    if (this.defer('page', args)) return this;
+    if (this.#defer('page', args)) return this;
     const [a, cb] = split(args);
     // As analytics.js resolves them: two strings are the category and the
     // name, one string is the name; the first object is the properties and
@@ -216,95 +229,95 @@ export class Analytics {
     const s = a.filter((x): x is string => typeof x === 'string');
     const [category, name] = s.length > 1 ? s : [undefined, s[0]];
     const [props, opts] = a.filter((x) => isObj(x) || (name && x === null)) as [Dict?, CallOptions?];
-    const properties: Dict = { ...pageInfo(this.ref), ...props };
+    const properties: Dict = { ...pageInfo(this.#ref), ...props };
     if (name) properties.name = name;
     if (category) properties.category = category;
-    return this.enqueue('page', { name, category, properties }, opts, cb);
+    return this.#enqueue('page', { name, category, properties }, opts, cb);
   }
 
   track(event: string, properties?: Dict, options?: CallOptions | Callback, cb?: Callback): this;
   track(...args: unknown[]): this {
-    if (this.defer('track', args)) return this;
+    if (this.#defer('track', args)) return this;
     const [[event, properties, opts], cb] = split(args);
-    return this.enqueue('track', { event: str(event), properties: properties || {} }, opts as CallOptions, cb);
+    return this.#enqueue('track', { event: str(event), properties: properties || {} }, opts as CallOptions, cb);
   }
 
   identify(userId?: string | null | Traits, traits?: Traits | CallOptions | Callback, ...rest: unknown[]): this;
   identify(...args: unknown[]): this {
-    if (this.defer('identify', args)) return this;
+    if (this.#defer('identify', args)) return this;
     const [a, cb] = split(args);
     if (isObj(a[0])) a.unshift(null);
     const uid = str(a[0]);
-    const id = this.who();
+    const id = this.#who();
     // A different user on this browser must not inherit the previous traits.
     if (uid && id.uid && uid !== id.uid) id.traits = {};
     if (uid) id.uid = uid;
     id.traits = { ...id.traits, ...(a[1] as Traits) };
-    this.save();
-    return this.enqueue('identify', { traits: id.traits }, a[2] as CallOptions, cb);
+    this.#save();
+    return this.#enqueue('identify', { traits: id.traits }, a[2] as CallOptions, cb);
   }
 
   group(groupId: string, traits?: Traits | CallOptions | Callback, ...rest: unknown[]): this;
   group(...args: unknown[]): this {
-    if (this.defer('group', args)) return this;
+    if (this.#defer('group', args)) return this;
     const [[groupId, traits, opts], cb] = split(args);
-    return this.enqueue('group', { groupId: str(groupId), traits: traits || {} }, opts as CallOptions, cb);
+    return this.#enqueue('group', { groupId: str(groupId), traits: traits || {} }, opts as CallOptions, cb);
   }
 
   alias(userId: string, previousId?: string | CallOptions | Callback, ...rest: unknown[]): this;
   alias(...args: unknown[]): this {
-    if (this.defer('alias', args)) return this;
+    if (this.#defer('alias', args)) return this;
     const [a, cb] = split(args);
     if (isObj(a[1])) a.splice(1, 0, undefined);
-    const id = this.who();
+    const id = this.#who();
     const previousId = str(a[1]) || id.uid || id.aid;
-    return this.enqueue('alias', { userId: str(a[0]), previousId }, a[2] as CallOptions, cb);
+    return this.#enqueue('alias', { userId: str(a[0]), previousId }, a[2] as CallOptions, cb);
   }
 
   /** Forgets the user: clears userId and traits, starts a new anonymousId. */
   reset(): this {
-    if (this.defer('reset', [])) return this;
-    this.id.reset();
-    this.save();
+    if (this.#defer('reset', [])) return this;
+    this.#id.reset();
+    this.#save();
     return this;
   }
 
   user(): User {
-    return { id: () => this.who().uid, anonymousId: () => this.who().aid, traits: () => this.who().traits };
+    return { id: () => this.#who().uid, anonymousId: () => this.#who().aid, traits: () => this.#who().traits };
   }
 
   anonymousId(): string {
-    return this.who().aid;
+    return this.#who().aid;
   }
 
   /** The identity, re-read from its stores while they are in use: another
    * tab or subdomain may have changed it (see identity.ts). */
-  private who(): Identity {
-    if (this.consent === 'granted') this.id.read();
-    return this.id;
+  #who(): Identity {
+    if (this.#consent === 'granted') this.#id.read();
+    return this.#id;
   }
 
   ready(cb: () => void): this {
-    if (!this.defer('ready', [cb])) setTimeout(cb, 0);
+    if (!this.#defer('ready', [cb])) setTimeout(cb, 0);
     return this;
   }
 
   setConsent(c: Consent): this {
-    if (this.defer('setConsent', [c])) return this;
-    this.consent = c;
+    if (this.#defer('setConsent', [c])) return this;
+    this.#consent = c;
     if (c === 'denied') {
       // Forget everything we hold or wrote (other tabs' queues included), and
       // keep nothing from now on. The timer and backoff go too, so that a
       // later grant starts afresh.
-      clearTimeout(this.timer);
-      this.timer = undefined;
-      this.blocked = false;
-      this.attempt = 0;
-      this.q.clear();
-      if (this.local) this.q.purge(this.local);
-      this.q.store = null;
-      this.id.clear();
-    } else this.grant();
+      clearTimeout(this.#timer);
+      this.#timer = undefined;
+      this.#blocked = false;
+      this.#attempt = 0;
+      this.#q.clear();
+      if (this.#local) this.#q.purge(this.#local);
+      this.#q.store = null;
+      this.#id.clear();
+    } else this.#grant();
     return this;
   }
 
@@ -317,10 +330,10 @@ export class Analytics {
     try {
       const u = new URL(url, location.href);
       const h = u.hostname;
-      const ours = (this.o.crossDomains || []).some((d) => h === d || h.endsWith('.' + d));
+      const ours = (this.#o.crossDomains || []).some((d) => h === d || h.endsWith('.' + d));
       // Without consent the visitor's id goes nowhere, links included.
-      if (ours && h !== location.hostname && this.consent === 'granted') {
-        u.searchParams.set(AID_PARAM, `${this.who().aid}.${Math.floor(Date.now() / 1000)}`);
+      if (ours && h !== location.hostname && this.#consent === 'granted') {
+        u.searchParams.set(AID_PARAM, `${this.#who().aid}.${Math.floor(Date.now() / 1000)}`);
         return u.href;
       }
     } catch {
@@ -332,23 +345,28 @@ export class Analytics {
   /** Sends the oldest queued batch now, without waiting for the flush timer
    * (a backoff still applies). Settles when that request is answered. */
   flush(): Promise<void> {
-    return this.loaded ? this.send() : Promise.resolve();
+    return this.#loaded ? this.#send() : Promise.resolve();
   }
 
   /** Persistence starts only with consent; before that, memory only. */
-  private grant(): void {
-    if (this.consent !== 'granted') return;
-    if (this.local && this.o.cookies !== false) this.q.store = this.local;
-    this.save();
+  #grant(): void {
+    if (this.#consent !== 'granted') return;
+    if (this.#local && this.#o.cookies !== false) this.#q.store = this.#local;
+    // Otherwise the stored identity wins: another tab may have logged in or
+    // out since this page read it, and must not be overwritten.
+    if (!this.#dirty) this.#id.read();
+    this.#dirty = false;
+    this.#save();
     const now = Date.now();
-    this.q.beat(now);
-    this.q.reclaim(now);
-    this.q.save();
-    this.schedule();
+    this.#q.beat(now);
+    this.#q.reclaim(now);
+    this.#q.save();
+    this.#schedule();
   }
 
-  private save(): void {
-    if (this.consent === 'granted') this.id.save();
+  #save(): void {
+    if (this.#consent === 'granted') this.#id.save();
+    else this.#dirty = true;
   }
 
   /** Queues a message. The callback runs once the event is queued (and
@@ -356,9 +374,9 @@ export class Analytics {
    * so code that navigates in the callback loses nothing. analytics.js runs
    * it after a fixed 300 ms for the same purpose. It runs even when the event
    * is not sent (consent denied, oversized), as analytics.js's does. */
-  private enqueue(type: string, fields: Dict, options?: CallOptions | null, cb?: Callback): this {
+  #enqueue(type: string, fields: Dict, options?: CallOptions | null, cb?: Callback): this {
     const opts = options || {};
-    const id = this.who();
+    const id = this.#who();
     // A timestamp that is not a date falls back to now rather than throw.
     const d = new Date(opts.timestamp || Date.now());
     const ts = (isNaN(d.getTime()) ? new Date() : d).toISOString();
@@ -369,17 +387,22 @@ export class Analytics {
       anonymousId: opts.anonymousId || id.aid,
       timestamp: ts,
       originalTimestamp: ts,
-      context: { ...context(this.ref), ...opts.context },
+      context: { ...context(this.#ref), ...opts.context },
       integrations: opts.integrations || {},
     };
     if (id.uid && !m.userId) m.userId = id.uid;
-    let json: string;
-    if (this.consent === 'denied') {
+    let json = '';
+    try {
+      json = JSON.stringify(m);
+    } catch {
+      // Circular properties or a BigInt: dropped below, never thrown.
+    }
+    if (this.#consent === 'denied') {
       // Not kept: the visitor said no.
-    } else if (bytes((json = JSON.stringify(m))) > MAX_EVENT) console.warn(`trailmark: ${type} dropped, over ${MAX_EVENT} bytes`);
+    } else if (!json || bytes(json) > MAX_EVENT) warn(`${type} dropped: not JSON, or over ${MAX_EVENT} bytes`);
     else {
-      this.q.push(m, json);
-      this.schedule();
+      this.#q.push(m, json);
+      this.#schedule();
     }
     if (cb)
       setTimeout(() => {
@@ -388,40 +411,40 @@ export class Analytics {
     return this;
   }
 
-  private schedule(): void {
-    if (this.consent !== 'granted' || !this.q.items.length) return;
-    if (this.q.items.length >= this.o.flushAt!) void this.send();
+  #schedule(): void {
+    if (this.#consent !== 'granted' || !this.#q.items.length) return;
+    if (this.#q.items.length >= this.#o.flushAt) void this.#send();
     else
-      this.timer ||= setTimeout(() => {
+      this.#timer ||= setTimeout(() => {
         // Cleared before sending: if a request is still in flight, send()
         // returns at once and its completion must be free to re-arm us.
-        this.timer = undefined;
-        void this.send();
-      }, this.o.flushInterval);
+        this.#timer = undefined;
+        void this.#send();
+      }, this.#o.flushInterval);
   }
 
-  private body(batch: Message[]): string {
-    return JSON.stringify({ batch, sentAt: new Date().toISOString(), writeKey: this.wk });
+  #body(batch: Message[]): string {
+    return JSON.stringify({ batch, sentAt: new Date().toISOString(), writeKey: this.#wk });
   }
 
-  private pending(): Message[] {
-    return this.q.items.filter((m) => !this.flying.has(m.messageId));
+  #pending(): Message[] {
+    return this.#q.items.filter((m) => !this.#flying.has(m.messageId));
   }
 
   /** One request at a time; on a transient failure, waits and tries again. */
-  private async send(): Promise<void> {
-    if (this.sending || this.blocked || this.consent !== 'granted') return;
-    clearTimeout(this.timer);
-    this.timer = undefined;
-    const batch = chunks(this.pending().slice(0, MAX_COUNT), MAX_COUNT, MAX_BODY, bytes(this.body([])))[0];
+  async #send(): Promise<void> {
+    if (this.#sending || this.#blocked || this.#consent !== 'granted') return;
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+    const batch = chunks(this.#pending().slice(0, MAX_COUNT), MAX_COUNT, MAX_BODY, bytes(this.#body([])))[0];
     if (!batch) return;
-    this.sending = true;
+    this.#sending = true;
     let status = 0;
     let retryAfter: string | null = null;
     try {
       // A string body goes as text/plain and there are no custom headers: a
       // "simple" CORS request, so no preflight round trip before each batch.
-      const r = await fetch(this.url, { method: 'POST', body: this.body(batch), credentials: 'omit' });
+      const r = await fetch(this.#url, { method: 'POST', body: this.#body(batch), credentials: 'omit' });
       status = r.status;
       retryAfter = r.headers.get('Retry-After');
       // The server accepts a batch even when some events in it are invalid,
@@ -429,67 +452,67 @@ export class Analytics {
       if (r.ok)
         void r.json().then(
           (b: { rejected?: { error?: { message?: string } }[] }) => {
-            for (const x of b.rejected || []) console.warn(`trailmark: server refused an event: ${x.error?.message}`);
+            for (const x of b.rejected || []) warn(`event refused: ${x.error?.message}`);
           },
           () => undefined,
         );
     } catch {
       // Network error or offline: status 0, retried below.
     }
-    this.sending = false;
+    this.#sending = false;
     // Consent may have changed while the request was out.
     // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition
-    if (this.consent !== 'granted') return;
+    if (this.#consent !== 'granted') return;
     const v = verdict(status);
     if (v === 'retry') {
-      this.blocked = true;
-      const o = this.o;
+      this.#blocked = true;
+      const o = this.#o;
       // A flush timer armed while the request was out is superseded.
-      clearTimeout(this.timer);
-      this.timer = setTimeout(() => this.retryNow(), backoff(this.attempt++, retryAfter, o.retryBase, o.retryMax));
+      clearTimeout(this.#timer);
+      this.#timer = setTimeout(() => this.#retryNow(), backoff(this.#attempt++, retryAfter, o.retryBase, o.retryMax));
       return;
     }
-    if (v === 'drop') console.warn(`trailmark: server refused ${batch.length} event(s) with HTTP ${status}, dropped`);
-    this.attempt = 0;
-    this.q.remove(new Set(batch.map((m) => m.messageId)));
-    this.schedule();
+    if (v === 'drop') warn(`HTTP ${status}: ${batch.length} event(s) dropped`);
+    this.#attempt = 0;
+    this.#q.remove(new Set(batch.map((m) => m.messageId)));
+    this.#schedule();
   }
 
-  private retryNow(): void {
-    clearTimeout(this.timer);
-    this.timer = undefined;
-    this.blocked = false;
-    void this.send();
+  #retryNow(): void {
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+    this.#blocked = false;
+    void this.#send();
   }
 
   /** Page exit (hidden or pagehide): hand the oldest events, up to the
    * browser's 64 KB keepalive budget, to keepalive requests, which outlive
    * the page. Events stay queued until a
    * response comes back; if the page dies first, the next load re-sends them. */
-  private exit(): void {
-    if (this.consent !== 'granted') return;
-    for (const c of chunks(this.pending(), MAX_COUNT, MAX_UNLOAD, bytes(this.body([])))) {
-      const body = this.body(c);
+  #exit(): void {
+    if (this.#consent !== 'granted') return;
+    for (const c of chunks(this.#pending(), MAX_COUNT, MAX_UNLOAD, bytes(this.#body([])))) {
+      const body = this.#body(c);
       const n = bytes(body);
       // Oldest first, up to the shared budget; the rest stays persisted for
       // the next page load (or this one, if the visitor comes back).
-      if (this.inFlight + n > MAX_UNLOAD) break;
-      this.inFlight += n;
+      if (this.#inFlight + n > MAX_UNLOAD) break;
+      this.#inFlight += n;
       const ids = new Set(c.map((m) => m.messageId));
-      ids.forEach((i) => this.flying.add(i));
+      ids.forEach((i) => this.#flying.add(i));
       const done = (ok: boolean) => {
-        this.inFlight -= n;
-        ids.forEach((i) => this.flying.delete(i));
-        if (ok) this.q.remove(ids);
+        this.#inFlight -= n;
+        ids.forEach((i) => this.#flying.delete(i));
+        if (ok) this.#q.remove(ids);
       };
-      fetch(this.url, { method: 'POST', body, keepalive: true, credentials: 'omit' }).then(
+      fetch(this.#url, { method: 'POST', body, keepalive: true, credentials: 'omit' }).then(
         (r) => done(verdict(r.status) !== 'retry'),
         () => {
           // keepalive refused (over the browser's 64 KB in-flight budget, or
           // unsupported): a beacon carries the write key in the body instead.
           done(false);
           // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition -- absent in old WebViews
-          navigator.sendBeacon?.(this.url, new Blob([body], { type: 'text/plain' }));
+          navigator.sendBeacon?.(this.#url, new Blob([body], { type: 'text/plain' }));
         },
       );
     }

@@ -25,10 +25,12 @@ export class Identity {
 
   /** `stores` is read in order (cookie first, so the cookie wins when the two
    * disagree) and written all at once by `save`; traits use `traitStores`. */
-  constructor(
-    private stores: Store[],
-    private traitStores: Store[] = stores,
-  ) {
+  #stores: Store[];
+  #traitStores: Store[];
+
+  constructor(stores: Store[], traitStores: Store[] = stores) {
+    this.#stores = stores;
+    this.#traitStores = traitStores;
     this.read();
   }
 
@@ -38,18 +40,18 @@ export class Identity {
    * only when they were saved for this user. With nothing stored (first
    * visit, or persistence off) the ids in memory stand. */
   read(): void {
-    const s = this.stores.find((x) => x.get(AID));
+    const s = this.#stores.find((x) => x.get(AID));
     if (s) {
       this.aid = s.get(AID)!;
       this.uid = s.get(UID);
     }
     this.aid ||= uuidv4();
-    for (const t of this.traitStores) {
+    for (const t of this.#traitStores) {
       const v = t.get(TRAITS);
       if (!v) continue;
       try {
         const [owner, traits] = JSON.parse(v) as [string, Traits];
-        this.traits = owner === this.owner() ? traits : {};
+        this.traits = owner === this.#owner() ? traits : {};
       } catch {
         this.traits = {};
       }
@@ -57,22 +59,31 @@ export class Identity {
     }
   }
 
-  private owner(): string {
+  #owner(): string {
     return this.uid || this.aid;
   }
 
-  /** Writes every store; skipped while persistence is not allowed. */
+  /** Writes every store; skipped while persistence is not allowed. A store
+   * that does not keep what was written (a cookie the browser or a consent
+   * tool refused, a cookie shadowed by one on another domain, localStorage
+   * over quota) is dropped for the rest of the page, or `read` would bring
+   * back its stale copy. */
   save(): void {
-    for (const s of this.stores) {
+    const traits = JSON.stringify([this.#owner(), this.traits]);
+    this.#stores = this.#stores.filter((s) => {
       s.set(AID, this.aid);
       if (this.uid) s.set(UID, this.uid);
       else s.del(UID);
-    }
-    for (const s of this.traitStores) s.set(TRAITS, JSON.stringify([this.owner(), this.traits]));
+      return s.get(AID) === this.aid && s.get(UID) === this.uid;
+    });
+    this.#traitStores = this.#traitStores.filter((s) => {
+      s.set(TRAITS, traits);
+      return s.get(TRAITS) === traits;
+    });
   }
 
   clear(): void {
-    for (const s of this.stores) for (const k of [AID, UID, TRAITS]) s.del(k);
+    for (const s of this.#stores) for (const k of [AID, UID, TRAITS]) s.del(k);
   }
 
   reset(): void {

@@ -29,34 +29,58 @@ type KeyedStore = {
   keys(): string[];
 };
 
+/** Every warning the SDK gives goes through here, with one prefix. */
+export const warn = (s: string): void => {
+  console.warn('trailmark: ' + s);
+};
+
 const enc = new TextEncoder();
 export const bytes = (s: string): number => enc.encode(s).length;
 
+/** The queued events may take this many characters in all (localStorage
+ * usually allows 5 million per origin), so the host page keeps its room and
+ * our writes do not start failing. The count bound alone would allow 16 M:
+ * 500 events of up to 32 KB. */
+export const MAX_CHARS = 1000000;
+
 export class Queue {
   items: Message[] = [];
-  private key: string;
+  readonly #key: string;
+  readonly #max: number;
+  readonly #prefix: string;
+  readonly #tab: string;
+  /** Encoded length of each queued event, and their sum. */
+  #sizes = new Map<string, number>();
+  #chars = 0;
 
   constructor(
-    private max: number,
-    private prefix: string,
-    private tab: string,
+    max: number,
+    prefix: string,
+    tab: string,
     /** null while persistence is off (no localStorage, cookies: false, or
      * consent pending); the queue then lives in memory only. */
     public store: KeyedStore | null,
   ) {
-    this.key = prefix + 'q.' + tab + '.';
+    this.#max = max;
+    this.#prefix = prefix;
+    this.#tab = tab;
+    this.#key = prefix + 'q.' + tab + '.';
   }
 
   /** `json` is `m` encoded, when the caller has it already. */
   push(m: Message, json?: string): void {
     this.items.push(m);
-    this.put(m, json);
-    this.trim();
+    this.#put(m, json);
+    this.#trim();
   }
 
   remove(ids: Set<string>): void {
     this.items = this.items.filter((m) => !ids.has(m.messageId));
-    ids.forEach((i) => this.store?.del(this.key + i));
+    ids.forEach((i) => {
+      this.#chars -= this.#sizes.get(i) ?? 0;
+      this.#sizes.delete(i);
+      this.store?.del(this.#key + i);
+    });
   }
 
   clear(): void {
@@ -66,22 +90,25 @@ export class Queue {
   /** Writes every event; for when persistence starts (consent granted). */
   save(): void {
     this.items.forEach((m) => {
-      this.put(m);
+      this.#put(m);
     });
   }
 
-  private put(m: Message, json = JSON.stringify(m)): void {
-    this.store?.set(this.key + m.messageId, json);
+  #put(m: Message, json = JSON.stringify(m)): void {
+    const i = m.messageId;
+    this.#chars += json.length - (this.#sizes.get(i) ?? 0);
+    this.#sizes.set(i, json.length);
+    this.store?.set(this.#key + i, json);
   }
 
   /** Deletes every key under this write key's prefix in `s`: all tabs'
    * queues and leases (consent denied). */
   purge(s: KeyedStore): void {
-    for (const k of s.keys()) if (k.startsWith(this.prefix)) s.del(k);
+    for (const k of s.keys()) if (k.startsWith(this.#prefix)) s.del(k);
   }
 
   beat(now: number): void {
-    this.store?.set(this.prefix + 'hb.' + this.tab, String(now));
+    this.store?.set(this.#prefix + 'hb.' + this.#tab, String(now));
   }
 
   /** Marks this tab's lease as lapsed on pagehide, so the next page load can
@@ -94,7 +121,7 @@ export class Queue {
   reclaim(now: number): void {
     const s = this.store;
     if (!s) return;
-    const q = this.prefix + 'q.';
+    const q = this.#prefix + 'q.';
     const seen = new Set(this.items.map((m) => m.messageId));
     const dead = new Set<string>();
     const n = this.items.length;
@@ -103,9 +130,9 @@ export class Queue {
       const dot = k.indexOf('.', q.length);
       // '' for a malformed key: no lease, so it is read (and dropped) below.
       const tab = dot < 0 ? '' : k.slice(q.length, dot);
-      if (tab === this.tab) continue;
+      if (tab === this.#tab) continue;
       if (!dead.has(tab)) {
-        if (now - (Number(s.get(this.prefix + 'hb.' + tab)) || 0) < LEASE_MS) continue;
+        if (now - (Number(s.get(this.#prefix + 'hb.' + tab)) || 0) < LEASE_MS) continue;
         dead.add(tab);
       }
       try {
@@ -113,7 +140,10 @@ export class Queue {
         if (typeof m.messageId == 'string' && !seen.has(m.messageId)) {
           seen.add(m.messageId);
           this.items.push(m);
-          this.put(m);
+          this.#put(m);
+          // Not written here (storage full): the dead tab's copy stays, so
+          // the event survives if this tab dies too.
+          if (!s.get(this.#key + m.messageId)) continue;
         }
       } catch {
         // A corrupt foreign event is dropped below rather than retried forever.
@@ -122,21 +152,24 @@ export class Queue {
     }
     // Forget lapsed leases, including those of tabs that queued nothing:
     // each page load is a new tab, so they would pile up otherwise.
-    const hb = this.prefix + 'hb.';
+    const hb = this.#prefix + 'hb.';
     for (const k of s.keys())
-      if (k.startsWith(hb) && k !== hb + this.tab && now - (Number(s.get(k)) || 0) >= LEASE_MS) s.del(k);
+      if (k.startsWith(hb) && k !== hb + this.#tab && now - (Number(s.get(k)) || 0) >= LEASE_MS) s.del(k);
     if (this.items.length > n) {
       // messageIds are UUID v7, so sorting them restores call order across tabs.
       this.items.sort((a, b) => (a.messageId < b.messageId ? -1 : 1));
-      this.trim();
+      this.#trim();
     }
   }
 
-  private trim(): void {
-    const over = this.items.length - this.max;
+  #trim(): void {
+    // The oldest go first, until both bounds hold.
+    let over = 0;
+    for (let n = this.items.length, c = this.#chars; n - over > this.#max || c > MAX_CHARS; over++)
+      c -= this.#sizes.get(this.items[over]!.messageId) ?? 0;
     if (over > 0) {
       this.remove(new Set(this.items.slice(0, over).map((m) => m.messageId)));
-      console.warn(`trailmark: queue full, dropped ${over} oldest event(s)`);
+      warn(`queue full: ${over} oldest event(s) dropped`);
     }
   }
 }

@@ -319,6 +319,20 @@ describe('never breaks the host page', () => {
     }
   });
 
+  it('drops an event whose properties cannot be JSON, with a warning', async () => {
+    const warn = vi.spyOn(console, 'warn').mockImplementation(() => {});
+    const key = wk();
+    const a = new Analytics().load(key, { apiHost: 'https://h' });
+    const loop: Record<string, unknown> = {};
+    loop.self = loop;
+    expect(() => a.track('Loop', loop)).not.toThrow();
+    expect(() => a.track('Big', { n: 10n })).not.toThrow();
+    a.track('Fine');
+    await vi.advanceTimersByTimeAsync(2000);
+    expect(sent(key).map((m) => m.event)).toEqual(['Fine']);
+    expect(warn).toHaveBeenCalledTimes(2);
+  });
+
   it('does nothing before load', async () => {
     await expect(new Analytics().flush()).resolves.toBeUndefined();
   });
@@ -328,6 +342,71 @@ describe('never breaks the host page', () => {
     document.body.innerHTML = '<svg><a id="s" href="https://app.example.net/"><text>go</text></a></svg>';
     expect(() => document.getElementById('s')!.dispatchEvent(new MouseEvent('mousedown', { bubbles: true }))).not.toThrow();
     document.body.innerHTML = '';
+  });
+});
+
+describe('identity shared with other tabs', () => {
+  it('a tab granted consent later adopts the stored identity instead of overwriting it', () => {
+    const pending = new Analytics().load(wk(), { apiHost: 'https://h', consent: 'pending' });
+    const other = new Analytics().load(wk(), { apiHost: 'https://h' });
+    other.identify('logged-in', { plan: 'pro' });
+    pending.setConsent('granted');
+    expect(other.user().id()).toBe('logged-in');
+    expect(pending.user().id()).toBe('logged-in');
+    expect(pending.user().traits()).toEqual({ plan: 'pro' });
+  });
+
+  it('but keeps what it was told while consent was pending', () => {
+    new Analytics().load(wk(), { apiHost: 'https://h' }).identify('before');
+    const pending = new Analytics().load(wk(), { apiHost: 'https://h', consent: 'pending' });
+    pending.identify('told-while-pending');
+    pending.setConsent('granted');
+    expect(new Analytics().load(wk(), { apiHost: 'https://h' }).user().id()).toBe('told-while-pending');
+  });
+
+  it('stops reading a cookie that does not keep what it is given', async () => {
+    const key = wk();
+    // A stale cookie on the parent domain shadows the one this page writes.
+    document.cookie = 'tm_uid=stale; path=/; domain=example.com';
+    document.cookie = 'tm_aid=stale-aid; path=/; domain=example.com';
+    const a = new Analytics().load(key, { apiHost: 'https://h', cookieDomain: 'www.example.com' });
+    a.identify('fresh');
+    a.track('E');
+    expect(a.user().id()).toBe('fresh');
+    await vi.advanceTimersByTimeAsync(2000);
+    expect(sent(key).map((m) => m.userId)).toEqual(['fresh', 'fresh']);
+    document.cookie = 'tm_uid=; max-age=0; path=/; domain=www.example.com';
+    document.cookie = 'tm_aid=; max-age=0; path=/; domain=www.example.com';
+  });
+
+  it('keeps new traits in memory when localStorage refuses them', () => {
+    const a = new Analytics().load(wk(), { apiHost: 'https://h' });
+    a.identify('u1', { plan: 'free' });
+    const set = Storage.prototype.setItem;
+    vi.spyOn(Storage.prototype, 'setItem').mockImplementation(function (this: Storage, k: string, v: string) {
+      if (k === 'tm_traits') throw new DOMException('full', 'QuotaExceededError');
+      set.call(this, k, v);
+    });
+    a.identify('u1', { plan: 'professional' });
+    expect(a.user().traits()).toEqual({ plan: 'professional' });
+  });
+});
+
+describe('options', () => {
+  it('treats null and undefined as the defaults', async () => {
+    const key = wk();
+    const a = new Analytics().load(key, {
+      apiHost: 'https://h',
+      maxQueueSize: null as never,
+      flushAt: undefined,
+      flushInterval: null as never,
+      retryMax: null as never,
+    });
+    a.track('Kept');
+    await vi.advanceTimersByTimeAsync(1999);
+    expect(sent(key)).toEqual([]);
+    await vi.advanceTimersByTimeAsync(1);
+    expect(sent(key).map((m) => m.event)).toEqual(['Kept']);
   });
 });
 

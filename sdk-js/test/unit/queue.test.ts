@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it, vi } from 'vitest';
-import { bytes, chunks, LEASE_MS, Queue, type Message } from '../../src/queue';
+import { bytes, chunks, LEASE_MS, MAX_CHARS, Queue, type Message } from '../../src/queue';
 import { uuidv7 } from '../../src/uuid';
 
 function keyed() {
@@ -90,6 +90,35 @@ describe('Queue', () => {
     me.beat(now);
     me.reclaim(now);
     expect(s.keys().sort()).toEqual(['tm.wk.hb.live', 'tm.wk.hb.me']);
+  });
+
+  it('bounds the stored characters too, dropping the oldest', () => {
+    vi.spyOn(console, 'warn').mockImplementation(() => {});
+    const s = keyed();
+    const q = new Queue(1000, 'tm.wk.', 'A', s);
+    const big = () => msg({ s: 'x'.repeat(30_000) });
+    for (let i = 0; i < 50; i++) q.push(big());
+    const chars = [...s.m.values()].reduce((n, v) => n + v.length, 0);
+    expect(chars).toBeLessThanOrEqual(MAX_CHARS);
+    expect(chars).toBeGreaterThan(MAX_CHARS - 31_000);
+    expect(s.keys()).toHaveLength(q.items.length);
+    q.remove(new Set(q.items.slice(0, 10).map((m) => m.messageId)));
+    for (let i = 0; i < 10; i++) q.push(big()); // room again: nothing more dropped
+    expect(q.items).toHaveLength(s.keys().length);
+  });
+
+  it('leaves a dead tab\'s event in place when it cannot store its own copy', () => {
+    const s = keyed();
+    const m = msg();
+    new Queue(10, 'tm.wk.', 'dead', s).push(m);
+    const set = s.set;
+    s.set = (k: string, v: string) => {
+      if (!k.startsWith('tm.wk.q.me.')) set(k, v); // this tab's writes fail (quota)
+    };
+    const me = new Queue(10, 'tm.wk.', 'me', s);
+    me.reclaim(LEASE_MS);
+    expect(me.items).toEqual([m]); // in memory, sent from here
+    expect(s.get(`tm.wk.q.dead.${m.messageId}`)).not.toBeNull(); // and still stored
   });
 
   it('drops corrupt and malformed foreign entries', () => {
