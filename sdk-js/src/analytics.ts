@@ -97,9 +97,11 @@ export class Analytics {
   #attempt = 0;
   /** messageIds in an unanswered page-exit request; not sent again meanwhile. */
   #flying = new Set<string>();
-  /** The identity changed here while it could not be saved (consent not
-   * granted yet): on grant, this page's copy wins over the stored one. */
-  #dirty = false;
+  /** Identity changes made while they could not be saved (consent not
+   * granted yet). On grant they are replayed over the stored identity, so a
+   * login or logout in another tab meanwhile stands where this page did not
+   * override it. */
+  #ops: ((id: Identity) => void)[] = [];
   /** Bytes of those requests: the browser allows 64 KB in flight in all. */
   #inFlight = 0;
   #ref = '';
@@ -114,9 +116,9 @@ export class Analytics {
   load(writeKey: string, options: LoadOptions = {}): this {
     if (this.#loaded) return this;
     this.#wk = writeKey;
-    const o = (this.#o = { ...DEFAULTS, ...options });
-    // An explicit null or undefined means the default too.
-    for (const [k, v] of Object.entries(DEFAULTS)) (o as Dict)[k] ??= v;
+    const o = (this.#o = { ...options } as LoadOptions & typeof DEFAULTS);
+    // Per field, so that an explicit null or undefined means the default too.
+    for (const [k, v] of Object.entries(DEFAULTS)) (o as unknown as Dict)[k] ??= v;
     this.#consent = o.consent || 'granted';
     this.#url = (o.apiHost || this.#defaultHost || location.origin).replace(/\/+$/, '') + '/v1/batch';
     if (o.cookies !== false) {
@@ -139,10 +141,10 @@ export class Analytics {
     // A visitor arriving from one of our other domains keeps their identity.
     const u = new URL(location.href);
     const p = /^([\w-]{1,64})\.(\d{1,12})$/.exec(u.searchParams.get(AID_PARAM) || '');
-    if (p && Math.abs(Date.now() / 1000 - Number(p[2])) < AID_TTL) {
-      this.#id.aid = p[1]!;
-      this.#dirty = true;
-    }
+    if (p && Math.abs(Date.now() / 1000 - Number(p[2])) < AID_TTL)
+      this.change_((id) => {
+        id.aid = p[1]!;
+      });
     if (u.searchParams.has(AID_PARAM)) {
       u.searchParams.delete(AID_PARAM);
       // Drop it from the address bar so it is neither shared nor tracked as part of the URL.
@@ -150,20 +152,17 @@ export class Analytics {
     }
     this.#ref = document.referrer;
     this.#last = location.href;
-    this.#grant();
+    this.grant_();
 
     addEventListener('visibilitychange', () => {
-      if (document.visibilityState === 'hidden') this.#exit();
+      if (document.visibilityState === 'hidden') this.exit_();
     });
     addEventListener('pagehide', () => {
-      this.#exit();
+      this.exit_();
       this.#q.release();
     });
-    addEventListener('pageshow', () => {
-      this.#q.beat(Date.now());
-    });
     addEventListener('online', () => {
-      this.#retryNow();
+      this.retryNow_();
     });
     if (o.crossDomains?.length) {
       // Decorate a cross-domain link as it is used, so its tm_aid is fresh:
@@ -187,7 +186,7 @@ export class Analytics {
       const now = Date.now();
       this.#q.beat(now);
       this.#q.reclaim(now);
-      this.#schedule();
+      this.schedule_();
     }, 5000);
 
     if (o.trackHistory) {
@@ -214,13 +213,13 @@ export class Analytics {
   }
 
   /** Queues the call until `load`; true when it did. */
-  #defer(m: keyof Analytics, a: unknown[]): boolean {
+  private defer_(m: keyof Analytics, a: unknown[]): boolean {
     if (!this.#loaded) this.#pre.push([m, a]);
     return !this.#loaded;
   }
 
   page(...args: unknown[]): this {
-    if (this.#defer('page', args)) return this;
+    if (this.defer_('page', args)) return this;
     const [a, cb] = split(args);
     // As analytics.js resolves them: two strings are the category and the
     // name, one string is the name; the first object is the properties and
@@ -232,78 +231,88 @@ export class Analytics {
     const properties: Dict = { ...pageInfo(this.#ref), ...props };
     if (name) properties.name = name;
     if (category) properties.category = category;
-    return this.#enqueue('page', { name, category, properties }, opts, cb);
+    return this.enqueue_('page', { name, category, properties }, opts, cb);
   }
 
   track(event: string, properties?: Dict, options?: CallOptions | Callback, cb?: Callback): this;
   track(...args: unknown[]): this {
-    if (this.#defer('track', args)) return this;
+    if (this.defer_('track', args)) return this;
     const [[event, properties, opts], cb] = split(args);
-    return this.#enqueue('track', { event: str(event), properties: properties || {} }, opts as CallOptions, cb);
+    return this.enqueue_('track', { event: str(event), properties: properties || {} }, opts as CallOptions, cb);
   }
 
   identify(userId?: string | null | Traits, traits?: Traits | CallOptions | Callback, ...rest: unknown[]): this;
   identify(...args: unknown[]): this {
-    if (this.#defer('identify', args)) return this;
+    if (this.defer_('identify', args)) return this;
     const [a, cb] = split(args);
     if (isObj(a[0])) a.unshift(null);
     const uid = str(a[0]);
-    const id = this.#who();
-    // A different user on this browser must not inherit the previous traits.
-    if (uid && id.uid && uid !== id.uid) id.traits = {};
-    if (uid) id.uid = uid;
-    id.traits = { ...id.traits, ...(a[1] as Traits) };
-    this.#save();
-    return this.#enqueue('identify', { traits: id.traits }, a[2] as CallOptions, cb);
+    // A copy through JSON: later changes to the caller's object are not
+    // ours, and traits that cannot be JSON are refused here, not later.
+    let t: Traits = {};
+    try {
+      t = JSON.parse(JSON.stringify(a[1] ?? {})) as Traits;
+    } catch {
+      warn('traits not JSON: ignored');
+    }
+    this.change_((id) => {
+      // A different user on this browser must not inherit the previous traits.
+      if (uid && id.uid && uid !== id.uid) id.traits = {};
+      if (uid) id.uid = uid;
+      id.traits = { ...id.traits, ...t };
+    });
+    return this.enqueue_('identify', { traits: this.#id.traits }, a[2] as CallOptions, cb);
   }
 
   group(groupId: string, traits?: Traits | CallOptions | Callback, ...rest: unknown[]): this;
   group(...args: unknown[]): this {
-    if (this.#defer('group', args)) return this;
+    if (this.defer_('group', args)) return this;
     const [[groupId, traits, opts], cb] = split(args);
-    return this.#enqueue('group', { groupId: str(groupId), traits: traits || {} }, opts as CallOptions, cb);
+    return this.enqueue_('group', { groupId: str(groupId), traits: traits || {} }, opts as CallOptions, cb);
   }
 
   alias(userId: string, previousId?: string | CallOptions | Callback, ...rest: unknown[]): this;
   alias(...args: unknown[]): this {
-    if (this.#defer('alias', args)) return this;
+    if (this.defer_('alias', args)) return this;
     const [a, cb] = split(args);
     if (isObj(a[1])) a.splice(1, 0, undefined);
-    const id = this.#who();
+    const id = this.who_();
     const previousId = str(a[1]) || id.uid || id.aid;
-    return this.#enqueue('alias', { userId: str(a[0]), previousId }, a[2] as CallOptions, cb);
+    return this.enqueue_('alias', { userId: str(a[0]), previousId }, a[2] as CallOptions, cb);
   }
 
   /** Forgets the user: clears userId and traits, starts a new anonymousId. */
   reset(): this {
-    if (this.#defer('reset', [])) return this;
-    this.#id.reset();
-    this.#save();
+    if (this.defer_('reset', [])) return this;
+    const aid = uuidv4();
+    this.change_((id) => {
+      id.reset(aid);
+    });
     return this;
   }
 
   user(): User {
-    return { id: () => this.#who().uid, anonymousId: () => this.#who().aid, traits: () => this.#who().traits };
+    return { id: () => this.who_().uid, anonymousId: () => this.who_().aid, traits: () => this.who_().traits };
   }
 
   anonymousId(): string {
-    return this.#who().aid;
+    return this.who_().aid;
   }
 
   /** The identity, re-read from its stores while they are in use: another
    * tab or subdomain may have changed it (see identity.ts). */
-  #who(): Identity {
+  private who_(): Identity {
     if (this.#consent === 'granted') this.#id.read();
     return this.#id;
   }
 
   ready(cb: () => void): this {
-    if (!this.#defer('ready', [cb])) setTimeout(cb, 0);
+    if (!this.defer_('ready', [cb])) setTimeout(cb, 0);
     return this;
   }
 
   setConsent(c: Consent): this {
-    if (this.#defer('setConsent', [c])) return this;
+    if (this.defer_('setConsent', [c])) return this;
     this.#consent = c;
     if (c === 'denied') {
       // Forget everything we hold or wrote (other tabs' queues included), and
@@ -317,7 +326,10 @@ export class Analytics {
       if (this.#local) this.#q.purge(this.#local);
       this.#q.store = null;
       this.#id.clear();
-    } else this.#grant();
+      // And this page forgets the visitor too, so a later grant starts anew.
+      this.#id.reset();
+      this.#ops = [];
+    } else this.grant_();
     return this;
   }
 
@@ -333,7 +345,7 @@ export class Analytics {
       const ours = (this.#o.crossDomains || []).some((d) => h === d || h.endsWith('.' + d));
       // Without consent the visitor's id goes nowhere, links included.
       if (ours && h !== location.hostname && this.#consent === 'granted') {
-        u.searchParams.set(AID_PARAM, `${this.#who().aid}.${Math.floor(Date.now() / 1000)}`);
+        u.searchParams.set(AID_PARAM, `${this.who_().aid}.${Math.floor(Date.now() / 1000)}`);
         return u.href;
       }
     } catch {
@@ -345,28 +357,31 @@ export class Analytics {
   /** Sends the oldest queued batch now, without waiting for the flush timer
    * (a backoff still applies). Settles when that request is answered. */
   flush(): Promise<void> {
-    return this.#loaded ? this.#send() : Promise.resolve();
+    return this.#loaded ? this.send_() : Promise.resolve();
   }
 
   /** Persistence starts only with consent; before that, memory only. */
-  #grant(): void {
+  private grant_(): void {
     if (this.#consent !== 'granted') return;
     if (this.#local && this.#o.cookies !== false) this.#q.store = this.#local;
-    // Otherwise the stored identity wins: another tab may have logged in or
-    // out since this page read it, and must not be overwritten.
-    if (!this.#dirty) this.#id.read();
-    this.#dirty = false;
-    this.#save();
+    // The stored identity (another tab may have logged in or out since this
+    // page read it), then what this page was told meanwhile.
+    this.#id.read();
+    for (const f of this.#ops.splice(0)) f(this.#id);
+    this.#id.save();
     const now = Date.now();
     this.#q.beat(now);
     this.#q.reclaim(now);
     this.#q.save();
-    this.#schedule();
+    this.schedule_();
   }
 
-  #save(): void {
-    if (this.#consent === 'granted') this.#id.save();
-    else this.#dirty = true;
+  /** Applies an identity change, and saves it or keeps it for grant. */
+  private change_(f: (id: Identity) => void): void {
+    const id = this.who_();
+    f(id);
+    if (this.#consent === 'granted') id.save();
+    else this.#ops.push(f);
   }
 
   /** Queues a message. The callback runs once the event is queued (and
@@ -374,9 +389,9 @@ export class Analytics {
    * so code that navigates in the callback loses nothing. analytics.js runs
    * it after a fixed 300 ms for the same purpose. It runs even when the event
    * is not sent (consent denied, oversized), as analytics.js's does. */
-  #enqueue(type: string, fields: Dict, options?: CallOptions | null, cb?: Callback): this {
+  private enqueue_(type: string, fields: Dict, options?: CallOptions | null, cb?: Callback): this {
     const opts = options || {};
-    const id = this.#who();
+    const id = this.who_();
     // A timestamp that is not a date falls back to now rather than throw.
     const d = new Date(opts.timestamp || Date.now());
     const ts = (isNaN(d.getTime()) ? new Date() : d).toISOString();
@@ -399,10 +414,11 @@ export class Analytics {
     }
     if (this.#consent === 'denied') {
       // Not kept: the visitor said no.
-    } else if (!json || bytes(json) > MAX_EVENT) warn(`${type} dropped: not JSON, or over ${MAX_EVENT} bytes`);
+    } else if (!json || bytes(json) > MAX_EVENT) warn(`${type} dropped: not JSON or over 32 KB`);
     else {
-      this.#q.push(m, json);
-      this.#schedule();
+      // A copy: the caller may change its objects after this call.
+      this.#q.push(JSON.parse(json) as Message, json);
+      this.schedule_();
     }
     if (cb)
       setTimeout(() => {
@@ -411,32 +427,32 @@ export class Analytics {
     return this;
   }
 
-  #schedule(): void {
+  private schedule_(): void {
     if (this.#consent !== 'granted' || !this.#q.items.length) return;
-    if (this.#q.items.length >= this.#o.flushAt) void this.#send();
+    if (this.#q.items.length >= this.#o.flushAt) void this.send_();
     else
       this.#timer ||= setTimeout(() => {
         // Cleared before sending: if a request is still in flight, send()
         // returns at once and its completion must be free to re-arm us.
         this.#timer = undefined;
-        void this.#send();
+        void this.send_();
       }, this.#o.flushInterval);
   }
 
-  #body(batch: Message[]): string {
+  private body_(batch: Message[]): string {
     return JSON.stringify({ batch, sentAt: new Date().toISOString(), writeKey: this.#wk });
   }
 
-  #pending(): Message[] {
+  private pending_(): Message[] {
     return this.#q.items.filter((m) => !this.#flying.has(m.messageId));
   }
 
   /** One request at a time; on a transient failure, waits and tries again. */
-  async #send(): Promise<void> {
+  private async send_(): Promise<void> {
     if (this.#sending || this.#blocked || this.#consent !== 'granted') return;
     clearTimeout(this.#timer);
     this.#timer = undefined;
-    const batch = chunks(this.#pending().slice(0, MAX_COUNT), MAX_COUNT, MAX_BODY, bytes(this.#body([])))[0];
+    const batch = chunks(this.pending_().slice(0, MAX_COUNT), MAX_COUNT, MAX_BODY, bytes(this.body_([])))[0];
     if (!batch) return;
     this.#sending = true;
     let status = 0;
@@ -444,18 +460,9 @@ export class Analytics {
     try {
       // A string body goes as text/plain and there are no custom headers: a
       // "simple" CORS request, so no preflight round trip before each batch.
-      const r = await fetch(this.#url, { method: 'POST', body: this.#body(batch), credentials: 'omit' });
+      const r = await fetch(this.#url, { method: 'POST', body: this.body_(batch), credentials: 'omit' });
       status = r.status;
       retryAfter = r.headers.get('Retry-After');
-      // The server accepts a batch even when some events in it are invalid,
-      // and lists those; each is dropped for good, so say so.
-      if (r.ok)
-        void r.json().then(
-          (b: { rejected?: { error?: { message?: string } }[] }) => {
-            for (const x of b.rejected || []) warn(`event refused: ${x.error?.message}`);
-          },
-          () => undefined,
-        );
     } catch {
       // Network error or offline: status 0, retried below.
     }
@@ -469,30 +476,30 @@ export class Analytics {
       const o = this.#o;
       // A flush timer armed while the request was out is superseded.
       clearTimeout(this.#timer);
-      this.#timer = setTimeout(() => this.#retryNow(), backoff(this.#attempt++, retryAfter, o.retryBase, o.retryMax));
+      this.#timer = setTimeout(() => this.retryNow_(), backoff(this.#attempt++, retryAfter, o.retryBase, o.retryMax));
       return;
     }
-    if (v === 'drop') warn(`HTTP ${status}: ${batch.length} event(s) dropped`);
+    if (v === 'drop') warn(`HTTP ${status}: ${batch.length} dropped`);
     this.#attempt = 0;
     this.#q.remove(new Set(batch.map((m) => m.messageId)));
-    this.#schedule();
+    this.schedule_();
   }
 
-  #retryNow(): void {
+  private retryNow_(): void {
     clearTimeout(this.#timer);
     this.#timer = undefined;
     this.#blocked = false;
-    void this.#send();
+    void this.send_();
   }
 
   /** Page exit (hidden or pagehide): hand the oldest events, up to the
    * browser's 64 KB keepalive budget, to keepalive requests, which outlive
    * the page. Events stay queued until a
    * response comes back; if the page dies first, the next load re-sends them. */
-  #exit(): void {
+  private exit_(): void {
     if (this.#consent !== 'granted') return;
-    for (const c of chunks(this.#pending(), MAX_COUNT, MAX_UNLOAD, bytes(this.#body([])))) {
-      const body = this.#body(c);
+    for (const c of chunks(this.pending_(), MAX_COUNT, MAX_UNLOAD, bytes(this.body_([])))) {
+      const body = this.body_(c);
       const n = bytes(body);
       // Oldest first, up to the shared budget; the rest stays persisted for
       // the next page load (or this one, if the visitor comes back).

@@ -27,10 +27,13 @@ export class Identity {
    * disagree) and written all at once by `save`; traits use `traitStores`. */
   #stores: Store[];
   #traitStores: Store[];
+  /** Every store ever given, dropped or not: what `clear` must empty. */
+  readonly #all: Store[];
 
   constructor(stores: Store[], traitStores: Store[] = stores) {
     this.#stores = stores;
     this.#traitStores = traitStores;
+    this.#all = [...stores, ...traitStores];
     this.read();
   }
 
@@ -51,7 +54,7 @@ export class Identity {
       if (!v) continue;
       try {
         const [owner, traits] = JSON.parse(v) as [string, Traits];
-        this.traits = owner === this.#owner() ? traits : {};
+        this.traits = owner === this.owner_() ? traits : {};
       } catch {
         this.traits = {};
       }
@@ -59,36 +62,42 @@ export class Identity {
     }
   }
 
-  #owner(): string {
+  private owner_(): string {
     return this.uid || this.aid;
   }
 
   /** Writes every store; skipped while persistence is not allowed. A store
    * that does not keep what was written (a cookie the browser or a consent
-   * tool refused, a cookie shadowed by one on another domain, localStorage
-   * over quota) is dropped for the rest of the page, or `read` would bring
-   * back its stale copy. */
+   * tool refused, or too long; localStorage over quota) has its copy deleted
+   * and is dropped for the rest of the page, or `read` would bring back a
+   * previous user. Traits are JSON-safe: identify() copies them through JSON. */
   save(): void {
-    const traits = JSON.stringify([this.#owner(), this.traits]);
+    const traits = JSON.stringify([this.owner_(), this.traits]);
+    const keep = (s: Store, ok: boolean, keys: string[]) => {
+      if (!ok) for (const k of keys) s.del(k);
+      return ok;
+    };
     this.#stores = this.#stores.filter((s) => {
       s.set(AID, this.aid);
       if (this.uid) s.set(UID, this.uid);
       else s.del(UID);
-      return s.get(AID) === this.aid && s.get(UID) === this.uid;
+      return keep(s, s.get(AID) === this.aid && s.get(UID) === this.uid, [AID, UID]);
     });
     this.#traitStores = this.#traitStores.filter((s) => {
       s.set(TRAITS, traits);
-      return s.get(TRAITS) === traits;
+      return keep(s, s.get(TRAITS) === traits, [TRAITS]);
     });
   }
 
   clear(): void {
-    for (const s of this.#stores) for (const k of [AID, UID, TRAITS]) s.del(k);
+    for (const s of this.#all) for (const k of [AID, UID, TRAITS]) s.del(k);
   }
 
-  reset(): void {
+  /** Forgets the user; `aid` is the new anonymousId (given when the change
+   * is replayed later and must come out the same). */
+  reset(aid = uuidv4()): void {
     this.uid = null;
     this.traits = {};
-    this.aid = uuidv4();
+    this.aid = aid;
   }
 }

@@ -70,8 +70,8 @@ export class Queue {
   /** `json` is `m` encoded, when the caller has it already. */
   push(m: Message, json?: string): void {
     this.items.push(m);
-    this.#put(m, json);
-    this.#trim();
+    this.put_(m, json);
+    this.trim_();
   }
 
   remove(ids: Set<string>): void {
@@ -90,11 +90,11 @@ export class Queue {
   /** Writes every event; for when persistence starts (consent granted). */
   save(): void {
     this.items.forEach((m) => {
-      this.#put(m);
+      this.put_(m);
     });
   }
 
-  #put(m: Message, json = JSON.stringify(m)): void {
+  private put_(m: Message, json = JSON.stringify(m)): void {
     const i = m.messageId;
     this.#chars += json.length - (this.#sizes.get(i) ?? 0);
     this.#sizes.set(i, json.length);
@@ -137,12 +137,14 @@ export class Queue {
       }
       try {
         const m = JSON.parse(s.get(k) || '') as Message;
-        if (typeof m.messageId == 'string' && !seen.has(m.messageId)) {
-          seen.add(m.messageId);
-          this.items.push(m);
-          this.#put(m);
-          // Not written here (storage full): the dead tab's copy stays, so
-          // the event survives if this tab dies too.
+        if (typeof m.messageId == 'string') {
+          if (!seen.has(m.messageId)) {
+            seen.add(m.messageId);
+            this.items.push(m);
+            this.put_(m);
+          }
+          // Not stored under this tab (storage full): the dead tab's copy
+          // stays, so the event survives if this tab dies too.
           if (!s.get(this.#key + m.messageId)) continue;
         }
       } catch {
@@ -158,18 +160,18 @@ export class Queue {
     if (this.items.length > n) {
       // messageIds are UUID v7, so sorting them restores call order across tabs.
       this.items.sort((a, b) => (a.messageId < b.messageId ? -1 : 1));
-      this.#trim();
+      this.trim_();
     }
   }
 
-  #trim(): void {
+  private trim_(): void {
     // The oldest go first, until both bounds hold.
     let over = 0;
-    for (let n = this.items.length, c = this.#chars; n - over > this.#max || c > MAX_CHARS; over++)
+    for (let n = this.items.length, c = this.#chars; over < n && (n - over > this.#max || c > MAX_CHARS); over++)
       c -= this.#sizes.get(this.items[over]!.messageId) ?? 0;
     if (over > 0) {
       this.remove(new Set(this.items.slice(0, over).map((m) => m.messageId)));
-      warn(`queue full: ${over} oldest event(s) dropped`);
+      warn(`queue full: ${over} dropped`);
     }
   }
 }

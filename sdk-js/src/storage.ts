@@ -60,7 +60,13 @@ export function cookieStore(jar: CookieJar, domain: string, secure: boolean): St
   const attrs = `; path=/${domain ? '; domain=' + domain : ''}; SameSite=Lax${secure ? '; Secure' : ''}`;
   return {
     get: (k) => readCookie(jar, k),
-    set: (k, v) => void (jar.cookie = `${k}=${encodeURIComponent(v)}; max-age=${YEAR}${attrs}`),
+    set: (k, v) => {
+      try {
+        jar.cookie = `${k}=${encodeURIComponent(v)}; max-age=${YEAR}${attrs}`;
+      } catch {
+        // A lone surrogate (URIError): not kept, which save() notices.
+      }
+    },
     del: (k) => void (jar.cookie = `${k}=; max-age=0${attrs}`),
   };
 }

@@ -13,9 +13,11 @@ export function uuidv4(): string {
   const b = rand(16);
   b[6] = (b[6]! & 15) | 64;
   b[8] = (b[8]! & 63) | 128;
-  const h = hex(b);
-  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+  return dashed(hex(b));
 }
+
+/** 32 hex digits in the 8-4-4-4-12 layout. */
+const dashed = (h: string): string => h.replace(/(.{8})(.{4})(.{4})(.{4})/, '$1-$2-$3-$4-');
 
 let lastMs = 0;
 let seq = 0;
@@ -34,7 +36,5 @@ export function uuidv7(now: number = Date.now()): string {
     seq = 0;
   }
   b[0] = (b[2]! & 63) | 128;
-  const t = lastMs.toString(16).padStart(12, '0');
-  const r = hex(b);
-  return `${t.slice(0, 8)}-${t.slice(8)}-7${seq.toString(16).padStart(3, '0')}-${r.slice(0, 4)}-${r.slice(4)}`;
+  return dashed(lastMs.toString(16).padStart(12, '0') + (0x7000 | seq).toString(16) + hex(b));
 }

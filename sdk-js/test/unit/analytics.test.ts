@@ -140,16 +140,6 @@ describe('batching while a request is slow', () => {
     await vi.advanceTimersByTimeAsync(2500);
     expect(sent(key).map((m) => m.event)).toEqual(['E1', 'E2']);
   });
-
-  it('warns about each event the server rejected in an accepted batch', async () => {
-    const warn = vi.spyOn(console, 'warn').mockImplementation(() => {});
-    const key = wk();
-    const body = { success: true, accepted: 1, rejected: [{ index: 1, error: { code: 'missing_field', message: 'event is required' } }] };
-    answers = [() => Promise.resolve(new Response(JSON.stringify(body), { status: 200 }))];
-    new Analytics().load(key, { apiHost: 'https://h' }).track('E');
-    await vi.advanceTimersByTimeAsync(2000);
-    expect(warn).toHaveBeenCalledWith(expect.stringContaining('event is required'));
-  });
 });
 
 describe('retries', () => {
@@ -333,6 +323,43 @@ describe('never breaks the host page', () => {
     expect(warn).toHaveBeenCalledTimes(2);
   });
 
+  it('takes traits that cannot be JSON without throwing, and ignores them', async () => {
+    const warn = vi.spyOn(console, 'warn').mockImplementation(() => {});
+    for (const cookies of [true, false]) {
+      const key = wk();
+      const a = new Analytics().load(key, { apiHost: 'https://h', cookies, consent: 'pending' });
+      const loop: Record<string, unknown> = { ok: 1 };
+      loop.self = loop;
+      expect(() => a.identify('u', loop)).not.toThrow();
+      expect(() => a.setConsent('granted')).not.toThrow();
+      expect(a.user().traits()).toEqual({});
+      await vi.advanceTimersByTimeAsync(2000);
+      expect(sent(key).find((m) => m.type === 'identify')).toMatchObject({ userId: 'u', traits: {} });
+    }
+    expect(warn).toHaveBeenCalled();
+  });
+
+  it('queues a snapshot: later changes to the caller\'s objects do not reach it', async () => {
+    const key = wk();
+    const a = new Analytics().load(key, { apiHost: 'https://h' });
+    const props: Record<string, unknown> = { n: 1 };
+    a.track('Snap', props);
+    props.n = 2;
+    props.self = props; // a cycle after the call must not stall the queue
+    await vi.advanceTimersByTimeAsync(2000);
+    expect(sent(key).map((m) => m.properties)).toEqual([{ n: 1 }]);
+  });
+
+  it('survives odd input: a negative queue size, a lone surrogate in a userId', async () => {
+    const key = wk();
+    const a = new Analytics().load(key, { apiHost: 'https://h', maxQueueSize: -1 });
+    vi.spyOn(console, 'warn').mockImplementation(() => {});
+    expect(() => a.track('E')).not.toThrow();
+    const b = new Analytics().load(wk(), { apiHost: 'https://h' });
+    expect(() => b.identify('bad\ud800id')).not.toThrow();
+    expect(b.user().id()).toBe('bad\ud800id');
+  });
+
   it('does nothing before load', async () => {
     await expect(new Analytics().flush()).resolves.toBeUndefined();
   });
@@ -354,6 +381,30 @@ describe('identity shared with other tabs', () => {
     expect(other.user().id()).toBe('logged-in');
     expect(pending.user().id()).toBe('logged-in');
     expect(pending.user().traits()).toEqual({ plan: 'pro' });
+  });
+
+  it('replays only what it was told while pending over the stored identity', () => {
+    const pending = new Analytics().load(wk(), { apiHost: 'https://h', consent: 'pending' });
+    const other = new Analytics().load(wk(), { apiHost: 'https://h' });
+    other.identify('logged-in', { plan: 'pro' });
+    pending.identify({ theme: 'dark' }); // traits only: no say about who
+    pending.setConsent('granted');
+    expect(other.user().id()).toBe('logged-in');
+    expect(other.user().traits()).toEqual({ plan: 'pro', theme: 'dark' });
+  });
+
+  it('a reset while pending wins on grant, with the anonymousId its events used', async () => {
+    const key = wk();
+    new Analytics().load(wk(), { apiHost: 'https://h' }).identify('someone');
+    const pending = new Analytics().load(key, { apiHost: 'https://h', consent: 'pending' });
+    pending.reset();
+    pending.track('After logout');
+    const aid = pending.anonymousId();
+    pending.setConsent('granted');
+    expect(pending.user().id()).toBeNull();
+    expect(pending.anonymousId()).toBe(aid);
+    await vi.advanceTimersByTimeAsync(2000);
+    expect(sent(key).map((m) => m.anonymousId)).toEqual([aid]);
   });
 
   it('but keeps what it was told while consent was pending', () => {
@@ -389,6 +440,21 @@ describe('identity shared with other tabs', () => {
     });
     a.identify('u1', { plan: 'professional' });
     expect(a.user().traits()).toEqual({ plan: 'professional' });
+  });
+});
+
+describe('identity when consent is withdrawn', () => {
+  it('denied then granted starts a new visitor instead of restoring the old one', () => {
+    const a = new Analytics().load(wk(), { apiHost: 'https://h' });
+    a.identify('u1', { email: 'a@b.c' });
+    const before = a.anonymousId();
+    a.setConsent('denied');
+    a.setConsent('granted');
+    expect(a.user().id()).toBeNull();
+    expect(a.user().traits()).toEqual({});
+    expect(a.anonymousId()).not.toBe(before);
+    expect(document.cookie).not.toContain('u1');
+    expect(localStorage.getItem('tm_traits')).not.toContain('a@b.c');
   });
 });
 

@@ -119,6 +119,9 @@ describe('Queue', () => {
     me.reclaim(LEASE_MS);
     expect(me.items).toEqual([m]); // in memory, sent from here
     expect(s.get(`tm.wk.q.dead.${m.messageId}`)).not.toBeNull(); // and still stored
+    me.reclaim(LEASE_MS + 5000); // the next round too
+    expect(me.items).toEqual([m]);
+    expect(s.get(`tm.wk.q.dead.${m.messageId}`)).not.toBeNull();
   });
 
   it('drops corrupt and malformed foreign entries', () => {

@@ -97,6 +97,27 @@ describe('Identity', () => {
     expect([id.aid, id.uid, id.traits]).toEqual(['kept', 'u7', { plan: 'pro' }]);
   });
 
+  it('drops a store that does not keep what is written, deleting its stale copy; clear() still empties it', () => {
+    const local = memoryStore();
+    const cookie = memoryStore();
+    const id = new Identity([cookie, local], [local]);
+    id.uid = 'old-user';
+    id.save();
+    // The browser now refuses this cookie's writes (too long, or blocked).
+    const set = cookie.set;
+    cookie.set = (k, v) => {
+      if (k !== 'tm_uid') set(k, v);
+    };
+    id.uid = '长'.repeat(500);
+    id.save();
+    expect(cookie.get('tm_uid')).toBeNull(); // the old user is not left behind
+    expect(new Identity([cookie, local], [local]).uid).toBe('长'.repeat(500)); // next page load: localStorage's
+    cookie.set = set;
+    cookie.set('tm_aid', 'written-elsewhere');
+    id.clear();
+    expect([cookie.get('tm_aid'), local.get('tm_aid'), local.get('tm_uid')]).toEqual([null, null, null]);
+  });
+
   it('ignores unreadable traits', () => {
     const local = memoryStore();
     local.set('tm_aid', 'a');
