@@ -5,7 +5,7 @@
 
 import type { Browser, Request } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { close, configured, eventsOf, launch, startFlakyProxy, startSite, startTrailmark, type Trailmark } from './harness';
+import { close, configured, eventsOf, launch, sdkReady, startFlakyProxy, startSite, startTrailmark, type PageSdk, type Trailmark } from './harness';
 
 type Sent = { batch?: { messageId: string; userId?: string; type: string }[] };
 
@@ -44,11 +44,11 @@ describe.skipIf(!configured)('trailmark.js against a real server', () => {
     page.on('request', rec.on);
     const uid = `e2e-nav-${Date.now()}`;
     await page.goto(site.url);
-    await page.waitForFunction(() => (window as unknown as { trailmark: { initialize?: boolean } }).trailmark.initialize);
+    await sdkReady(page);
     await page.evaluate((id) => {
-      const t = (window as unknown as { trailmark: Record<string, (...a: unknown[]) => void> }).trailmark;
-      t.identify!(id, { plan: 'e2e' });
-      for (let i = 0; i < 5; i++) t.track!('Step', { i });
+      const t = (window as unknown as { trailmark: PageSdk }).trailmark;
+      t.identify(id, { plan: 'e2e' });
+      for (let i = 0; i < 5; i++) t.track('Step', { i });
     }, uid);
     // Well before the 2 s flush: only the page-exit path can deliver these.
     await page.goto(`${site.url}/away`);
@@ -70,9 +70,9 @@ describe.skipIf(!configured)('trailmark.js against a real server', () => {
     const uid = `e2e-503-${Date.now()}`;
     await page.goto(site.url);
     await page.evaluate((id) => {
-      const t = (window as unknown as { trailmark: Record<string, (...a: unknown[]) => void> }).trailmark;
-      t.identify!(id);
-      t.track!('During outage');
+      const t = (window as unknown as { trailmark: PageSdk }).trailmark;
+      t.identify(id);
+      t.track('During outage');
     }, uid);
     const rows = await eventsOf(tm, uid, (r) => r.some((x) => x.event === 'During outage'), 30_000);
     expect(proxy.state.failed).toBe(3);
@@ -98,18 +98,18 @@ describe.skipIf(!configured)('trailmark.js against a real server', () => {
     await page.route(`${site.url}/sdk.js`, (r) => r.fulfill({ contentType: 'text/javascript', body: sdk }));
     const uid = `e2e-offline-${Date.now()}`;
     await page.goto(site.url);
-    await page.waitForFunction(() => (window as unknown as { trailmark: { initialize?: boolean } }).trailmark.initialize);
+    await sdkReady(page);
     await ctx.setOffline(true);
     proxy.state.down = true;
     await page.evaluate((id) => {
-      const t = (window as unknown as { trailmark: Record<string, (...a: unknown[]) => void> }).trailmark;
-      t.identify!(id);
-      t.track!('Offline 1');
-      t.track!('Offline 2');
+      const t = (window as unknown as { trailmark: PageSdk }).trailmark;
+      t.identify(id);
+      t.track('Offline 1');
+      t.track('Offline 2');
     }, uid);
     await page.waitForTimeout(2500); // the flush fails: nothing reaches the server
     await page.reload();
-    await page.waitForFunction(() => (window as unknown as { trailmark: { initialize?: boolean } }).trailmark.initialize);
+    await sdkReady(page);
     // One key per queued event (page, identify and the two tracks).
     const queued = await page.evaluate(() => Object.keys(localStorage).filter((k) => k.includes('.q.')).length);
     expect(queued).toBeGreaterThanOrEqual(4);
@@ -129,11 +129,10 @@ describe.skipIf(!configured)('trailmark.js against a real server', () => {
     const proxy = await startFlakyProxy(tm.url, 0);
     const site = await startSite(proxy.url, tm.writeKey);
     const ctx = await browser.newContext();
-    type T = { track(e: string): void; identify(u: string): void; initialize?: boolean };
     const open = async () => {
       const p = await ctx.newPage();
       await p.goto(site.url);
-      await p.waitForFunction(() => (window as unknown as { trailmark: T }).trailmark.initialize);
+      await sdkReady(p);
       return p;
     };
     const survivor = await open();
@@ -143,7 +142,7 @@ describe.skipIf(!configured)('trailmark.js against a real server', () => {
     const doomed = await open();
     const uid = `e2e-tabs-${Date.now()}`;
     const ids = await doomed.evaluate((id) => {
-      const t = (window as unknown as { trailmark: T }).trailmark;
+      const t = (window as unknown as { trailmark: PageSdk }).trailmark;
       t.identify(id);
       t.track('From the closed tab');
       t.track('From the closed tab');
@@ -176,20 +175,18 @@ describe.skipIf(!configured)('trailmark.js against a real server', () => {
     );
     const ctx = await browser.newContext();
     const page = await ctx.newPage();
-    type T = { anonymousId(): string; track(e: string): void; identify(u: string): void; initialize?: boolean };
-    const ready = () => page.waitForFunction(() => (window as unknown as { trailmark: T }).trailmark.initialize);
     await page.goto(site.url);
-    await ready();
+    await sdkReady(page);
     const before = await page.evaluate(() => {
-      const t = (window as unknown as { trailmark: T }).trailmark;
+      const t = (window as unknown as { trailmark: PageSdk }).trailmark;
       t.track('Before hop');
       return t.anonymousId();
     });
     await Promise.all([page.waitForURL(/localhost/), page.click('#hop')]);
-    await ready();
+    await sdkReady(page);
     const uid = `e2e-xd-${Date.now()}`;
     const after = await page.evaluate((id) => {
-      const t = (window as unknown as { trailmark: T }).trailmark;
+      const t = (window as unknown as { trailmark: PageSdk }).trailmark;
       t.identify(id);
       t.track('After hop');
       return t.anonymousId();

@@ -8,7 +8,7 @@ import { createServer, request, type Server } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
-import { chromium, type Browser } from 'playwright-core';
+import { chromium, type Browser, type Page } from 'playwright-core';
 
 export interface Trailmark {
   url: string;
@@ -163,4 +163,17 @@ export async function eventsOf(tm: Trailmark, userId: string, done: (rows: Row[]
     if (done(rows) || Date.now() > until) return rows;
     await new Promise((w) => setTimeout(w, 250));
   }
+}
+
+/** The page's `window.trailmark`, as the tests call it inside page.evaluate. */
+export type PageSdk = {
+  initialize?: boolean;
+  anonymousId(): string;
+  track(event: string, properties?: object): void;
+  identify(userId: string, traits?: object): void;
+};
+
+/** Waits until the SDK has replaced the snippet's stub on `page`. */
+export async function sdkReady(page: Page): Promise<void> {
+  await page.waitForFunction(() => (window as unknown as { trailmark: PageSdk }).trailmark.initialize);
 }
