@@ -102,7 +102,8 @@ export class Analytics {
    * login or logout in another tab meanwhile stands where this page did not
    * override it. */
   #ops: ((id: Identity) => void)[] = [];
-  /** Bytes of those requests: the browser allows 64 KB in flight in all. */
+  /** Bytes of the page-exit requests in `#flying`: the browser allows 64 KB
+   * in flight in all. */
   #inFlight = 0;
   #ref = '';
   #last = '';
@@ -494,8 +495,8 @@ export class Analytics {
 
   /** Page exit (hidden or pagehide): hand the oldest events, up to the
    * browser's 64 KB keepalive budget, to keepalive requests, which outlive
-   * the page. Events stay queued until a
-   * response comes back; if the page dies first, the next load re-sends them. */
+   * the page. Events stay queued until a response comes back; if the page
+   * dies first, the next load re-sends them. */
   private exit_(): void {
     if (this.#consent !== 'granted') return;
     for (const c of chunks(this.pending_(), MAX_COUNT, MAX_UNLOAD, bytes(this.body_([])))) {
