@@ -631,60 +631,93 @@ fn object_text(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, Va
         None => Ok(None),
         Some(r) if is_null(r) => Ok(None),
         Some(r) if r.get().starts_with('{') => {
-            // `RawValue` checks structure but does not decode escapes; a lone
-            // UTF-16 surrogate would make the stored text unreadable later.
-            if has_lone_surrogate(r.get()) {
-                return Err(ValidationError::field(
-                    "invalid_field",
-                    field,
-                    format!("{field} holds an unpaired utf-16 surrogate escape"),
-                ));
-            }
+            readable(r.get(), field)?;
             Ok(Some(r.get().to_owned()))
         }
         Some(_) => Err(not_object(field)),
     }
 }
 
-/// Whether JSON text holds a `\uD800`–`\uDFFF` escape that is not part of a
-/// high-low surrogate pair. Scans only at backslashes, so it is cheap.
-fn has_lone_surrogate(text: &str) -> bool {
+/// Rejects object text that `RawValue` accepts but that would not decode
+/// later, when a projector or the query API reads it back into a `Value`:
+/// a lone UTF-16 surrogate escape (`RawValue` checks structure but does not
+/// decode escapes), or a number beyond the range of a double, such as
+/// `1e999`. Stored as is, either would make the projector drop every trait
+/// of the event, not just the bad one, after the event was acknowledged.
+fn readable(text: &str, field: &str) -> Result<(), ValidationError> {
+    match unreadable(text) {
+        None => Ok(()),
+        Some(why) => Err(ValidationError::field(
+            "invalid_field",
+            field,
+            format!("{field} holds {why}"),
+        )),
+    }
+}
+
+/// Why well-formed JSON text would not decode into a `Value`, if it would
+/// not. One pass over the bytes; a number is handed to serde_json only when
+/// it has an exponent or more than 300 characters, the only ones that can
+/// fall outside a double's range, so the verdict is serde_json's own.
+fn unreadable(text: &str) -> Option<&'static str> {
     fn hex4(b: &[u8]) -> Option<u16> {
         let s = std::str::from_utf8(b.get(..4)?).ok()?;
         u16::from_str_radix(s, 16).ok()
     }
+    const SURROGATE: &str = "an unpaired utf-16 surrogate escape";
     let b = text.as_bytes();
     let mut i = 0;
+    let mut in_string = false;
     while i < b.len() {
-        if b[i] != b'\\' {
-            i += 1;
-            continue;
-        }
-        match b.get(i + 1) {
-            Some(b'u') => {
-                let Some(unit) = hex4(&b[i + 2..]) else {
-                    return true;
-                };
-                i += 6;
-                match unit {
-                    0xD800..=0xDBFF => {
-                        let low = (b.get(i) == Some(&b'\\') && b.get(i + 1) == Some(&b'u'))
-                            .then(|| hex4(&b[i + 2..]))
-                            .flatten();
-                        match low {
-                            Some(0xDC00..=0xDFFF) => i += 6,
-                            _ => return true,
+        match (in_string, b[i]) {
+            (_, b'"') => {
+                in_string = !in_string;
+                i += 1;
+            }
+            (true, b'\\') => match b.get(i + 1) {
+                Some(b'u') => {
+                    let Some(unit) = hex4(&b[i + 2..]) else {
+                        return Some(SURROGATE);
+                    };
+                    i += 6;
+                    match unit {
+                        0xD800..=0xDBFF => {
+                            let low = (b.get(i) == Some(&b'\\') && b.get(i + 1) == Some(&b'u'))
+                                .then(|| hex4(&b[i + 2..]))
+                                .flatten();
+                            match low {
+                                Some(0xDC00..=0xDFFF) => i += 6,
+                                _ => return Some(SURROGATE),
+                            }
                         }
+                        0xDC00..=0xDFFF => return Some(SURROGATE),
+                        _ => {}
                     }
-                    0xDC00..=0xDFFF => return true,
-                    _ => {}
+                }
+                // Any other escape is two bytes; skipping both keeps `\\u` right.
+                _ => i += 2,
+            },
+            (false, b'-' | b'0'..=b'9') => {
+                let start = i;
+                let mut exponent = false;
+                while let Some(&c) = b.get(i) {
+                    match c {
+                        b'e' | b'E' => exponent = true,
+                        b'0'..=b'9' | b'-' | b'+' | b'.' => {}
+                        _ => break,
+                    }
+                    i += 1;
+                }
+                let number = &text[start..i];
+                if (exponent || number.len() > 300) && serde_json::from_str::<f64>(number).is_err()
+                {
+                    return Some("a number outside the range of a double");
                 }
             }
-            // Any other escape is two bytes; skipping both keeps `\\u` right.
-            _ => i += 2,
+            _ => i += 1,
         }
     }
-    false
+    None
 }
 
 fn opt_object(
@@ -694,9 +727,13 @@ fn opt_object(
     match raw {
         None => Ok(None),
         Some(r) if is_null(r) => Ok(None),
-        Some(r) => serde_json::from_str::<Map<String, Value>>(r.get())
-            .map(Some)
-            .map_err(|_| not_object(field)),
+        Some(r) if r.get().starts_with('{') => {
+            readable(r.get(), field)?;
+            serde_json::from_str::<Map<String, Value>>(r.get())
+                .map(Some)
+                .map_err(|_| not_object(field))
+        }
+        Some(_) => Err(not_object(field)),
     }
 }
 
@@ -877,10 +914,11 @@ mod tests {
 
     #[test]
     fn lone_surrogates_are_found() {
-        assert!(!has_lone_surrogate(r#"{"a":"\ud83d\ude00 ok \\ud800 \n"}"#));
-        assert!(has_lone_surrogate(r#"{"a":"\ud800"}"#));
-        assert!(has_lone_surrogate(r#"{"a":"\udc00\ud800"}"#));
-        assert!(has_lone_surrogate(r#"{"a":"\ud800\u0041"}"#));
+        let lone = |t: &str| unreadable(t).is_some();
+        assert!(!lone(r#"{"a":"\ud83d\ude00 ok \\ud800 \n"}"#));
+        assert!(lone(r#"{"a":"\ud800"}"#));
+        assert!(lone(r#"{"a":"\udc00\ud800"}"#));
+        assert!(lone(r#"{"a":"\ud800\u0041"}"#));
         assert!(
             single(
                 EventType::Track,
@@ -888,6 +926,56 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    /// Found by `cargo fuzz` (ingest_parser): `{"employees":3291e999}` passed
+    /// as object text, then failed to decode in the projector, which dropped
+    /// every trait of an acknowledged event.
+    #[test]
+    fn numbers_beyond_a_double_are_rejected_with_the_field() {
+        let cases = [
+            (
+                EventType::Identify,
+                "traits",
+                r#""traits":{"name":"Initech","employees":3291e999}"#,
+            ),
+            (
+                EventType::Track,
+                "properties",
+                r#""properties":{"a":[1,{"b":-1E+400}]}"#,
+            ),
+            (EventType::Group, "context", r#""context":{"n":1e309}"#),
+            (
+                EventType::Track,
+                "integrations",
+                r#""integrations":{"x":-2.5e99999}"#,
+            ),
+        ];
+        for (kind, field, part) in cases {
+            let body = format!(r#"{{"userId":"u","event":"e","groupId":"g",{part}}}"#);
+            let err = single(kind, &body).unwrap_err();
+            assert_eq!(err.field.as_deref(), Some(field), "{body}");
+            assert!(err.message.contains("outside the range"), "{}", err.message);
+        }
+        let long = format!(
+            r#"{{"userId":"u","event":"e","properties":{{"n":{}}}}}"#,
+            "9".repeat(310)
+        );
+        assert!(single(EventType::Track, &long).is_err());
+        // In range, underflowing to zero, or only looking like a number: kept.
+        let fine = format!(
+            r#"{{"userId":"u","event":"e","properties":{{"a":1.7e308,"b":1e-999,"c":0e99999,"d":"1e999","e":{}}}}}"#,
+            "9".repeat(300)
+        );
+        let ev = single(EventType::Track, &fine).unwrap();
+        let props: Map<String, Value> =
+            serde_json::from_str(ev.properties.as_deref().unwrap()).unwrap();
+        assert_eq!(props["d"], "1e999");
+        // The batch-level context is held to the same rule, and named.
+        let raw = br#"{"batch":[{"type":"track","userId":"u","event":"e"}],"context":{"n":1e999}}"#;
+        let err = parse_batch(raw, &Limits::default()).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("context"));
+        assert!(err.message.contains("outside the range"));
     }
 
     #[test]

@@ -327,6 +327,19 @@ async fn malformed_requests_name_the_problem() {
     let (status, body) = read(r).await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "invalid_json");
+    // Well-formed JSON that no projector could read back (found by the fuzzer):
+    // refused before it is acknowledged, naming the field.
+    let r = s
+        .client
+        .post(s.url("/v1/identify"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .body(r#"{"userId":"u","traits":{"name":"Initech","employees":3291e999}}"#)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(r).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["field"], "traits", "{body}");
     s.stop().await;
 }
 
