@@ -656,7 +656,7 @@ fn readable(text: &str, field: &str) -> Result<(), ValidationError> {
 }
 
 /// Why well-formed JSON text would not decode into a `Value`, if it would
-/// not. One pass over the bytes; a number is handed to serde_json only when
+/// not. One pass over the bytes (string runs skipped with `memchr`); a number is handed to serde_json only when
 /// it has an exponent or more than 300 characters, the only ones that can
 /// fall outside a double's range, so the verdict is serde_json's own.
 fn unreadable(text: &str) -> Option<&'static str> {
@@ -669,12 +669,18 @@ fn unreadable(text: &str) -> Option<&'static str> {
     let mut i = 0;
     let mut in_string = false;
     while i < b.len() {
-        match (in_string, b[i]) {
-            (_, b'"') => {
-                in_string = !in_string;
-                i += 1;
+        if in_string {
+            // Skip the plain run of the string at memchr's speed.
+            match memchr::memchr2(b'"', b'\\', &b[i..]) {
+                Some(n) => i += n,
+                None => break,
             }
-            (true, b'\\') => match b.get(i + 1) {
+            if b[i] == b'"' {
+                in_string = false;
+                i += 1;
+                continue;
+            }
+            match b.get(i + 1) {
                 Some(b'u') => {
                     let Some(unit) = hex4(&b[i + 2..]) else {
                         return Some(SURROGATE);
@@ -696,8 +702,15 @@ fn unreadable(text: &str) -> Option<&'static str> {
                 }
                 // Any other escape is two bytes; skipping both keeps `\\u` right.
                 _ => i += 2,
-            },
-            (false, b'-' | b'0'..=b'9') => {
+            }
+            continue;
+        }
+        match b[i] {
+            b'"' => {
+                in_string = true;
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
                 let start = i;
                 let mut exponent = false;
                 while let Some(&c) = b.get(i) {

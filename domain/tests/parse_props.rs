@@ -485,8 +485,74 @@ fn good_item() -> impl Strategy<Value = Value> {
         })
 }
 
+/// A JSON number as a client might write it: ordinary, with an exponent,
+/// or long; some beyond a double's range (`1e999`, 400 digits), some
+/// underflowing to zero. Serialising a `Value` never produces these, so the
+/// generators above cannot reach them.
+fn number_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "-?(0|[1-9][0-9]{0,3})(\\.[0-9]{1,3})?([eE][+-]?[0-9]{1,4})?",
+        "-?[1-9]\\.[0-9]{1,20}[eE]\\+?30[0-9]",
+        (290usize..320).prop_map(|n| format!("9{}", "0".repeat(n))),
+    ]
+}
+
+/// A JSON string with `\u` escapes, some of them lone surrogates.
+fn string_text() -> impl Strategy<Value = String> {
+    "([a-z ]|\\\\u[dD][89a-fA-F][0-9a-f]{2}|\\\\u00[4-7][0-9a-f]|\\\\\\\\|\\\\\")*"
+        .prop_map(|s| format!("\"{s}\""))
+}
+
+/// Object text built from those tokens, with one level of nesting.
+fn object_text() -> impl Strategy<Value = String> {
+    let leaf = prop_oneof![number_text(), string_text()];
+    prop::collection::vec((string_text(), leaf, any::<bool>()), 0..5).prop_map(|fields| {
+        let body: Vec<String> = fields
+            .into_iter()
+            .map(|(k, v, nest)| {
+                if nest {
+                    format!("{k}:[{v},{{\"n\":{v}}}]")
+                } else {
+                    format!("{k}:{v}")
+                }
+            })
+            .collect();
+        format!("{{{}}}", body.join(","))
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Object text is accepted exactly when it reads back as a JSON object, so
+    /// what ingest acknowledges the projector can always fold; a refusal
+    /// names the field. Covers what `RawValue` accepts but a `Value` does not.
+    #[test]
+    fn object_fields_are_accepted_iff_they_read_back(text in object_text()) {
+        let readable = serde_json::from_str::<Map<String, Value>>(&text).is_ok();
+        let body = format!(r#"{{"userId":"u","event":"e","properties":{text}}}"#);
+        let raw = parse_single(body.as_bytes(), &Limits::default())
+            .map_err(|e| TestCaseError::fail(format!("{body}: {e:?}")))?;
+        match raw.normalise(EventType::Track, &meta(), &mut new_ids()) {
+            Ok(ev) => {
+                prop_assert!(readable, "accepted {}", text);
+                prop_assert_eq!(ev.properties.as_deref(), Some(text.as_str()));
+            }
+            Err(e) => {
+                prop_assert!(!readable, "refused readable {}: {:?}", text, e);
+                prop_assert_eq!(e.field.as_deref(), Some("properties"));
+            }
+        }
+        // The same text as a batch-level context, which is merged, not copied.
+        let batch = format!(r#"{{"batch":[{{"type":"track","userId":"u","event":"e"}}],"context":{text}}}"#);
+        match parse_batch(batch.as_bytes(), &Limits::default()) {
+            Ok(_) => prop_assert!(readable, "accepted context {}", text),
+            Err(e) => {
+                prop_assert!(!readable, "refused readable context {}: {:?}", text, e);
+                prop_assert_eq!(e.field.as_deref(), Some("context"));
+            }
+        }
+    }
 
     #[test]
     fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..512)) {
