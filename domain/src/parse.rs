@@ -656,9 +656,10 @@ fn readable(text: &str, field: &str) -> Result<(), ValidationError> {
 }
 
 /// Why well-formed JSON text would not decode into a `Value`, if it would
-/// not. One pass over the bytes (string runs skipped with `memchr`); a number is handed to serde_json only when
-/// it has an exponent or more than 300 characters, the only ones that can
-/// fall outside a double's range, so the verdict is serde_json's own.
+/// not. One pass over the bytes, skipping string runs with `memchr`; a number
+/// is handed to serde_json only when it has an exponent or more than 300
+/// characters, the only ones that can fall outside a double's range, so the
+/// verdict is serde_json's own.
 fn unreadable(text: &str) -> Option<&'static str> {
     fn hex4(b: &[u8]) -> Option<u16> {
         let s = std::str::from_utf8(b.get(..4)?).ok()?;
@@ -740,12 +741,15 @@ fn opt_object(
     match raw {
         None => Ok(None),
         Some(r) if is_null(r) => Ok(None),
-        Some(r) if r.get().starts_with('{') => {
-            readable(r.get(), field)?;
-            serde_json::from_str::<Map<String, Value>>(r.get())
-                .map(Some)
-                .map_err(|_| not_object(field))
-        }
+        // Decoding already refuses what `readable` looks for; the scan runs
+        // only on failure, to say why.
+        Some(r) if r.get().starts_with('{') => serde_json::from_str::<Map<String, Value>>(r.get())
+            .map(Some)
+            .map_err(|_| {
+                readable(r.get(), field)
+                    .err()
+                    .unwrap_or_else(|| not_object(field))
+            }),
         Some(_) => Err(not_object(field)),
     }
 }
