@@ -316,28 +316,17 @@ async fn malformed_requests_name_the_problem() {
         assert_eq!(resp["error"]["field"], field, "{resp}");
         assert!(resp["error"]["message"].as_str().unwrap().len() > 5);
     }
-    let r = s
-        .client
-        .post(s.url("/v1/track"))
-        .basic_auth(WRITE_KEY, Some(""))
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = read(r).await;
+    let (status, body) = s.post_text("/v1/track", "{not json").await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "invalid_json");
     // Well-formed JSON that no projector could read back (found by the fuzzer):
     // refused before it is acknowledged, naming the field.
-    let r = s
-        .client
-        .post(s.url("/v1/identify"))
-        .basic_auth(WRITE_KEY, Some(""))
-        .body(r#"{"userId":"u","traits":{"name":"Initech","employees":3291e999}}"#)
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = read(r).await;
+    let (status, body) = s
+        .post_text(
+            "/v1/identify",
+            r#"{"userId":"u","traits":{"name":"Initech","employees":3291e999}}"#,
+        )
+        .await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["field"], "traits", "{body}");
     s.stop().await;

@@ -292,6 +292,20 @@ impl TestServer {
         read(resp).await
     }
 
+    /// POSTs `body` as it is (no content type) with the write key as Basic
+    /// auth, for bodies that a `Value` cannot express.
+    pub async fn post_text(&self, path: &str, body: &'static str) -> (u16, Value) {
+        let resp = self
+            .client
+            .post(self.url(path))
+            .basic_auth(WRITE_KEY, Some(""))
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        read(resp).await
+    }
+
     /// GETs with the secret token as a Bearer token.
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let resp = self
