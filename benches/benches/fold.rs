@@ -28,10 +28,10 @@ fn project(c: &mut Criterion) {
     let mut g = c.benchmark_group("fold/project");
     g.throughput(Throughput::Elements(1));
     g.bench_function("track", |b| {
-        b.iter(|| black_box(profile::project(black_box(&track))))
+        b.iter(|| black_box(profile::project(black_box(&track)).unwrap()))
     });
     g.bench_function("identify", |b| {
-        b.iter(|| black_box(profile::project(black_box(&identify))))
+        b.iter(|| black_box(profile::project(black_box(&identify)).unwrap()))
     });
     g.finish();
 }
@@ -46,7 +46,7 @@ fn apply(c: &mut Criterion) {
             || ProfileModel::new(WINDOW),
             |mut model| {
                 for ev in &stream {
-                    model.apply(black_box(ev));
+                    model.apply(black_box(ev)).unwrap();
                 }
                 model
             },

@@ -96,6 +96,54 @@ impl IdKind {
     }
 }
 
+/// The longest identifier value (`userId`, `anonymousId`, an external id,
+/// an email that links a profile), in characters.
+pub const MAX_ID_CHARS: usize = 1_024;
+/// The longest id type of `context.externalIds[].type`, in bytes.
+pub const MAX_ID_TYPE_CHARS: usize = 64;
+/// The most `context.externalIds` one event may carry.
+pub const MAX_EXTERNAL_IDS: usize = 25;
+
+impl IdKind {
+    /// Checks an id type named by a client: 1 to [`MAX_ID_TYPE_CHARS`] of
+    /// `a-z`, `0-9`, `_`, `.` and `-`, starting with a letter or a digit
+    /// (`user_id`, `ga_client_id`, `ios.idfa`). Lower case only, so that one
+    /// kind has one spelling; no `:` (it separates `{id_type}:{id}`) and no
+    /// control byte (the embedded store's keys are built from it).
+    pub fn check(s: &str) -> Result<(), String> {
+        let ok_char = |c: u8| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-');
+        match s.as_bytes() {
+            [] => Err("must not be empty".into()),
+            b if b.len() > MAX_ID_TYPE_CHARS => {
+                Err(format!("is longer than {MAX_ID_TYPE_CHARS} characters"))
+            }
+            [first, ..] if !first.is_ascii_lowercase() && !first.is_ascii_digit() => {
+                Err("must start with a-z or 0-9".into())
+            }
+            b if !b.iter().all(|&c| ok_char(c)) => {
+                Err("may hold only a-z, 0-9, '_', '.' and '-'".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Identifier {
+    /// Checks an identifier value: not empty, at most [`MAX_ID_CHARS`]
+    /// characters, no NUL.
+    pub fn check_value(s: &str) -> Result<(), String> {
+        if s.is_empty() {
+            Err("must not be empty".into())
+        } else if s.len() > MAX_ID_CHARS && s.chars().count() > MAX_ID_CHARS {
+            Err(format!("is longer than {MAX_ID_CHARS} characters"))
+        } else if s.contains('\0') {
+            Err("must not contain a nul character".into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// One identifier of a person: an id type and a value.
 ///
 /// Identifiers order by type then value; the smallest identifier of a linked

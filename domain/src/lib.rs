@@ -22,6 +22,7 @@
 
 pub mod clock;
 pub mod event;
+mod json;
 pub mod parse;
 pub mod profile;
 pub mod time;

@@ -24,9 +24,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::event::{Event, EventType, IdKind, Identifier};
+use crate::event::{Event, EventType, IdKind, Identifier, MAX_EXTERNAL_IDS};
+use crate::json::last_wins;
 
 /// A trait value with the event that set it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +64,15 @@ pub fn merge_trait(
     }
 }
 
+/// The most identifiers one profile links. A connected component of linked
+/// identifiers larger than this (a shared device, a hard-coded `userId:
+/// "null"`, or a hostile client linking thousands of ids) is not merged at
+/// all: each of its identifiers stands alone, as if never linked. The rule
+/// looks only at the component, which is the same whatever order its links
+/// arrived in, and a store can decide it by walking at most this many
+/// identifiers.
+pub const MAX_PROFILE_IDENTIFIERS: usize = 1_000;
+
 /// Whether an event received at `received_at` duplicates one with the same
 /// `messageId` received at `previous` (if any), for a window in microseconds.
 pub fn is_duplicate(previous: Option<i64>, received_at: i64, window_micros: i64) -> bool {
@@ -96,59 +107,128 @@ pub struct Projection {
     pub message_id: String,
 }
 
-/// The parts of `context` that the fold reads.
-#[derive(Deserialize)]
-struct ContextView<'a> {
-    #[serde(default)]
-    traits: Option<Value>,
-    #[serde(
-        default,
-        rename = "externalIds",
-        deserialize_with = "lenient_external_ids"
-    )]
-    external_ids: Option<Vec<ExternalId>>,
-    #[serde(skip)]
-    _text: std::marker::PhantomData<&'a str>,
+/// Why an event cannot be folded: a field the fold reads cannot be read.
+/// Ingest refuses such events, so one reaches the fold only from a log
+/// written by an older build or by hand; the projector sets it aside as a
+/// dead letter rather than fold part of it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FoldError {
+    /// The field at fault, in the request's spelling (`context.externalIds[2].type`).
+    pub field: String,
+    /// Why, lowercase.
+    pub message: String,
 }
 
-#[derive(Deserialize)]
-struct ExternalId {
-    #[serde(default)]
-    id: Option<Value>,
-    #[serde(default, rename = "type")]
-    kind: Option<String>,
+impl FoldError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
 }
 
-/// `externalIds` that is not a list of objects is ignored, not an error.
-fn lenient_external_ids<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Vec<ExternalId>>, D::Error> {
-    let v = Value::deserialize(d)?;
-    Ok(match v {
-        Value::Array(items) => Some(
-            items
-                .into_iter()
-                .filter_map(|i| serde_json::from_value(i).ok())
-                .collect(),
-        ),
-        _ => None,
-    })
+/// The parts of `context` that the fold reads, as raw JSON; a repeated key
+/// keeps its last value, as everywhere else.
+#[derive(Debug, Default)]
+pub(crate) struct ContextView<'a> {
+    traits: Option<&'a RawValue>,
+    external_ids: Option<&'a RawValue>,
 }
 
-fn parse_object(text: Option<&str>) -> Option<Map<String, Value>> {
-    text.and_then(|t| serde_json::from_str::<Map<String, Value>>(t).ok())
+last_wins!(ContextView {
+    "traits" => traits,
+    "externalIds" => external_ids,
+});
+
+/// One entry of `context.externalIds`.
+#[derive(Debug, Default)]
+struct ExternalIdView<'a> {
+    id: Option<&'a RawValue>,
+    kind: Option<&'a RawValue>,
 }
 
+last_wins!(ExternalIdView {
+    "id" => id,
+    "type" => kind,
+});
+
+impl<'a> ContextView<'a> {
+    /// Reads the `context` object's text.
+    pub(crate) fn read(text: &'a str) -> Result<Self, FoldError> {
+        serde_json::from_str(text).map_err(|e| FoldError::new("context", format!("{e}")))
+    }
+
+    /// `context.traits`, when it is an object (anything else is not traits).
+    fn traits(&self) -> Result<Option<Map<String, Value>>, FoldError> {
+        match self.traits {
+            Some(t) if t.get().starts_with('{') => serde_json::from_str(t.get())
+                .map(Some)
+                .map_err(|e| FoldError::new("context.traits", format!("{e}"))),
+            _ => Ok(None),
+        }
+    }
+
+    /// The identifiers of `context.externalIds`: a list of at most
+    /// [`MAX_EXTERNAL_IDS`] objects, each with a valid `type` (see
+    /// [`IdKind::check`]) and an `id` string or number.
+    pub(crate) fn external_ids(&self) -> Result<Vec<Identifier>, FoldError> {
+        const FIELD: &str = "context.externalIds";
+        let Some(raw) = self.external_ids.filter(|r| r.get() != "null") else {
+            return Ok(Vec::new());
+        };
+        let items: Vec<&RawValue> = serde_json::from_str(raw.get())
+            .map_err(|_| FoldError::new(FIELD, "must be a list of {id, type} objects"))?;
+        if items.len() > MAX_EXTERNAL_IDS {
+            return Err(FoldError::new(
+                FIELD,
+                format!(
+                    "holds {} ids, more than the limit of {MAX_EXTERNAL_IDS}",
+                    items.len()
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let at = |part: &str| format!("{FIELD}[{i}]{part}");
+            let x: ExternalIdView<'_> = serde_json::from_str(item.get())
+                .map_err(|_| FoldError::new(at(""), "must be an {id, type} object"))?;
+            let kind = match x
+                .kind
+                .map(|k| serde_json::from_str::<std::borrow::Cow<'_, str>>(k.get()))
+            {
+                Some(Ok(k)) => k,
+                _ => return Err(FoldError::new(at(".type"), "must be a string")),
+            };
+            IdKind::check(&kind).map_err(|m| FoldError::new(at(".type"), m))?;
+            let id = match x.id.map(|v| serde_json::from_str::<Value>(v.get())) {
+                Some(Ok(Value::String(s))) => s,
+                Some(Ok(Value::Number(n))) => n.to_string(),
+                _ => {
+                    return Err(FoldError::new(at(".id"), "must be a string or a number"));
+                }
+            };
+            Identifier::check_value(&id).map_err(|m| FoldError::new(at(".id"), m))?;
+            out.push(Identifier::new(IdKind::parse(&kind), id));
+        }
+        Ok(out)
+    }
+}
+
+/// An email that links a profile: a trimmed string that is a valid
+/// identifier value. A longer one stays a trait but links nothing.
 fn email_of(traits: &Map<String, Value>) -> Option<&str> {
     traits
         .get("email")
         .and_then(Value::as_str)
         .map(str::trim)
-        .filter(|e| !e.is_empty())
+        .filter(|e| Identifier::check_value(e).is_ok())
 }
 
-/// Computes the [`Projection`] of one event. Pure.
-pub fn project(ev: &Event) -> Projection {
+/// Computes the [`Projection`] of one event. Pure. Fails only for an event
+/// ingest would have refused (see [`FoldError`]).
+pub fn project(ev: &Event) -> Result<Projection, FoldError> {
     let primary = ev.primary_identifier();
     let mut ids = BTreeSet::new();
     ids.insert(primary.clone());
@@ -171,45 +251,35 @@ pub fn project(ev: &Event) -> Projection {
     let mut traits = BTreeMap::new();
     // Only `traits` and `externalIds` of the context matter here; the rest is
     // skipped without building it.
-    let context = ev
-        .context
-        .as_deref()
-        .and_then(|c| serde_json::from_str::<ContextView<'_>>(c).ok());
-    if let Some(ctx) = context {
-        if let Some(Value::Object(ct)) = ctx.traits {
+    if let Some(text) = ev.context.as_deref() {
+        let ctx = ContextView::read(text)?;
+        if let Some(ct) = ctx.traits()? {
             if let Some(email) = email_of(&ct) {
                 ids.insert(Identifier::new(IdKind::Email, email));
             }
             traits.extend(ct);
         }
-        for x in ctx.external_ids.unwrap_or_default() {
-            let id = match x.id {
-                Some(Value::String(s)) if !s.is_empty() => Some(s),
-                Some(Value::Number(n)) => Some(n.to_string()),
-                _ => None,
-            };
-            if let (Some(id), Some(kind)) = (id, x.kind.filter(|t| !t.is_empty())) {
-                ids.insert(Identifier::new(IdKind::parse(&kind), id));
-            }
-        }
+        ids.extend(ctx.external_ids()?);
     }
     if ev.kind == EventType::Identify
-        && let Some(t) = parse_object(ev.traits.as_deref())
+        && let Some(text) = ev.traits.as_deref()
     {
+        let t: Map<String, Value> =
+            serde_json::from_str(text).map_err(|e| FoldError::new("traits", format!("{e}")))?;
         if let Some(email) = email_of(&t) {
             ids.insert(Identifier::new(IdKind::Email, email));
         }
         traits.extend(t);
     }
-    ids.retain(|i| !i.value.is_empty() && !i.value.contains('\0'));
-    Projection {
+    ids.retain(|i| Identifier::check_value(&i.value).is_ok());
+    Ok(Projection {
         primary,
         identifiers: ids.into_iter().collect(),
         traits: traits.into_iter().collect(),
         counter: counter_name(ev),
         time: ev.timestamp,
         message_id: ev.message_id.clone(),
-    }
+    })
 }
 
 /// A profile as the query API shows it: the union of its identifiers' data.
@@ -276,14 +346,15 @@ impl ProfileModel {
         }
     }
 
-    /// Folds one event. Returns false when it was dropped as a duplicate.
-    pub fn apply(&mut self, ev: &Event) -> bool {
+    /// Folds one event. Returns false when it was dropped as a duplicate,
+    /// and an error, changing nothing, when it cannot be folded.
+    pub fn apply(&mut self, ev: &Event) -> Result<bool, FoldError> {
         let prev = self.dedup.get(&ev.message_id).copied();
         if is_duplicate(prev, ev.received_at, self.window_micros) {
-            return false;
+            return Ok(false);
         }
+        let p = project(ev)?;
         self.dedup.insert(ev.message_id.clone(), ev.received_at);
-        let p = project(ev);
         for id in &p.identifiers {
             let c = self.created.entry(id.clone()).or_insert(p.time);
             *c = (*c).min(p.time);
@@ -319,7 +390,7 @@ impl ProfileModel {
             .entry(p.primary)
             .or_default()
             .insert((p.time, p.message_id), ev.clone());
-        true
+        Ok(true)
     }
 
     fn link(&mut self, a: &Identifier, b: &Identifier) {
@@ -336,23 +407,37 @@ impl ProfileModel {
         }
     }
 
-    /// The root identifier of the profile `id` belongs to.
+    /// The identifiers of the profile `id` belongs to (see
+    /// [`MAX_PROFILE_IDENTIFIERS`]), if any event named it.
+    pub fn members(&self, id: &Identifier) -> Option<Vec<&Identifier>> {
+        let root = self.root.get(id)?;
+        let members: Vec<&Identifier> = self
+            .root
+            .iter()
+            .filter(|(_, r)| *r == root)
+            .map(|(m, _)| m)
+            .collect();
+        if members.len() > MAX_PROFILE_IDENTIFIERS {
+            let (own, _) = self.root.get_key_value(id)?;
+            return Some(vec![own]);
+        }
+        Some(members)
+    }
+
+    /// The root identifier of the profile `id` belongs to: its smallest.
     pub fn root_of(&self, id: &Identifier) -> Option<&Identifier> {
-        self.root.get(id)
+        self.members(id)?.into_iter().min()
     }
 
     /// The profile that `id` belongs to, if any event named it.
     pub fn profile(&self, id: &Identifier) -> Option<ProfileView> {
-        let root = self.root.get(id)?;
+        let members = self.members(id)?;
         let mut view = ProfileView {
             first_seen: i64::MAX,
             last_seen: i64::MIN,
             ..ProfileView::default()
         };
-        for (member, r) in &self.root {
-            if r != root {
-                continue;
-            }
+        for member in members {
             view.identifiers
                 .insert(member.clone(), self.created[member]);
             for (name, t) in self.traits.get(member).into_iter().flatten() {
@@ -366,19 +451,23 @@ impl ProfileModel {
                 view.last_seen = view.last_seen.max(s.last);
             }
         }
+        if view.first_seen == i64::MAX {
+            // Identifiers named only as links of others' events: no events,
+            // shown as the stores show them.
+            view.first_seen = 0;
+            view.last_seen = 0;
+        }
         Some(view)
     }
 
     /// The profile's events in time order (then `messageId`).
     pub fn timeline(&self, id: &Identifier) -> Vec<&Event> {
-        let Some(root) = self.root.get(id) else {
+        let Some(members) = self.members(id) else {
             return Vec::new();
         };
-        let mut all: Vec<(&(i64, String), &Event)> = self
-            .root
-            .iter()
-            .filter(|(_, r)| *r == root)
-            .filter_map(|(m, _)| self.timeline.get(m))
+        let mut all: Vec<(&(i64, String), &Event)> = members
+            .into_iter()
+            .filter_map(|m| self.timeline.get(m))
             .flatten()
             .collect();
         all.sort_by(|a, b| a.0.cmp(b.0));
@@ -433,8 +522,8 @@ mod tests {
         late.traits = Some(r#"{"plan":"pro"}"#.into());
         let mut early = ev(EventType::Identify, "m1", Some("u"), None, 100);
         early.traits = Some(r#"{"plan":"free","name":"Ann"}"#.into());
-        m.apply(&late);
-        m.apply(&early);
+        m.apply(&late).unwrap();
+        m.apply(&early).unwrap();
         let p = m.profile(&Identifier::new(IdKind::UserId, "u")).unwrap();
         assert_eq!(p.traits["plan"].value, "pro");
         assert_eq!(p.traits["plan"].message_id, "m2");
@@ -444,10 +533,11 @@ mod tests {
     #[test]
     fn identify_links_anonymous_and_user_and_email() {
         let mut m = ProfileModel::new(i64::MAX);
-        m.apply(&ev(EventType::Track, "m1", None, Some("a1"), 10));
+        m.apply(&ev(EventType::Track, "m1", None, Some("a1"), 10))
+            .unwrap();
         let mut id = ev(EventType::Identify, "m2", Some("u1"), Some("a1"), 20);
         id.traits = Some(r#"{"email":"x@y.z"}"#.into());
-        m.apply(&id);
+        m.apply(&id).unwrap();
         let by_email = m.profile(&Identifier::new(IdKind::Email, "x@y.z")).unwrap();
         assert_eq!(by_email.identifiers.len(), 3);
         assert_eq!(by_email.counts["Clicked"], 1);
@@ -465,7 +555,7 @@ mod tests {
         let mut e = ev(EventType::Identify, "m1", Some("u"), None, 10);
         e.traits = Some(r#"{"plan":"from-traits"}"#.into());
         e.context = Some(r#"{"traits":{"plan":"from-context","extra":1}}"#.into());
-        let p = project(&e);
+        let p = project(&e).unwrap();
         assert_eq!(
             p.traits,
             vec![
@@ -476,13 +566,46 @@ mod tests {
     }
 
     #[test]
+    fn repeated_context_keys_keep_the_last_value() {
+        let mut e = ev(EventType::Track, "m1", Some("u"), None, 10);
+        e.context = Some(
+            r#"{"traits":{"plan":"a"},"externalIds":[],"traits":{"plan":"b","plan":"c"},"externalIds":[{"type":"t","id":"x"}]}"#.into(),
+        );
+        let p = project(&e).unwrap();
+        assert_eq!(p.traits, vec![("plan".to_owned(), serde_json::json!("c"))]);
+        assert!(
+            p.identifiers
+                .contains(&Identifier::new(IdKind::External("t".into()), "x"))
+        );
+    }
+
+    #[test]
+    fn unreadable_fields_fail_the_fold_naming_them() {
+        let mut e = ev(EventType::Identify, "m1", Some("u"), None, 10);
+        e.traits = Some(format!("{}1{}", r#"{"a":"#.repeat(200), "}".repeat(200)));
+        assert_eq!(project(&e).unwrap_err().field, "traits");
+        let mut m = ProfileModel::new(i64::MAX);
+        assert!(m.apply(&e).is_err());
+        assert!(m.profile(&Identifier::new(IdKind::UserId, "u")).is_none());
+        e.traits = None;
+        e.context = Some(r#"{"externalIds":[{"type":"user_id\u0000alice","id":"X"}]}"#.into());
+        assert_eq!(
+            project(&e).unwrap_err().field,
+            "context.externalIds[0].type"
+        );
+    }
+
+    #[test]
     fn duplicates_count_once_within_the_window() {
         let mut m = ProfileModel::new(100);
         let e = ev(EventType::Track, "m1", Some("u"), None, 10);
-        assert!(m.apply(&e));
-        assert!(!m.apply(&e));
+        assert!(m.apply(&e).unwrap());
+        assert!(!m.apply(&e).unwrap());
         let mut later = e.clone();
         later.received_at += 1_000;
-        assert!(m.apply(&later), "outside the window it is a new event");
+        assert!(
+            m.apply(&later).unwrap(),
+            "outside the window it is a new event"
+        );
     }
 }

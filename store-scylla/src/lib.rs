@@ -68,9 +68,9 @@ use serde_json::value::RawValue;
 use trailmark_domain::profile::{Seen, TraitValue, is_duplicate, merge_trait, project};
 use trailmark_domain::{IdKind, Identifier};
 use trailmark_store::{
-    ApplyBatch, ApplyOutcome, CreatedWorkspace, LoggedEvent, ProfileMetadata, ProfileRef,
-    ProfileStore, ReadGrant, Result, StoreError, TimelineEntry, TimelinePage, TimelineQuery,
-    Workspace, WorkspaceDirectory, WriteGrant, token_digest,
+    ApplyBatch, ApplyOutcome, CreatedWorkspace, LoggedEvent, MAX_PROFILE_IDENTIFIERS,
+    ProfileMetadata, ProfileRef, ProfileStore, ReadGrant, Result, StoreError, TimelineEntry,
+    TimelinePage, TimelineQuery, Workspace, WorkspaceDirectory, WriteGrant, token_digest,
 };
 
 pub mod schema;
@@ -94,10 +94,6 @@ fn trait_timestamp(time: i64) -> i64 {
 fn first_seen_timestamp(time: i64) -> i64 {
     -TIMESTAMP_SHIFT - time
 }
-
-/// The most identifiers one profile resolves to; a larger component (a shared
-/// device id linking thousands of people) is cut off, with a warning.
-const MAX_PROFILE_IDENTIFIERS: usize = 1_000;
 
 /// Requests in flight per apply or read.
 const CONCURRENCY: usize = 256;
@@ -351,7 +347,8 @@ impl Statements {
             insert_dedup: p("INSERT INTO dedup (workspace, message_id, received_at) VALUES (?, ?, ?) USING TTL ?".into()).await?,
             upsert_checkpoint: p("INSERT INTO checkpoints (consumer, partition, position) VALUES (?, ?, ?) USING TIMESTAMP ?".into()).await?,
             select_checkpoints: p("SELECT partition, position FROM checkpoints WHERE consumer = ?".into()).await?,
-            select_links: p("SELECT linked, first_seen FROM identity_links WHERE workspace = ? AND id = ?".into()).await?,
+            // One more than a profile may hold tells it is too many.
+            select_links: p(format!("SELECT linked, first_seen FROM identity_links WHERE workspace = ? AND id = ? LIMIT {}", MAX_PROFILE_IDENTIFIERS + 1)).await?,
             select_traits: p("SELECT name, value FROM traits WHERE workspace = ? AND id = ?".into()).await?,
             buckets_asc: p("SELECT bucket FROM timeline_buckets WHERE workspace = ? AND id = ? AND bucket >= ? AND bucket <= ? ORDER BY bucket ASC".into()).await?,
             buckets_desc: p("SELECT bucket FROM timeline_buckets WHERE workspace = ? AND id = ? AND bucket >= ? AND bucket <= ? ORDER BY bucket DESC".into()).await?,
@@ -921,7 +918,7 @@ fn plan(events: &[&LoggedEvent]) -> Result<Plan> {
     for le in events {
         let ev = &le.event;
         let ws = &ev.workspace_id;
-        let p = project(ev);
+        let p = project(ev)?;
         let primary = id_text(&p.primary);
         for id in &p.identifiers {
             let text = id_text(id);
@@ -1129,11 +1126,14 @@ impl ProfileStore for ScyllaStore {
     }
 
     async fn resolve(&self, workspace: &str, id: &Identifier) -> Result<Option<ProfileRef>> {
+        // The component is walked breadth-first, but only until it is known
+        // to hold more than a profile may: then, whatever order the reads
+        // completed in, the identifier stands alone (the domain's rule).
         let start = id_text(id);
         let mut found: BTreeMap<String, i64> = BTreeMap::new();
         let mut queued: HashSet<String> = HashSet::from([start.clone()]);
-        let mut frontier = vec![start];
-        while !frontier.is_empty() {
+        let mut frontier = vec![start.clone()];
+        while !frontier.is_empty() && queued.len() <= MAX_PROFILE_IDENTIFIERS {
             let mut reads = Vec::new();
             for node in frontier.drain(..) {
                 reads.push(async move {
@@ -1148,18 +1148,21 @@ impl ProfileStore for ScyllaStore {
                 };
                 found.insert(node, first);
                 for l in linked {
-                    if queued.len() >= MAX_PROFILE_IDENTIFIERS {
-                        tracing::warn!(workspace, "profile has too many identifiers; cut off");
-                        break;
-                    }
                     if queued.insert(l.clone()) {
                         frontier.push(l);
                     }
                 }
             }
         }
-        if found.is_empty() {
+        let Some(&first) = found.get(&start) else {
             return Ok(None);
+        };
+        if queued.len() > MAX_PROFILE_IDENTIFIERS {
+            tracing::debug!(
+                workspace,
+                "identifier in an oversized component stands alone"
+            );
+            found = BTreeMap::from([(start, first)]);
         }
         let mut identifiers = BTreeMap::new();
         for (text, first) in found {
@@ -1275,7 +1278,7 @@ impl WorkspaceDirectory for ScyllaStore {
     ) -> Result<CreatedWorkspace> {
         let created = CreatedWorkspace::new(name, write_key, token)?;
         let (id, source_id) = (&created.workspace.id, &created.source_id);
-        // Credentials are checked, then written. Not a lightweight transaction:
+        // The name and credentials are checked, then written. Not a lightweight transaction:
         // ScyllaDB keyspaces with tablets do not support them, and generated
         // credentials are random; only a supplied one can collide, and the
         // commands that supply one run alone.
@@ -1283,6 +1286,9 @@ impl WorkspaceDirectory for ScyllaStore {
             format!("w:{}", created.write_key),
             format!("t:{}", token_digest(&created.token)),
         ];
+        if self.workspaces().await?.iter().any(|w| w.name == name) {
+            return Err(StoreError::Conflict(format!("a workspace named {name:?}")));
+        }
         for (credential, what) in credentials.iter().zip(["write key", "token"]) {
             let taken: Vec<(String, String)> =
                 self.rows(&self.st.select_credential, (credential,)).await?;

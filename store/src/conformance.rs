@@ -10,11 +10,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::json;
-use trailmark_domain::profile::ProfileModel;
+use trailmark_domain::event::MAX_EXTERNAL_IDS;
+use trailmark_domain::profile::{MAX_PROFILE_IDENTIFIERS, ProfileModel};
 use trailmark_domain::{Event, IdKind, Identifier};
 use trailmark_testkit::{EventBuilder, T0, WORKSPACE};
 
-use crate::{ApplyBatch, LoggedEvent, ProfileStore, TimelineQuery, WorkspaceDirectory};
+use crate::{ApplyBatch, LoggedEvent, ProfileStore, StoreError, TimelineQuery, WorkspaceDirectory};
 
 /// Opens a store at a location.
 pub trait StoreFactory: Fn(&Path) -> (Arc<dyn ProfileStore>, Arc<dyn WorkspaceDirectory>) {}
@@ -105,7 +106,7 @@ pub async fn folds_like_the_model(factory: &impl StoreFactory, at: &Path) {
     assert_eq!(outcome.applied, events.len() - 1);
     let mut model = ProfileModel::new(DAY);
     for e in &events {
-        model.apply(e);
+        model.apply(e).expect("foldable");
     }
     assert_matches_model(&*store, &model, &[user("u1"), anon("a1"), user("u2")]).await;
     let p = store
@@ -593,7 +594,143 @@ pub async fn workspace_credentials(factory: &impl StoreFactory, at: &Path) {
             .await
             .is_err()
     );
+    // Names are unique too: two workspaces called alike would be told
+    // apart by nobody.
+    assert!(matches!(
+        dir.create_workspace("one", None, None).await,
+        Err(StoreError::Conflict(_))
+    ));
     assert_eq!(dir.workspaces().await.expect("list").len(), 2);
+}
+
+/// `anon`'s event linking `n` new device ids named after `tag`.
+fn linking(anon_id: &str, tag: &str, n: usize, at: i64) -> Event {
+    let ids: Vec<_> = (0..n)
+        .map(|j| json!({"type": "device_id", "id": format!("{tag}-{j}")}))
+        .collect();
+    EventBuilder::track("Linked")
+        .anon(anon_id)
+        .at(at)
+        .context(json!({ "externalIds": ids }))
+        .build()
+}
+
+/// The events that link `anon` with `total - 1` other identifiers.
+fn component(anon_id: &str, total: usize) -> Vec<Event> {
+    let mut out = Vec::new();
+    let mut left = total - 1;
+    while left > 0 {
+        let n = left.min(MAX_EXTERNAL_IDS);
+        out.push(linking(
+            anon_id,
+            &format!("{anon_id}{}", out.len()),
+            n,
+            out.len() as i64,
+        ));
+        left -= n;
+    }
+    out
+}
+
+/// A component larger than [`MAX_PROFILE_IDENTIFIERS`] is not merged: each
+/// of its identifiers stands alone, whatever order the links came in, and
+/// one of exactly the limit is one profile. The store agrees with the model.
+pub async fn oversized_profiles_stand_alone(factory: &impl StoreFactory, at: &Path) {
+    let (store, _) = factory(at);
+    let fits = component("fits", MAX_PROFILE_IDENTIFIERS);
+    let mut too_big = component("big", MAX_PROFILE_IDENTIFIERS + 1);
+    // The link that crosses the limit is neither first nor last.
+    let half = too_big.len() / 2;
+    too_big.rotate_left(half);
+    let mut model = ProfileModel::new(DAY);
+    let mut position = 0;
+    for chunk in fits.chunks(7).chain(too_big.chunks(7)) {
+        for e in chunk {
+            model.apply(e).expect("foldable");
+        }
+        store
+            .apply(batch(0, position, chunk.to_vec()))
+            .await
+            .expect("apply");
+        position += chunk.len() as u64;
+    }
+    let device = |s: &str| Identifier::new(IdKind::External("device_id".into()), s);
+    let fit = store
+        .resolve(WORKSPACE, &anon("fits"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(fit.identifiers.len(), MAX_PROFILE_IDENTIFIERS);
+    let big = store
+        .resolve(WORKSPACE, &anon("big"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        big.identifiers.len(),
+        1,
+        "an oversized profile is not merged"
+    );
+    let one = store
+        .resolve(WORKSPACE, &device("big0-3"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        one.identifiers.keys().collect::<Vec<_>>(),
+        [&device("big0-3")]
+    );
+    assert_matches_model(
+        &*store,
+        &model,
+        &[
+            anon("fits"),
+            device("fits3-7"),
+            anon("big"),
+            device("big5-1"),
+        ],
+    )
+    .await;
+}
+
+/// An event the fold cannot read is refused whole, as a permanent error
+/// the projector dead-letters, and changes nothing; the rest still apply.
+pub async fn unfoldable_events_are_refused_whole(factory: &impl StoreFactory, at: &Path) {
+    let (store, _) = factory(at);
+    let good = EventBuilder::track("Fine").anon("ok").at(1).build();
+    let crafted = EventBuilder::track("Crafted")
+        .anon("bad")
+        .at(2)
+        .context(json!({"externalIds": [{"type": "user_id\u{0}alice", "id": "X"}]}))
+        .build();
+    let mut deep = EventBuilder::identify(json!({})).user("deep").at(3).build();
+    deep.traits = Some(format!(
+        "{}{}",
+        "{\"a\":".repeat(200),
+        "1".to_owned() + &"}".repeat(200)
+    ));
+    for bad in [crafted, deep] {
+        let err = store
+            .apply(batch(0, 0, vec![good.clone(), bad]))
+            .await
+            .expect_err("refused");
+        assert!(matches!(err, StoreError::Unfoldable(_)), "{err}");
+        assert!(!err.is_retryable());
+    }
+    for id in [anon("ok"), anon("bad"), user("deep"), user("alice")] {
+        assert!(
+            store.resolve(WORKSPACE, &id).await.unwrap().is_none(),
+            "{id}"
+        );
+    }
+    store.apply(batch(0, 0, vec![good])).await.expect("apply");
+    assert!(
+        store
+            .resolve(WORKSPACE, &anon("ok"))
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 /// Generates the conformance tests for a store, given a factory expression of
@@ -622,6 +759,8 @@ macro_rules! store_conformance {
             case!(dedup_window_is_respected);
             case!(reset_and_rebuild_is_identical);
             case!(workspace_credentials);
+            case!(oversized_profiles_stand_alone);
+            case!(unfoldable_events_are_refused_whole);
         }
     };
 }

@@ -27,6 +27,8 @@ use trailmark_domain::{Event, Identifier};
 pub mod conformance;
 pub mod embedded;
 
+pub use trailmark_domain::profile::MAX_PROFILE_IDENTIFIERS;
+
 /// Store failures, each either retryable or permanent.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -42,6 +44,10 @@ pub enum StoreError {
     /// The thing asked for already exists.
     #[error("{0} already exists")]
     Conflict(String),
+    /// An event the fold cannot read (ingest refuses such events; one comes
+    /// only from an old or hand-written log). The projector dead-letters it.
+    #[error("event cannot be folded: {0}")]
+    Unfoldable(#[from] trailmark_domain::profile::FoldError),
 }
 
 impl StoreError {
@@ -49,7 +55,10 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Unavailable(_) => true,
-            StoreError::Corrupt(_) | StoreError::Invalid(_) | StoreError::Conflict(_) => false,
+            StoreError::Corrupt(_)
+            | StoreError::Invalid(_)
+            | StoreError::Conflict(_)
+            | StoreError::Unfoldable(_) => false,
         }
     }
 }

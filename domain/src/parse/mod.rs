@@ -21,7 +21,14 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::event::{Event, EventType};
+use crate::json::last_wins;
 use crate::time::parse_micros;
+
+mod scan;
+
+pub use crate::event::{MAX_EXTERNAL_IDS, MAX_ID_CHARS, MAX_ID_TYPE_CHARS};
+pub use scan::MAX_DEPTH;
+use scan::unreadable;
 
 /// Size limits, applied to the decompressed body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,8 +53,6 @@ impl Default for Limits {
 
 /// The longest `messageId` accepted.
 pub const MAX_MESSAGE_ID_CHARS: usize = 100;
-/// The longest identifier (`userId`, `anonymousId`, `groupId`, `previousId`) accepted.
-pub const MAX_ID_CHARS: usize = 1_024;
 
 /// Why a request or one item of it was refused. `field` names the offending
 /// field in the request's own camelCase spelling.
@@ -106,62 +111,67 @@ pub struct RequestMeta<'a> {
     pub request_ip: Option<&'a str>,
 }
 
-/// One message, every field still raw JSON borrowed from the body.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// One message, every field still raw JSON borrowed from the body. A
+/// repeated key keeps its last value, as `JSON.parse` does.
+#[derive(Debug, Default)]
 pub struct RawMessage<'a> {
-    #[serde(borrow, rename = "type")]
     kind: Option<&'a RawValue>,
-    #[serde(borrow)]
     user_id: Option<&'a RawValue>,
-    #[serde(borrow)]
     anonymous_id: Option<&'a RawValue>,
-    #[serde(borrow)]
     message_id: Option<&'a RawValue>,
-    #[serde(borrow)]
     timestamp: Option<&'a RawValue>,
-    #[serde(borrow)]
     original_timestamp: Option<&'a RawValue>,
-    #[serde(borrow)]
     sent_at: Option<&'a RawValue>,
-    #[serde(borrow)]
     context: Option<&'a RawValue>,
-    #[serde(borrow)]
     integrations: Option<&'a RawValue>,
-    #[serde(borrow)]
     event: Option<&'a RawValue>,
-    #[serde(borrow)]
     properties: Option<&'a RawValue>,
-    #[serde(borrow)]
     traits: Option<&'a RawValue>,
-    #[serde(borrow)]
     name: Option<&'a RawValue>,
-    #[serde(borrow)]
     category: Option<&'a RawValue>,
-    #[serde(borrow)]
     group_id: Option<&'a RawValue>,
-    #[serde(borrow)]
     previous_id: Option<&'a RawValue>,
-    #[serde(borrow)]
     write_key: Option<&'a RawValue>,
 }
 
+last_wins!(RawMessage {
+    "type" => kind,
+    "userId" => user_id,
+    "anonymousId" => anonymous_id,
+    "messageId" => message_id,
+    "timestamp" => timestamp,
+    "originalTimestamp" => original_timestamp,
+    "sentAt" => sent_at,
+    "context" => context,
+    "integrations" => integrations,
+    "event" => event,
+    "properties" => properties,
+    "traits" => traits,
+    "name" => name,
+    "category" => category,
+    "groupId" => group_id,
+    "previousId" => previous_id,
+    "writeKey" => write_key,
+});
+
 /// A batch envelope, items still unparsed: one pass over the body splits it
 /// into the shared fields and the raw items.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Default)]
 struct RawBatchEnvelope<'a> {
-    #[serde(borrow)]
     batch: Option<Vec<&'a RawValue>>,
-    #[serde(borrow)]
     context: Option<&'a RawValue>,
-    #[serde(borrow)]
     integrations: Option<&'a RawValue>,
-    #[serde(borrow)]
     sent_at: Option<&'a RawValue>,
-    #[serde(borrow)]
     write_key: Option<&'a RawValue>,
 }
+
+last_wins!(RawBatchEnvelope {
+    "batch" => batch,
+    "context" => context,
+    "integrations" => integrations,
+    "sentAt" => sent_at,
+    "writeKey" => write_key,
+});
 
 /// A parsed batch body: the shared fields and the raw items.
 #[derive(Debug)]
@@ -352,7 +362,7 @@ impl RawBatch<'_> {
                 ValidationError {
                     code: "invalid_event",
                     field: None,
-                    message: format!("batch item is not a json object: {e}"),
+                    message: format!("batch item cannot be read: {e}"),
                     too_large: false,
                 },
             )
@@ -506,6 +516,9 @@ impl<'a> RawMessage<'a> {
             _ => None,
         };
         let context = merge_object(self.context, batch_context, "context")?;
+        if let Some(text) = &context {
+            check_external_ids(text)?;
+        }
         let integrations = merge_object(self.integrations, batch_integrations, "integrations")?;
 
         let explicit_ts = opt_time(self.timestamp, "timestamp")?;
@@ -517,11 +530,19 @@ impl<'a> RawMessage<'a> {
         // happened that long before we received it. An explicit `timestamp`
         // without `sentAt` is a server-side or historical import, kept as is.
         let original_timestamp = original.or(if sent_at.is_some() { explicit_ts } else { None });
-        let timestamp = match (original_timestamp, sent_at, explicit_ts) {
+        let claimed = match (original_timestamp, sent_at, explicit_ts) {
             (Some(orig), Some(sent), _) => received_at - (sent - orig).max(0),
             (_, None, Some(ts)) => ts,
             (Some(orig), None, None) => orig,
             _ => received_at,
+        };
+        // A time no clock can have read (see `plausible_time`) would pin
+        // last-writer-wins traits and `last_seen` for good: it is replaced
+        // by the time of receipt, and the client's reading kept beside it.
+        let (timestamp, original_timestamp) = if plausible_time(claimed, received_at) {
+            (claimed, original_timestamp)
+        } else {
+            (received_at, original_timestamp.or(Some(claimed)))
         };
 
         Ok(Event {
@@ -547,6 +568,37 @@ impl<'a> RawMessage<'a> {
             request_ip: meta.request_ip.map(str::to_owned),
         })
     }
+}
+
+/// The earliest event time taken as given: 2000-01-01T00:00:00Z. Earlier
+/// times are a client's unset clock (1970) or a broken skew correction.
+pub const EARLIEST_EVENT_TIME: i64 = 946_684_800_000_000;
+/// How far past its receipt an event time may lie: 24 hours, for clients
+/// whose clock runs fast and send no `sentAt` to correct it.
+pub const MAX_FUTURE_MICROS: i64 = 24 * 3_600 * 1_000_000;
+
+/// Whether an event time is kept: from [`EARLIEST_EVENT_TIME`] to
+/// [`MAX_FUTURE_MICROS`] after receipt. Imports of historical data keep
+/// their times; anything else is replaced by `receivedAt`.
+pub fn plausible_time(time: i64, received_at: i64) -> bool {
+    (EARLIEST_EVENT_TIME..=received_at.saturating_add(MAX_FUTURE_MICROS)).contains(&time)
+}
+
+/// Refuses a `context.externalIds` the fold could not use: not a list, more
+/// than [`MAX_EXTERNAL_IDS`] entries, or an entry without a valid `type` and
+/// `id`. Most contexts carry none, so the object is decoded only when its
+/// text names the key, or has a `\\u` escape that could spell it.
+fn check_external_ids(context: &str) -> Result<(), ValidationError> {
+    let b = context.as_bytes();
+    if memchr::memmem::find(b, b"externalIds").is_none()
+        && memchr::memmem::find(b, b"\\u").is_none()
+    {
+        return Ok(());
+    }
+    crate::profile::ContextView::read(context)
+        .and_then(|view| view.external_ids())
+        .map(|_| ())
+        .map_err(|e| ValidationError::field("invalid_field", &e.field, e.message))
 }
 
 fn is_null(raw: &RawValue) -> bool {
@@ -625,6 +677,23 @@ fn not_object(field: &str) -> ValidationError {
     ValidationError::field("invalid_field", field, format!("{field} must be an object"))
 }
 
+/// Refuses object text that the rest of Trailmark could not read back (see
+/// [`scan`]), naming the field.
+fn readable(text: &str, field: &str) -> Result<(), ValidationError> {
+    match unreadable(text) {
+        None => Ok(()),
+        Some(why) => Err(ValidationError::field(
+            if why.contains("nesting") {
+                "too_deep"
+            } else {
+                "invalid_field"
+            },
+            field,
+            format!("{field} holds {why}"),
+        )),
+    }
+}
+
 /// The JSON text of an optional object field, verbatim from the body.
 fn object_text(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, ValidationError> {
     match raw {
@@ -638,102 +707,7 @@ fn object_text(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, Va
     }
 }
 
-/// Rejects object text that `RawValue` accepts but that would not decode
-/// later, when a projector or the query API reads it back into a `Value`:
-/// a lone UTF-16 surrogate escape (`RawValue` checks structure but does not
-/// decode escapes), or a number beyond the range of a double, such as
-/// `1e999`. Stored as is, either would make the projector drop every trait
-/// of the event, not just the bad one, after the event was acknowledged.
-fn readable(text: &str, field: &str) -> Result<(), ValidationError> {
-    match unreadable(text) {
-        None => Ok(()),
-        Some(why) => Err(ValidationError::field(
-            "invalid_field",
-            field,
-            format!("{field} holds {why}"),
-        )),
-    }
-}
-
-/// Why well-formed JSON text would not decode into a `Value`, if it would
-/// not. One pass over the bytes, skipping string runs with `memchr`; a number
-/// is handed to serde_json only when it has an exponent or more than 300
-/// characters, the only ones that can fall outside a double's range, so the
-/// verdict is serde_json's own.
-fn unreadable(text: &str) -> Option<&'static str> {
-    fn hex4(b: &[u8]) -> Option<u16> {
-        let s = std::str::from_utf8(b.get(..4)?).ok()?;
-        u16::from_str_radix(s, 16).ok()
-    }
-    const SURROGATE: &str = "an unpaired utf-16 surrogate escape";
-    let b = text.as_bytes();
-    let mut i = 0;
-    let mut in_string = false;
-    while i < b.len() {
-        if in_string {
-            // Skip the plain run of the string at memchr's speed.
-            match memchr::memchr2(b'"', b'\\', &b[i..]) {
-                Some(n) => i += n,
-                None => break,
-            }
-            if b[i] == b'"' {
-                in_string = false;
-                i += 1;
-                continue;
-            }
-            match b.get(i + 1) {
-                Some(b'u') => {
-                    let Some(unit) = hex4(&b[i + 2..]) else {
-                        return Some(SURROGATE);
-                    };
-                    i += 6;
-                    match unit {
-                        0xD800..=0xDBFF => {
-                            let low = (b.get(i) == Some(&b'\\') && b.get(i + 1) == Some(&b'u'))
-                                .then(|| hex4(&b[i + 2..]))
-                                .flatten();
-                            match low {
-                                Some(0xDC00..=0xDFFF) => i += 6,
-                                _ => return Some(SURROGATE),
-                            }
-                        }
-                        0xDC00..=0xDFFF => return Some(SURROGATE),
-                        _ => {}
-                    }
-                }
-                // Any other escape is two bytes; skipping both keeps `\\u` right.
-                _ => i += 2,
-            }
-            continue;
-        }
-        match b[i] {
-            b'"' => {
-                in_string = true;
-                i += 1;
-            }
-            b'-' | b'0'..=b'9' => {
-                let start = i;
-                let mut exponent = false;
-                while let Some(&c) = b.get(i) {
-                    match c {
-                        b'e' | b'E' => exponent = true,
-                        b'0'..=b'9' | b'-' | b'+' | b'.' => {}
-                        _ => break,
-                    }
-                    i += 1;
-                }
-                let number = &text[start..i];
-                if (exponent || number.len() > 300) && serde_json::from_str::<f64>(number).is_err()
-                {
-                    return Some("a number outside the range of a double");
-                }
-            }
-            _ => i += 1,
-        }
-    }
-    None
-}
-
+/// An optional object field, decoded (for merging batch-level fields).
 fn opt_object(
     raw: Option<&RawValue>,
     field: &str,
@@ -741,15 +715,14 @@ fn opt_object(
     match raw {
         None => Ok(None),
         Some(r) if is_null(r) => Ok(None),
-        // Decoding already refuses what `readable` looks for; the scan runs
-        // only on failure, to say why.
-        Some(r) if r.get().starts_with('{') => serde_json::from_str::<Map<String, Value>>(r.get())
-            .map(Some)
-            .map_err(|_| {
-                readable(r.get(), field)
-                    .err()
-                    .unwrap_or_else(|| not_object(field))
-            }),
+        Some(r) if r.get().starts_with('{') => {
+            // Decoding alone would let nesting up to serde_json's own limit
+            // through, so the scan runs first.
+            readable(r.get(), field)?;
+            serde_json::from_str::<Map<String, Value>>(r.get())
+                .map(Some)
+                .map_err(|_| not_object(field))
+        }
         Some(_) => Err(not_object(field)),
     }
 }
@@ -772,272 +745,4 @@ fn merge_object(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn meta() -> RequestMeta<'static> {
-        RequestMeta {
-            workspace_id: "ws",
-            source_id: "src",
-            received_at: 1_000_000_000_000,
-            request_ip: None,
-        }
-    }
-
-    fn ids() -> impl FnMut() -> String {
-        let mut n = 0;
-        move || {
-            n += 1;
-            format!("gen-{n}")
-        }
-    }
-
-    fn single(kind: EventType, body: &str) -> Result<Event, ValidationError> {
-        let raw = parse_single(body.as_bytes(), &Limits::default())?;
-        raw.normalise(kind, &meta(), &mut ids())
-    }
-
-    #[test]
-    fn track_is_normalised() {
-        let ev = single(
-            EventType::Track,
-            r#"{"userId":"u1","event":"Signed Up","properties":{"plan":"pro"},"messageId":"m1"}"#,
-        )
-        .unwrap();
-        assert_eq!(ev.user_id.as_deref(), Some("u1"));
-        assert_eq!(ev.event.as_deref(), Some("Signed Up"));
-        assert_eq!(ev.properties.as_deref(), Some(r#"{"plan":"pro"}"#));
-        assert_eq!(ev.message_id, "m1");
-        assert_eq!(ev.timestamp, meta().received_at);
-    }
-
-    #[test]
-    fn numeric_user_id_is_coerced() {
-        let ev = single(EventType::Identify, r#"{"userId":42}"#).unwrap();
-        assert_eq!(ev.user_id.as_deref(), Some("42"));
-        assert_eq!(ev.message_id, "gen-1");
-    }
-
-    #[test]
-    fn missing_identity_names_user_id() {
-        let err = single(EventType::Track, r#"{"event":"x"}"#).unwrap_err();
-        assert_eq!(err.code, "missing_identity");
-        assert_eq!(err.field.as_deref(), Some("userId"));
-    }
-
-    #[test]
-    fn wrong_types_name_their_field() {
-        let err = single(
-            EventType::Track,
-            r#"{"userId":"u","event":"x","properties":[1]}"#,
-        )
-        .unwrap_err();
-        assert_eq!(err.field.as_deref(), Some("properties"));
-        let err = single(EventType::Track, r#"{"userId":"u","event":7}"#).unwrap_err();
-        assert_eq!(err.field.as_deref(), Some("event"));
-        let err = single(EventType::Track, r#"{"userId":{},"event":"e"}"#).unwrap_err();
-        assert_eq!(err.field.as_deref(), Some("userId"));
-        let err = single(
-            EventType::Track,
-            r#"{"userId":"u","event":"e","timestamp":"nope"}"#,
-        )
-        .unwrap_err();
-        assert_eq!(err.field.as_deref(), Some("timestamp"));
-    }
-
-    #[test]
-    fn message_id_is_limited() {
-        let long = "m".repeat(101);
-        let err = single(
-            EventType::Track,
-            &format!(r#"{{"userId":"u","event":"e","messageId":"{long}"}}"#),
-        )
-        .unwrap_err();
-        assert_eq!(err.field.as_deref(), Some("messageId"));
-    }
-
-    #[test]
-    fn per_type_requirements() {
-        assert_eq!(
-            single(EventType::Group, r#"{"userId":"u"}"#)
-                .unwrap_err()
-                .field
-                .as_deref(),
-            Some("groupId")
-        );
-        assert_eq!(
-            single(EventType::Alias, r#"{"userId":"u"}"#)
-                .unwrap_err()
-                .field
-                .as_deref(),
-            Some("previousId")
-        );
-        assert_eq!(
-            single(EventType::Alias, r#"{"anonymousId":"a","previousId":"p"}"#)
-                .unwrap_err()
-                .field
-                .as_deref(),
-            Some("userId")
-        );
-        assert!(single(EventType::Page, r#"{"anonymousId":"a","name":"Home"}"#).is_ok());
-    }
-
-    #[test]
-    fn clock_skew_is_corrected() {
-        // The client clock is an hour fast; the call was made 2 s before sending.
-        let ev = single(
-            EventType::Track,
-            r#"{"userId":"u","event":"e","originalTimestamp":"2030-01-01T01:00:00Z","sentAt":"2030-01-01T01:00:02Z"}"#,
-        )
-        .unwrap();
-        assert_eq!(ev.timestamp, meta().received_at - 2_000_000);
-        // An explicit timestamp without sentAt is an import and kept.
-        let ev = single(
-            EventType::Track,
-            r#"{"userId":"u","event":"e","timestamp":"2020-01-01T00:00:00Z"}"#,
-        )
-        .unwrap();
-        assert_eq!(ev.timestamp, parse_micros("2020-01-01T00:00:00Z").unwrap());
-    }
-
-    #[test]
-    fn batch_merges_context_and_isolates_bad_items() {
-        let body = r#"{
-            "context": {"library": {"name": "x"}, "ip": "1.2.3.4"},
-            "integrations": {"All": true},
-            "batch": [
-                {"type":"track","userId":"u","event":"ok","context":{"ip":"5.6.7.8"}},
-                {"type":"track","event":"no identity","messageId":"bad-1"},
-                {"type":"nope","userId":"u"},
-                "not an object",
-                {"type":"identify","anonymousId":"a","traits":{"email":"a@b.c"}}
-            ]}"#;
-        let raw = parse_batch(body.as_bytes(), &Limits::default()).unwrap();
-        let parsed = raw.normalise(&meta(), &Limits::default(), &mut ids());
-        assert_eq!(parsed.events.len(), 2);
-        let ctx: Value =
-            serde_json::from_str(parsed.events[0].context.as_deref().unwrap()).unwrap();
-        assert_eq!(ctx["ip"], "5.6.7.8");
-        assert_eq!(ctx["library"]["name"], "x");
-        assert_eq!(
-            parsed.events[1].integrations.as_deref(),
-            Some(r#"{"All":true}"#)
-        );
-        let rejected: Vec<_> = parsed.rejected.iter().map(|r| r.index).collect();
-        assert_eq!(rejected, vec![1, 2, 3]);
-        assert_eq!(parsed.rejected[0].message_id.as_deref(), Some("bad-1"));
-        assert_eq!(parsed.rejected[1].error.field.as_deref(), Some("type"));
-    }
-
-    #[test]
-    fn lone_surrogates_are_found() {
-        let lone = |t: &str| unreadable(t).is_some();
-        assert!(!lone(r#"{"a":"\ud83d\ude00 ok \\ud800 \n"}"#));
-        assert!(lone(r#"{"a":"\ud800"}"#));
-        assert!(lone(r#"{"a":"\udc00\ud800"}"#));
-        assert!(lone(r#"{"a":"\ud800\u0041"}"#));
-        assert!(
-            single(
-                EventType::Track,
-                r#"{"userId":"u","event":"e","properties":{"v":"\udfff"}}"#
-            )
-            .is_err()
-        );
-    }
-
-    /// Found by `cargo fuzz` (ingest_parser): `{"employees":3291e999}` passed
-    /// as object text, then failed to decode in the projector, which dropped
-    /// every trait of an acknowledged event.
-    #[test]
-    fn numbers_beyond_a_double_are_rejected_with_the_field() {
-        let cases = [
-            (
-                EventType::Identify,
-                "traits",
-                r#""traits":{"name":"Initech","employees":3291e999}"#,
-            ),
-            (
-                EventType::Track,
-                "properties",
-                r#""properties":{"a":[1,{"b":-1E+400}]}"#,
-            ),
-            (EventType::Group, "context", r#""context":{"n":1e309}"#),
-            (
-                EventType::Track,
-                "integrations",
-                r#""integrations":{"x":-2.5e99999}"#,
-            ),
-        ];
-        for (kind, field, part) in cases {
-            let body = format!(r#"{{"userId":"u","event":"e","groupId":"g",{part}}}"#);
-            let err = single(kind, &body).unwrap_err();
-            assert_eq!(err.field.as_deref(), Some(field), "{body}");
-            assert!(err.message.contains("outside the range"), "{}", err.message);
-        }
-        let long = format!(
-            r#"{{"userId":"u","event":"e","properties":{{"n":{}}}}}"#,
-            "9".repeat(310)
-        );
-        assert!(single(EventType::Track, &long).is_err());
-        // In range, underflowing to zero, or only looking like a number: kept.
-        let fine = format!(
-            r#"{{"userId":"u","event":"e","properties":{{"a":1.7e308,"b":1e-999,"c":0e99999,"d":"1e999","e":{}}}}}"#,
-            "9".repeat(300)
-        );
-        let ev = single(EventType::Track, &fine).unwrap();
-        let props: Map<String, Value> =
-            serde_json::from_str(ev.properties.as_deref().unwrap()).unwrap();
-        assert_eq!(props["d"], "1e999");
-        // The batch-level context is held to the same rule, and named.
-        let raw = br#"{"batch":[{"type":"track","userId":"u","event":"e"}],"context":{"n":1e999}}"#;
-        let err = parse_batch(raw, &Limits::default()).unwrap_err();
-        assert_eq!(err.field.as_deref(), Some("context"));
-        assert!(err.message.contains("outside the range"));
-    }
-
-    #[test]
-    fn arrays_are_not_messages() {
-        let limits = Limits::default();
-        assert!(parse_single(br#"["track","u"]"#, &limits).is_err());
-        assert!(parse_batch(br#"[[{"type":"track"}]]"#, &limits).is_err());
-        let raw = parse_batch(br#"{"batch":[["track","u1"]]}"#, &limits).unwrap();
-        assert_eq!(
-            raw.normalise(&meta(), &limits, &mut ids()).rejected.len(),
-            1
-        );
-    }
-
-    #[test]
-    fn batch_limits() {
-        let limits = Limits {
-            max_event_bytes: 100,
-            max_batch_bytes: 1_000,
-            max_batch_events: 2,
-        };
-        let three = r#"{"batch":[{"type":"track"},{"type":"track"},{"type":"track"}]}"#;
-        assert!(
-            parse_batch(three.as_bytes(), &limits)
-                .unwrap_err()
-                .too_large
-        );
-        let big = format!(
-            r#"{{"batch":[{{"type":"track","userId":"u","event":"{}"}}]}}"#,
-            "x".repeat(200)
-        );
-        let raw = parse_batch(big.as_bytes(), &limits).unwrap();
-        let parsed = raw.normalise(&meta(), &limits, &mut ids());
-        assert!(parsed.rejected[0].error.too_large);
-        assert!(
-            parse_batch("x".repeat(1_001).as_bytes(), &limits)
-                .unwrap_err()
-                .too_large
-        );
-        assert_eq!(
-            parse_batch(br#"{"batch":[]}"#, &limits)
-                .unwrap_err()
-                .field
-                .as_deref(),
-            Some("batch")
-        );
-    }
-}
+mod tests;

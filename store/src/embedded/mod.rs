@@ -1,23 +1,29 @@
 //! The embedded store, on fjall (an LSM tree): the default for one process.
 //!
 //! # Layout
-//! One fjall database, one keyspace per kind of fact. Key components are
-//! joined by a NUL byte (ingest refuses identifiers that contain one); an
-//! identifier is `kind NUL value`; times are 8 big-endian bytes with the sign
-//! bit flipped, so byte order is time order.
+//! One fjall database, one keyspace per kind of fact. Keys are built from
+//! terminated, escaped components (see [`keys`]): no workspace, id type or
+//! id value can spell another's key prefix. `id` below is `type value`;
+//! times are 8 big-endian bytes with the sign bit flipped, so byte order is
+//! time order.
 //!
 //! | keyspace     | key                                   | value                      |
 //! |--------------|---------------------------------------|----------------------------|
+//! | `meta`       | `projection_layout`                   | layout version (BE u32)    |
 //! | `workspaces` | workspace id                          | [`Workspace`] JSON         |
 //! | `credentials`| `w` NUL write key / `t` NUL digest     | grant JSON                 |
-//! | `checkpoints`| consumer NUL partition (BE u32)       | position (BE u64)          |
-//! | `dedup`      | ws NUL messageId                      | receivedAt (BE)            |
-//! | `dedup_time` | receivedAt (BE) ws NUL messageId      | empty (purge index)        |
-//! | `identity`   | ws NUL id                             | root id NUL created (BE)   |
-//! | `members`    | ws NUL root id NUL id                 | created (BE)               |
-//! | `traits`     | ws NUL id NUL trait name              | [`TraitValue`] JSON        |
-//! | `stats`      | ws NUL id                             | first, last, counts by name|
-//! | `timeline`   | ws NUL id NUL time (BE) messageId      | counter len, counter, JSON |
+//! | `checkpoints`| consumer partition (BE u32)           | position (BE u64)          |
+//! | `dedup`      | ws messageId                          | receivedAt (BE)            |
+//! | `dedup_time` | receivedAt (BE) ws messageId          | empty (purge index)        |
+//! | `identity`   | ws id                                 | created, standing ([`fold`])|
+//! | `members`    | ws root-id id                         | created (BE)               |
+//! | `traits`     | ws id trait-name                      | [`TraitValue`] JSON        |
+//! | `stats`      | ws id                                 | first, last, counts by name|
+//! | `timeline`   | ws id time (BE) messageId             | counter len, counter, JSON |
+//!
+//! A store whose projections were written with another layout version is
+//! emptied of them when opened; the projector then rebuilds them from the
+//! log, as `trailmark rebuild` would.
 //!
 //! Facts are kept per identifier and merged on read (see the domain's
 //! profile module), so linking two profiles only rewrites the small
@@ -34,28 +40,33 @@
 //! them few: one `stats` row per identifier holds its seen times and counts,
 //! and rows the fold reads often (identities, stats, traits) are cached in
 //! memory across batches. Only the projector writes them, under the writer
-//! lock, so the cache is exact; it is emptied when full and on reset.
+//! lock, so the cache is exact. It is bounded in bytes
+//! ([`EmbeddedOptions::cache_bytes`], counting keys, values and a per-row
+//! overhead), not rows, since one trait may be 32 KB; it is emptied when
+//! full and on reset.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use std::collections::HashMap;
-use std::sync::Mutex;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use serde_json::value::RawValue;
-use trailmark_domain::profile::{
-    Seen, TraitValue, counter_name, is_duplicate, merge_trait, project,
-};
-use trailmark_domain::{Event, IdKind, Identifier};
+use trailmark_domain::profile::{Seen, TraitValue, counter_name, merge_trait};
+use trailmark_domain::{Event, Identifier};
 
 use crate::{
     ApplyBatch, ApplyOutcome, CreatedWorkspace, ProfileMetadata, ProfileRef, ProfileStore,
     ReadGrant, Result, StoreError, TimelineEntry, TimelinePage, TimelineQuery, Workspace,
     WorkspaceDirectory, WriteGrant, token_digest,
 };
+
+mod fold;
+pub mod keys;
+
+use fold::{Standing, decode_identity};
+use keys::{LAYOUT_VERSION, take_id, time_bytes, time_from, ws_id_key, ws_key};
 
 /// How far past the de-duplication window an entry is kept before it is
 /// purged, so that small reorderings of `receivedAt` within a partition never
@@ -95,6 +106,7 @@ impl Ks {
 }
 
 struct Keyspaces {
+    meta: Keyspace,
     workspaces: Keyspace,
     credentials: Keyspace,
     checkpoints: Keyspace,
@@ -131,17 +143,64 @@ struct Inner {
     writer: Mutex<WriterState>,
 }
 
-/// The most rows the fold's cache holds before it is emptied.
-const CACHE_ROWS: usize = 400_000;
+/// Settings of the embedded store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbeddedOptions {
+    /// The most bytes the fold's row cache holds before it is emptied.
+    pub cache_bytes: usize,
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 128 << 20,
+        }
+    }
+}
+
+/// What one cached row costs beyond its key and value: the map entry, two
+/// vector headers and the allocator's rounding.
+const CACHE_ROW_OVERHEAD: usize = 96;
 
 /// What the single writer keeps between batches.
 #[derive(Default)]
 struct WriterState {
     /// Committed rows of [`Ks::cached`] keyspaces (`None`: known absent).
     cache: HashMap<(Ks, Vec<u8>), Option<Vec<u8>>>,
+    /// What `cache` holds, in bytes as [`CACHE_ROW_OVERHEAD`] counts them.
+    cache_bytes: usize,
+    /// The bound on `cache_bytes`.
+    cache_limit: usize,
     /// Where the last dedup purge stopped: rows before it are gone, and
     /// starting there skips their tombstones.
     purge_from: Vec<u8>,
+}
+
+impl WriterState {
+    fn clear_cache(&mut self) {
+        self.cache = HashMap::new();
+        self.cache_bytes = 0;
+    }
+
+    /// Caches a committed row, emptying the cache first when it would go
+    /// past its bound. A row larger than the whole bound is not cached.
+    fn cache_row(&mut self, ks: Ks, key: Vec<u8>, value: Option<Vec<u8>>) {
+        let cost = key.len() + value.as_ref().map_or(0, Vec::len) + CACHE_ROW_OVERHEAD;
+        if cost > self.cache_limit {
+            if let Some(old) = self.cache.remove(&(ks, key)) {
+                self.cache_bytes -= old.map_or(0, |v| v.len()) + CACHE_ROW_OVERHEAD;
+            }
+            return;
+        }
+        if self.cache_bytes + cost > self.cache_limit {
+            self.clear_cache();
+        }
+        let key_len = key.len();
+        if let Some(old) = self.cache.insert((ks, key), value) {
+            self.cache_bytes -= key_len + old.map_or(0, |v| v.len()) + CACHE_ROW_OVERHEAD;
+        }
+        self.cache_bytes += cost;
+    }
 }
 
 /// The embedded [`ProfileStore`] and [`WorkspaceDirectory`].
@@ -158,71 +217,7 @@ fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(what.to_owned())
 }
 
-// ---- key encoding -------------------------------------------------------
-
-fn time_bytes(t: i64) -> [u8; 8] {
-    ((t as u64) ^ (1 << 63)).to_be_bytes()
-}
-
-fn time_from(b: &[u8]) -> Result<i64> {
-    let arr: [u8; 8] = b.try_into().map_err(|_| corrupt("time field"))?;
-    Ok((u64::from_be_bytes(arr) ^ (1 << 63)) as i64)
-}
-
-fn push_id(key: &mut Vec<u8>, id: &Identifier) {
-    key.extend_from_slice(id.kind.as_str().as_bytes());
-    key.push(0);
-    key.extend_from_slice(id.value.as_bytes());
-}
-
-fn ws_id_key(ws: &str, id: &Identifier) -> Vec<u8> {
-    let mut k = Vec::with_capacity(ws.len() + id.value.len() + 16);
-    k.extend_from_slice(ws.as_bytes());
-    k.push(0);
-    push_id(&mut k, id);
-    k
-}
-
-/// `ws NUL id NUL`: the prefix of an identifier's rows.
-fn ws_id_prefix(ws: &str, id: &Identifier) -> Vec<u8> {
-    let mut k = ws_id_key(ws, id);
-    k.push(0);
-    k
-}
-
-fn parse_id(b: &[u8]) -> Result<Identifier> {
-    let s = std::str::from_utf8(b).map_err(|_| corrupt("identifier is not utf-8"))?;
-    let (kind, value) = s.split_once('\0').ok_or_else(|| corrupt("identifier"))?;
-    Ok(Identifier::new(IdKind::parse(kind), value))
-}
-
-fn id_bytes(id: &Identifier) -> Vec<u8> {
-    let mut k = Vec::new();
-    push_id(&mut k, id);
-    k
-}
-
-fn encode_identity(root: &Identifier, created: i64) -> Vec<u8> {
-    let mut v = id_bytes(root);
-    v.push(0);
-    v.extend_from_slice(&time_bytes(created));
-    v
-}
-
-fn decode_identity(v: &[u8]) -> Result<(Identifier, i64)> {
-    if v.len() < 9 {
-        return Err(corrupt("identity row"));
-    }
-    let (id, t) = v.split_at(v.len() - 8);
-    Ok((parse_id(&id[..id.len() - 1])?, time_from(t)?))
-}
-
-fn checkpoint_key(consumer: &str, partition: u32) -> Vec<u8> {
-    let mut k = consumer.as_bytes().to_vec();
-    k.push(0);
-    k.extend_from_slice(&partition.to_be_bytes());
-    k
-}
+// ---- rows ---------------------------------------------------------------
 
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("plain data serialises")
@@ -307,8 +302,14 @@ fn split_timeline_value(v: &[u8]) -> Result<(&[u8], &[u8])> {
 // ---- opening ------------------------------------------------------------
 
 impl EmbeddedStore {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir` with default settings.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(dir, EmbeddedOptions::default())
+    }
+
+    /// Opens (or creates) the store in `dir`. Projections written with
+    /// another key layout are dropped, for the projector to rebuild.
+    pub fn open_with(dir: impl AsRef<Path>, options: EmbeddedOptions) -> Result<Self> {
         let db = Database::builder(dir.as_ref())
             .open()
             .map_err(unavailable)?;
@@ -317,6 +318,7 @@ impl EmbeddedStore {
                 .map_err(unavailable)
         };
         let ks = Keyspaces {
+            meta: open("meta")?,
             workspaces: open("workspaces")?,
             credentials: open("credentials")?,
             checkpoints: open("checkpoints")?,
@@ -328,12 +330,17 @@ impl EmbeddedStore {
             stats: open("stats")?,
             timeline: open("timeline")?,
         };
-        Ok(Self {
-            inner: Arc::new(Inner {
-                db,
-                ks,
-                writer: Mutex::new(WriterState::default()),
+        let inner = Inner {
+            db,
+            ks,
+            writer: Mutex::new(WriterState {
+                cache_limit: options.cache_bytes,
+                ..WriterState::default()
             }),
+        };
+        inner.upgrade_layout()?;
+        Ok(Self {
+            inner: Arc::new(inner),
         })
     }
 
@@ -357,313 +364,6 @@ impl EmbeddedStore {
     }
 }
 
-// ---- the fold, persisted ------------------------------------------------
-
-/// The writes of one batch, applied to the database in one atomic
-/// `WriteBatch` at the end. Reads see the batch's own writes first (and are
-/// cached), so a batch touching one person many times reads each row once.
-struct Overlay<'a> {
-    inner: &'a Inner,
-    state: &'a mut WriterState,
-    rows: HashMap<(Ks, Vec<u8>), Row>,
-    /// Writes never read back in a batch (timeline entries): no need to hash
-    /// their keys.
-    blind: Vec<(Ks, Vec<u8>, Vec<u8>)>,
-}
-
-struct Row {
-    value: Option<Vec<u8>>,
-    dirty: bool,
-}
-
-impl<'a> Overlay<'a> {
-    fn new(inner: &'a Inner, state: &'a mut WriterState) -> Self {
-        Self {
-            inner,
-            state,
-            rows: HashMap::new(),
-            blind: Vec::new(),
-        }
-    }
-
-    fn get(&mut self, ks: Ks, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let id = (ks, key.to_vec());
-        if let Some(row) = self.rows.get(&id) {
-            return Ok(row.value.clone());
-        }
-        if let Some(value) = self.state.cache.get(&id) {
-            return Ok(value.clone());
-        }
-        let value = self
-            .inner
-            .ks
-            .get(ks)
-            .get(key)
-            .map_err(unavailable)?
-            .map(|v| v.to_vec());
-        self.rows.insert(
-            id,
-            Row {
-                value: value.clone(),
-                dirty: false,
-            },
-        );
-        Ok(value)
-    }
-
-    fn put(&mut self, ks: Ks, key: Vec<u8>, value: Vec<u8>) {
-        self.rows.insert(
-            (ks, key),
-            Row {
-                value: Some(value),
-                dirty: true,
-            },
-        );
-    }
-
-    fn delete(&mut self, ks: Ks, key: Vec<u8>) {
-        self.rows.insert(
-            (ks, key),
-            Row {
-                value: None,
-                dirty: true,
-            },
-        );
-    }
-
-    fn put_blind(&mut self, ks: Ks, key: Vec<u8>, value: Vec<u8>) {
-        self.blind.push((ks, key, value));
-    }
-
-    /// The rows under `prefix` as this batch would leave them.
-    fn prefix(&self, ks: Ks, prefix: &[u8]) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
-        let mut out = BTreeMap::new();
-        for kv in self.inner.ks.get(ks).prefix(prefix) {
-            let (k, v) = kv.into_inner().map_err(unavailable)?;
-            out.insert(k.to_vec(), v.to_vec());
-        }
-        for ((row_ks, key), row) in &self.rows {
-            if *row_ks == ks && row.dirty && key.starts_with(prefix) {
-                match &row.value {
-                    Some(v) => out.insert(key.clone(), v.clone()),
-                    None => out.remove(key),
-                };
-            }
-        }
-        Ok(out)
-    }
-
-    fn commit(self) -> Result<()> {
-        let ks = &self.inner.ks;
-        let mut batch = self.inner.db.batch();
-        for ((k, key), row) in &self.rows {
-            if !row.dirty {
-                continue;
-            }
-            match &row.value {
-                Some(v) => batch.insert(ks.get(*k), key.clone(), v.clone()),
-                None => batch.remove(ks.get(*k), key.clone()),
-            }
-        }
-        for (k, key, value) in self.blind {
-            batch.insert(ks.get(k), key, value);
-        }
-        if let Err(e) = batch.commit() {
-            // What the cache holds may no longer match the database.
-            self.state.cache.clear();
-            return Err(unavailable(e));
-        }
-        if self.state.cache.len() + self.rows.len() > CACHE_ROWS {
-            self.state.cache.clear();
-        }
-        for ((k, key), row) in self.rows {
-            if k.cached() {
-                self.state.cache.insert((k, key), row.value);
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Inner {
-    fn apply(&self, batch: &ApplyBatch) -> Result<ApplyOutcome> {
-        let mut state = self.writer.lock().expect("writer lock");
-        let mut w = Overlay::new(self, &mut state);
-        let mut outcome = ApplyOutcome::default();
-        let mut max_received = i64::MIN;
-        for ev in batch.events.iter().map(|e| &e.event) {
-            let ws = ev.workspace_id.as_str();
-            let mut dkey = ws.as_bytes().to_vec();
-            dkey.push(0);
-            dkey.extend_from_slice(ev.message_id.as_bytes());
-            let previous = match w.get(Ks::Dedup, &dkey)? {
-                Some(v) => Some(time_from(&v)?),
-                None => None,
-            };
-            if is_duplicate(previous, ev.received_at, batch.dedup_window_micros) {
-                outcome.duplicates += 1;
-                continue;
-            }
-            if let Some(prev) = previous {
-                let mut old = time_bytes(prev).to_vec();
-                old.extend_from_slice(&dkey);
-                w.delete(Ks::DedupTime, old);
-            }
-            let mut tkey = time_bytes(ev.received_at).to_vec();
-            tkey.extend_from_slice(&dkey);
-            w.put(Ks::Dedup, dkey, time_bytes(ev.received_at).to_vec());
-            w.put(Ks::DedupTime, tkey, Vec::new());
-            max_received = max_received.max(ev.received_at);
-
-            fold(&mut w, ev)?;
-            outcome.applied += 1;
-        }
-        for (partition, position) in &batch.positions {
-            w.put(
-                Ks::Checkpoints,
-                checkpoint_key(&batch.consumer, *partition),
-                position.to_be_bytes().to_vec(),
-            );
-        }
-        if max_received > i64::MIN {
-            let horizon = max_received
-                .saturating_sub(batch.dedup_window_micros)
-                .saturating_sub(DEDUP_PURGE_SLACK_MICROS);
-            self.purge_dedup(&mut w, horizon)?;
-        }
-        w.commit()?;
-        Ok(outcome)
-    }
-
-    fn purge_dedup(&self, w: &mut Overlay<'_>, horizon: i64) -> Result<()> {
-        let end = time_bytes(horizon).to_vec();
-        if w.state.purge_from >= end {
-            return Ok(());
-        }
-        let old: Vec<Vec<u8>> = self
-            .ks
-            .dedup_time
-            .range(w.state.purge_from.clone()..end)
-            .take(10_000)
-            .map(|kv| kv.key().map(|k| k.to_vec()).map_err(unavailable))
-            .collect::<Result<_>>()?;
-        if let Some(last) = old.last() {
-            w.state.purge_from = last.clone();
-        }
-        for k in old {
-            let dkey = k[8..].to_vec();
-            // Only forget the message if this index row is still its latest.
-            if w.get(Ks::Dedup, &dkey)?.as_deref() == Some(&k[..8]) {
-                w.delete(Ks::Dedup, dkey);
-            }
-            w.delete(Ks::DedupTime, k);
-        }
-        Ok(())
-    }
-}
-
-fn fold(w: &mut Overlay<'_>, ev: &Event) -> Result<()> {
-    let ws = ev.workspace_id.as_str();
-    let p = project(ev);
-
-    // Identities: note each, keep the earliest time, then link them all.
-    let mut roots = Vec::with_capacity(p.identifiers.len());
-    for id in &p.identifiers {
-        let key = ws_id_key(ws, id);
-        match w.get(Ks::Identity, &key)? {
-            None => {
-                w.put(Ks::Identity, key, encode_identity(id, p.time));
-                put_member(w, ws, id, id, p.time);
-                roots.push(id.clone());
-            }
-            Some(v) => {
-                let (root, created) = decode_identity(&v)?;
-                if p.time < created {
-                    w.put(Ks::Identity, key, encode_identity(&root, p.time));
-                    put_member(w, ws, &root, id, p.time);
-                }
-                roots.push(root);
-            }
-        }
-    }
-    roots.sort();
-    roots.dedup();
-    if roots.len() > 1 {
-        let keep = roots[0].clone();
-        for gone in &roots[1..] {
-            move_members(w, ws, gone, &keep)?;
-        }
-    }
-
-    // Traits: the latest event time wins, per trait.
-    let prefix = ws_id_prefix(ws, &p.primary);
-    for (name, value) in p.traits {
-        let mut key = prefix.clone();
-        key.extend_from_slice(name.as_bytes());
-        let candidate = TraitValue {
-            value,
-            updated_at: p.time,
-            message_id: p.message_id.clone(),
-        };
-        let wins = match w.get(Ks::Traits, &key)? {
-            None => true,
-            Some(v) => candidate.supersedes(&from_json::<TraitValue>(&v, "trait row")?),
-        };
-        if wins {
-            w.put(Ks::Traits, key, json(&candidate));
-        }
-    }
-
-    // Seen times and counts: one row per identifier.
-    let skey = ws_id_key(ws, &p.primary);
-    let (seen, mut counts) = match w.get(Ks::Stats, &skey)? {
-        Some(v) => {
-            let (seen, counts) = decode_stats(&v)?;
-            (seen.include(p.time), counts)
-        }
-        None => (
-            Seen {
-                first: p.time,
-                last: p.time,
-            },
-            BTreeMap::new(),
-        ),
-    };
-    *counts.entry(p.counter).or_default() += 1;
-    w.put(Ks::Stats, skey, encode_stats(seen, &counts));
-
-    // The timeline entry.
-    let mut lkey = prefix;
-    lkey.extend_from_slice(&time_bytes(p.time));
-    lkey.extend_from_slice(p.message_id.as_bytes());
-    w.put_blind(Ks::Timeline, lkey, encode_timeline_value(ev));
-    Ok(())
-}
-
-fn put_member(w: &mut Overlay<'_>, ws: &str, root: &Identifier, id: &Identifier, created: i64) {
-    let mut key = ws_id_prefix(ws, root);
-    push_id(&mut key, id);
-    w.put(Ks::Members, key, time_bytes(created).to_vec());
-}
-
-/// Re-points every member of the profile rooted at `gone` to `keep`.
-fn move_members(w: &mut Overlay<'_>, ws: &str, gone: &Identifier, keep: &Identifier) -> Result<()> {
-    let prefix = ws_id_prefix(ws, gone);
-    let rows = w.prefix(Ks::Members, &prefix)?;
-    for (key, created) in rows {
-        let member = parse_id(&key[prefix.len()..])?;
-        let created_at = time_from(&created)?;
-        w.delete(Ks::Members, key);
-        put_member(w, ws, keep, &member, created_at);
-        w.put(
-            Ks::Identity,
-            ws_id_key(ws, &member),
-            encode_identity(keep, created_at),
-        );
-    }
-    Ok(())
-}
-
 impl Inner {
     // ---- reads ----------------------------------------------------------
 
@@ -676,24 +376,93 @@ impl Inner {
         else {
             return Ok(None);
         };
-        let (root, _) = decode_identity(&v)?;
-        let prefix = ws_id_prefix(ws, &root);
+        let (created, standing) = decode_identity(&v)?;
+        let root = match standing {
+            Standing::Alone => {
+                return Ok(Some(ProfileRef {
+                    root: id.clone(),
+                    identifiers: BTreeMap::from([(id.clone(), created)]),
+                }));
+            }
+            Standing::Root { .. } => id.clone(),
+            Standing::Member(root) => root,
+        };
+        let prefix = ws_id_key(ws, &root);
         let mut identifiers = BTreeMap::new();
-        for kv in snap.prefix(&ks.members, &prefix) {
+        // A profile holds at most MAX_PROFILE_IDENTIFIERS members (see
+        // `fold`); the bound keeps a corrupt index from making a read large.
+        for kv in snap
+            .prefix(&ks.members, &prefix)
+            .take(trailmark_domain::profile::MAX_PROFILE_IDENTIFIERS)
+        {
             let (k, v) = kv.into_inner().map_err(unavailable)?;
-            identifiers.insert(parse_id(&k[prefix.len()..])?, time_from(&v)?);
+            identifiers.insert(take_id(&k[prefix.len()..])?.0, time_from(&v)?);
         }
-        if identifiers.is_empty() {
+        // The profile is named by its smallest identifier, as in the model.
+        let Some(name) = identifiers.keys().next().cloned() else {
             return Err(corrupt("a profile root without members"));
+        };
+        Ok(Some(ProfileRef {
+            root: name,
+            identifiers,
+        }))
+    }
+
+    /// Drops projections written with another key layout, so that the
+    /// projector rebuilds them from the log, and records this layout.
+    fn upgrade_layout(&self) -> Result<()> {
+        const KEY: &[u8] = b"projection_layout";
+        let current = self.ks.meta.get(KEY).map_err(unavailable)?;
+        if current.as_deref() == Some(&LAYOUT_VERSION.to_be_bytes()[..]) {
+            return Ok(());
         }
-        Ok(Some(ProfileRef { root, identifiers }))
+        let written = self.ks.checkpoints.first_key_value().is_some()
+            || self.ks.identity.first_key_value().is_some();
+        if written {
+            tracing::warn!(
+                layout = LAYOUT_VERSION,
+                "the store's projections use an older key layout; dropping them to rebuild from the log"
+            );
+            self.reset_projections()?;
+        }
+        self.ks
+            .meta
+            .insert(KEY, LAYOUT_VERSION.to_be_bytes())
+            .map_err(unavailable)?;
+        self.db.persist(PersistMode::SyncAll).map_err(unavailable)
+    }
+
+    /// Deletes every projection and checkpoint, keeping workspaces.
+    fn reset_projections(&self) -> Result<()> {
+        let mut state = self.writer.lock().expect("writer lock");
+        state.clear_cache();
+        state.purge_from.clear();
+        for ks in Ks::PROJECTIONS {
+            let handle = self.ks.get(ks);
+            loop {
+                let keys: Vec<Vec<u8>> = handle
+                    .iter()
+                    .take(10_000)
+                    .map(|kv| kv.key().map(|k| k.to_vec()).map_err(unavailable))
+                    .collect::<Result<_>>()?;
+                if keys.is_empty() {
+                    break;
+                }
+                let mut batch = self.db.batch();
+                for k in keys {
+                    batch.remove(handle, k);
+                }
+                batch.commit().map_err(unavailable)?;
+            }
+        }
+        self.db.persist(PersistMode::SyncAll).map_err(unavailable)
     }
 
     fn traits(&self, ws: &str, profile: &ProfileRef) -> Result<BTreeMap<String, TraitValue>> {
         let snap = self.db.snapshot();
         let mut out = BTreeMap::new();
         for id in profile.identifiers.keys() {
-            let prefix = ws_id_prefix(ws, id);
+            let prefix = ws_id_key(ws, id);
             for kv in snap.prefix(&self.ks.traits, &prefix) {
                 let (k, v) = kv.into_inner().map_err(unavailable)?;
                 let name = String::from_utf8(k[prefix.len()..].to_vec())
@@ -737,7 +506,7 @@ impl Inner {
         // One ordered stream per identifier, merged by (time, messageId).
         let mut streams = Vec::new();
         for id in profile.identifiers.keys() {
-            let prefix = ws_id_prefix(ws, id);
+            let prefix = ws_id_key(ws, id);
             let mut lo = prefix.clone();
             lo.extend_from_slice(&time_bytes(q.start.unwrap_or(i64::MIN)));
             let mut hi = prefix.clone();
@@ -808,9 +577,12 @@ impl Inner {
                 break;
             }
             let suffix = &key[plen..];
-            let time = time_from(&suffix[..8])?;
+            let (time, message_id) = suffix
+                .split_at_checked(8)
+                .ok_or_else(|| corrupt("timeline key"))?;
+            let time = time_from(time)?;
             let message_id =
-                String::from_utf8(suffix[8..].to_vec()).map_err(|_| corrupt("message id"))?;
+                String::from_utf8(message_id.to_vec()).map_err(|_| corrupt("message id"))?;
             let text = String::from_utf8(body.to_vec()).map_err(|_| corrupt("timeline json"))?;
             let json = RawValue::from_string(text).map_err(|_| corrupt("timeline json"))?;
             entries.push(TimelineEntry {
@@ -866,8 +638,7 @@ impl ProfileStore for EmbeddedStore {
     }
 
     async fn checkpoints(&self, consumer: &str) -> Result<BTreeMap<u32, u64>> {
-        let mut prefix = consumer.as_bytes().to_vec();
-        prefix.push(0);
+        let prefix = ws_key(consumer);
         let snap = self.inner.db.snapshot();
         let mut out = BTreeMap::new();
         for kv in snap.prefix(&self.inner.ks.checkpoints, &prefix) {
@@ -881,31 +652,7 @@ impl ProfileStore for EmbeddedStore {
     }
 
     async fn reset_projections(&self) -> Result<()> {
-        self.blocking(|inner| {
-            let mut state = inner.writer.lock().expect("writer lock");
-            state.cache.clear();
-            state.purge_from.clear();
-            for ks in Ks::PROJECTIONS {
-                let handle = inner.ks.get(ks);
-                loop {
-                    let keys: Vec<Vec<u8>> = handle
-                        .iter()
-                        .take(10_000)
-                        .map(|kv| kv.key().map(|k| k.to_vec()).map_err(unavailable))
-                        .collect::<Result<_>>()?;
-                    if keys.is_empty() {
-                        break;
-                    }
-                    let mut batch = inner.db.batch();
-                    for k in keys {
-                        batch.remove(handle, k);
-                    }
-                    batch.commit().map_err(unavailable)?;
-                }
-            }
-            inner.db.persist(PersistMode::SyncAll).map_err(unavailable)
-        })
-        .await
+        self.blocking(Inner::reset_projections).await
     }
 
     async fn resolve(&self, workspace: &str, id: &Identifier) -> Result<Option<ProfileRef>> {
@@ -962,6 +709,12 @@ impl WorkspaceDirectory for EmbeddedStore {
         let wkey = [b"w\0".as_slice(), write_key.as_bytes()].concat();
         let tkey = [b"t\0".as_slice(), token_digest(token).as_bytes()].concat();
         let _writer = self.inner.writer.lock().expect("writer lock");
+        for kv in ks.workspaces.iter() {
+            let (_, v) = kv.into_inner().map_err(unavailable)?;
+            if from_json::<Workspace>(&v, "workspace row")?.name == name {
+                return Err(StoreError::Conflict(format!("a workspace named {name:?}")));
+            }
+        }
         if ks.credentials.contains_key(&wkey).map_err(unavailable)? {
             return Err(StoreError::Conflict("write key".into()));
         }
@@ -1028,13 +781,4 @@ mod tests {
             std::sync::Arc::new(store) as std::sync::Arc<dyn crate::WorkspaceDirectory>,
         )
     });
-
-    #[test]
-    fn time_encoding_orders_like_time() {
-        let ts = [i64::MIN, -5, -1, 0, 1, 1_700_000_000_000_000, i64::MAX];
-        for w in ts.windows(2) {
-            assert!(time_bytes(w[0]) < time_bytes(w[1]));
-            assert_eq!(time_from(&time_bytes(w[0])).unwrap(), w[0]);
-        }
-    }
 }

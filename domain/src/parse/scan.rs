@@ -1,0 +1,135 @@
+//! One pass over JSON object text that ingest keeps verbatim, to refuse what
+//! `RawValue` accepts but the rest of Trailmark could not read back.
+//!
+//! `RawValue` checks structure only. Stored as is, three things would break
+//! a later reader after the event was acknowledged: a lone UTF-16 surrogate
+//! escape and a number beyond the range of a double (neither decodes into a
+//! `serde_json::Value`, so the projector would drop every trait of the
+//! event), and nesting deeper than a reader's recursion limit (serde_json
+//! stops at 128 levels; a timeline read of such an event failed). The scan
+//! refuses all three, with [`MAX_DEPTH`] well below any reader's limit.
+
+/// The deepest nesting of objects and arrays accepted in `properties`,
+/// `traits`, `context` and `integrations`: `{}` is depth 1, `{"a":[{}]}` 3.
+pub const MAX_DEPTH: usize = 64;
+
+/// Why well-formed JSON text could not be read back, if it could not.
+///
+/// Strings are skipped at `memchr`'s speed; a number is handed to serde_json
+/// only when it has an exponent or more than 300 characters, the only ones
+/// that can fall outside a double's range, so that verdict is serde_json's.
+pub(super) fn unreadable(text: &str) -> Option<String> {
+    fn hex4(b: &[u8]) -> Option<u16> {
+        let s = std::str::from_utf8(b.get(..4)?).ok()?;
+        u16::from_str_radix(s, 16).ok()
+    }
+    let surrogate = || Some("an unpaired utf-16 surrogate escape".to_owned());
+    let b = text.as_bytes();
+    let mut i = 0;
+    let mut depth = 0usize;
+    let mut in_string = false;
+    while i < b.len() {
+        if in_string {
+            match memchr::memchr2(b'"', b'\\', &b[i..]) {
+                Some(n) => i += n,
+                None => break,
+            }
+            if b[i] == b'"' {
+                in_string = false;
+                i += 1;
+                continue;
+            }
+            match b.get(i + 1) {
+                Some(b'u') => {
+                    let Some(unit) = hex4(&b[i + 2..]) else {
+                        return surrogate();
+                    };
+                    i += 6;
+                    match unit {
+                        0xD800..=0xDBFF => {
+                            let low = (b.get(i) == Some(&b'\\') && b.get(i + 1) == Some(&b'u'))
+                                .then(|| hex4(&b[i + 2..]))
+                                .flatten();
+                            match low {
+                                Some(0xDC00..=0xDFFF) => i += 6,
+                                _ => return surrogate(),
+                            }
+                        }
+                        0xDC00..=0xDFFF => return surrogate(),
+                        _ => {}
+                    }
+                }
+                // Any other escape is two bytes; skipping both keeps `\\u` right.
+                _ => i += 2,
+            }
+            continue;
+        }
+        match b[i] {
+            b'"' => {
+                in_string = true;
+                i += 1;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Some(format!("more than {MAX_DEPTH} levels of nesting"));
+                }
+                i += 1;
+            }
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                let mut exponent = false;
+                while let Some(&c) = b.get(i) {
+                    match c {
+                        b'e' | b'E' => exponent = true,
+                        b'0'..=b'9' | b'-' | b'+' | b'.' => {}
+                        _ => break,
+                    }
+                    i += 1;
+                }
+                let number = &text[start..i];
+                if (exponent || number.len() > 300) && serde_json::from_str::<f64>(number).is_err()
+                {
+                    return Some("a number outside the range of a double".to_owned());
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nested(depth: usize) -> String {
+        format!("{}{}", "{\"a\":".repeat(depth - 1) + "{", "}".repeat(depth))
+    }
+
+    #[test]
+    fn depth_counts_objects_and_arrays_outside_strings() {
+        assert_eq!(unreadable(&nested(MAX_DEPTH)), None);
+        assert!(
+            unreadable(&nested(MAX_DEPTH + 1))
+                .unwrap()
+                .contains("nesting")
+        );
+        let arrays = format!(
+            "{{\"a\":{}{}}}",
+            "[".repeat(MAX_DEPTH),
+            "]".repeat(MAX_DEPTH)
+        );
+        assert!(unreadable(&arrays).is_some());
+        let in_string = format!("{{\"a\":\"{}\"}}", "{[".repeat(500));
+        assert_eq!(unreadable(&in_string), None);
+        // Siblings do not add up.
+        let inner = nested(MAX_DEPTH - 1);
+        let wide = format!("{{\"a\":{inner},\"b\":{inner}}}");
+        assert_eq!(unreadable(&wide), None);
+    }
+}
