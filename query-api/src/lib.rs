@@ -21,11 +21,13 @@ use std::collections::BTreeMap;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use trailmark_domain::Identifier;
 use trailmark_domain::time::{format_micros, parse_micros};
@@ -174,9 +176,16 @@ async fn traits(
             (name, value)
         })
         .collect();
+    let mut url = page_url(&id, "traits", limit, &next);
+    if let Some(include) = &p.include {
+        url.push_str(&format!("&include={}", encode_query_value(include)));
+    }
+    if verbose {
+        url.push_str("&verbose=true");
+    }
     Ok(Json(json!({
         "traits": out,
-        "cursor": cursor_object(format!("/v1/profiles/{id}/traits"), has_more, next, limit),
+        "cursor": cursor_object(url, has_more, next, limit),
     })))
 }
 
@@ -213,7 +222,7 @@ async fn events(
     reader: Reader,
     Path(id): Path<String>,
     p: Result<Query<EventsParams>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(p) = p.map_err(bad_query)?;
     let limit = limit(p.limit, 10)?;
     let descending = match p.sort.as_deref() {
@@ -251,34 +260,64 @@ async fn events(
         }),
         _ => String::new(),
     };
-    let mut url = format!(
-        "/v1/profiles/{id}/events?limit={limit}&sort={}",
-        if descending { "desc" } else { "asc" }
-    );
+    let mut url = page_url(&id, "events", limit, &next);
+    url.push_str(if descending {
+        "&sort=desc"
+    } else {
+        "&sort=asc"
+    });
     for (k, v) in [("start", &p.start), ("end", &p.end), ("event", &p.event)] {
         if let Some(v) = v {
             url.push_str(&format!("&{k}={}", encode_query_value(v)));
         }
     }
+    // The stored events are copied into the answer as the JSON text they
+    // are, never parsed again: a read must not fail on what was accepted.
+    #[derive(Serialize)]
+    struct EventsPage<'a> {
+        data: Vec<&'a RawValue>,
+        cursor: Value,
+    }
+    Ok(Json(EventsPage {
+        data: page.entries.iter().map(|e| e.json.as_ref()).collect(),
+        cursor: cursor_object(url, page.has_more, next, limit),
+    })
+    .into_response())
+}
+
+/// The URL of the page after this one: the route, with the profile's
+/// identifier re-encoded as a path segment, `limit`, and `next` when there
+/// is a next page. Callers append the route's other parameters.
+fn page_url(id: &str, route: &str, limit: usize, next: &str) -> String {
+    let mut url = format!(
+        "/v1/profiles/{}/{route}?limit={limit}",
+        encode_path_segment(id)
+    );
     if !next.is_empty() {
         url.push_str(&format!("&next={next}"));
     }
-    let data: Vec<&serde_json::value::RawValue> =
-        page.entries.iter().map(|e| e.json.as_ref()).collect();
-    Ok(Json(json!({
-        "data": data,
-        "cursor": cursor_object(url, page.has_more, next, limit),
-    })))
+    url
 }
 
+/// Percent-encodes a query value: everything but RFC 3986's unreserved
+/// characters.
 fn encode_query_value(v: &str) -> String {
+    percent_encode(v, b"")
+}
+
+/// Percent-encodes a path segment; `:` (which `{id_type}:{id}` uses) and `@`
+/// may stand in one as they are.
+fn encode_path_segment(v: &str) -> String {
+    percent_encode(v, b":@")
+}
+
+fn percent_encode(v: &str, also_allowed: &[u8]) -> String {
     let mut out = String::with_capacity(v.len());
     for b in v.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) || also_allowed.contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
         }
     }
     out
@@ -323,7 +362,7 @@ async fn external_ids(
         .collect();
     Ok(Json(json!({
         "data": data,
-        "cursor": cursor_object(format!("/v1/profiles/{id}/external_ids"), has_more, next, limit),
+        "cursor": cursor_object(page_url(&id, "external_ids", limit, &next), has_more, next, limit),
     })))
 }
 

@@ -774,6 +774,56 @@ impl WorkspaceDirectory for EmbeddedStore {
 mod tests {
     use super::*;
 
+    /// Issue 9, item 6: 16,000 identifies with a 30 KB trait each once
+    /// grew the row-bounded cache past a gigabyte. It is bounded in bytes.
+    #[test]
+    fn the_fold_cache_is_bounded_in_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = 2 << 20;
+        let store =
+            EmbeddedStore::open_with(dir.path(), EmbeddedOptions { cache_bytes: limit }).unwrap();
+        let blob = "x".repeat(30 * 1024);
+        for chunk in 0..20 {
+            let events = (0..50)
+                .map(|i| {
+                    let n = chunk * 50 + i;
+                    let event = trailmark_testkit::EventBuilder::identify(
+                        serde_json::json!({"blob": blob}),
+                    )
+                    .user(&format!("u{n}"))
+                    .at(n as i64)
+                    .build();
+                    crate::LoggedEvent {
+                        partition: 0,
+                        position: n as u64,
+                        event,
+                    }
+                })
+                .collect();
+            store
+                .inner
+                .apply(&ApplyBatch {
+                    consumer: "p".into(),
+                    positions: vec![],
+                    events,
+                    dedup_window_micros: 1,
+                })
+                .unwrap();
+            let state = store.inner.writer.lock().unwrap();
+            let counted: usize = state
+                .cache
+                .iter()
+                .map(|((_, k), v)| k.len() + v.as_ref().map_or(0, Vec::len) + CACHE_ROW_OVERHEAD)
+                .sum();
+            assert_eq!(state.cache_bytes, counted);
+            assert!(
+                state.cache_bytes <= limit,
+                "{} > {limit}",
+                state.cache_bytes
+            );
+        }
+    }
+
     crate::store_conformance!(|dir: &std::path::Path| {
         let store = EmbeddedStore::open(dir).expect("open store");
         (

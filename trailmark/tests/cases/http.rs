@@ -702,3 +702,151 @@ async fn the_browser_sdk_is_served_with_long_lived_caching() {
     );
     s.stop().await;
 }
+
+/// `{"a":{"a":…1…}}`, `depth` objects deep.
+fn nested(depth: usize) -> String {
+    format!("{}1{}", r#"{"a":"#.repeat(depth), "}".repeat(depth))
+}
+
+/// Issue 9, items 1-4: what one hostile or sloppy event could do to reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_accepted_event_can_break_a_read() {
+    let s = TestServer::start().await;
+    let u = uid();
+    // Repeated keys, as the Rust `segment` crate and rudderanalytics send
+    // them: accepted, the last one winning everywhere.
+    let (status, body) = s
+        .post_text(
+            "/v1/identify",
+            format!(
+                r#"{{"userId":"x","userId":"{u}","traits":{{"plan":"free","plan":"pro"}},"context":{{"traits":{{"n":1}},"traits":{{"n":2}}}}}}"#
+            ),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = s
+        .post_text(
+            "/v1/batch",
+            format!(
+                r#"{{"batch":[{{"type":"page","userId":"{u}","type":"track","event":"Deep","properties":{}}}]}}"#,
+                nested(64)
+            ),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], 1, "{body}");
+    // Too deep, or a crafted id type: refused, naming the field.
+    for (route, text, field) in [
+        (
+            "/v1/track",
+            format!(r#"{{"userId":"{u}","event":"E","properties":{}}}"#, nested(126)),
+            "properties",
+        ),
+        (
+            "/v1/identify",
+            format!(r#"{{"userId":"{u}","traits":{}}}"#, nested(200)),
+            "traits",
+        ),
+        (
+            "/v1/track",
+            format!(
+                r#"{{"userId":"{u}","event":"E","context":{{"externalIds":[{{"type":"user_id\u0000alice","id":"X"}}]}}}}"#
+            ),
+            "context.externalIds[0].type",
+        ),
+    ] {
+        let (status, body) = s.post_text(route, text).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["field"], field, "{body}");
+    }
+    // A time no clock can read does not pin traits: a later identify wins.
+    let (status, _) = s
+        .post(
+            "/v1/identify",
+            &json!({"userId": u, "timestamp": "9999-12-31T23:59:59Z", "traits": {"tier": "pinned"}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    s.post("/v1/identify", &json!({"userId": u, "traits": {"tier": "latest"}}))
+        .await;
+    let events = s.wait_for_events(&format!("user_id:{u}"), 4).await;
+    assert_eq!(events.len(), 4);
+    let deep = events.iter().find(|e| e["event"] == "Deep").expect("deep event");
+    let mut v = &deep["properties"];
+    for _ in 0..63 {
+        v = &v["a"];
+    }
+    assert_eq!(v["a"], 1, "read back whole, 64 levels deep");
+    let (status, traits) = s.get(&format!("/v1/profiles/user_id:{u}/traits")).await;
+    assert_eq!(status, 200);
+    assert_eq!(traits["traits"]["plan"], "pro");
+    assert_eq!(traits["traits"]["n"], 2);
+    assert_eq!(traits["traits"]["tier"], "latest");
+    let (_, meta) = s.get(&format!("/v1/profiles/user_id:{u}/metadata")).await;
+    assert!(meta["metadata"]["last_seen"].as_str().unwrap() < "2100", "{meta}");
+    // Historical imports keep their times.
+    s.post(
+        "/v1/import",
+        &json!({"batch": [{"type": "track", "userId": u, "event": "Old", "timestamp": "2015-06-01T12:00:00Z"}]}),
+    )
+    .await;
+    let events = s.wait_for_events(&format!("user_id:{u}"), 5).await;
+    let old = events.iter().find(|e| e["event"] == "Old").expect("import");
+    assert_eq!(old["timestamp"], "2015-06-01T12:00:00.000Z");
+    s.stop().await;
+}
+
+/// Issue 9, items 12 and 18: a cursor's URL is the next page, whatever the
+/// identifier holds, and keeps every parameter of the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursor_urls_lead_to_the_next_page() {
+    let s = TestServer::start().await;
+    let u = format!("a/b?c&d#{}", uid());
+    let enc = u
+        .replace('/', "%2F")
+        .replace('?', "%3F")
+        .replace('&', "%26")
+        .replace('#', "%23");
+    for i in 0..3 {
+        s.post("/v1/track", &segment::track(&u, &format!("E{i}"))).await;
+    }
+    let traits: serde_json::Map<String, Value> =
+        (0..5).map(|i| (format!("t{i}"), json!(i))).collect();
+    s.post("/v1/identify", &json!({"userId": u, "traits": traits}))
+        .await;
+    assert_eq!(s.wait_for_events(&format!("user_id:{enc}"), 4).await.len(), 4);
+    let (status, first) = s
+        .get(&format!("/v1/profiles/user_id:{enc}/events?limit=2&event=E1"))
+        .await;
+    assert_eq!(status, 200, "{first}");
+    let (status, first) = s
+        .get(&format!("/v1/profiles/user_id:{enc}/events?limit=2"))
+        .await;
+    assert_eq!(status, 200);
+    let url = first["cursor"]["url"].as_str().unwrap();
+    assert!(url.starts_with(&format!("/v1/profiles/user_id:{enc}/events?")), "{url}");
+    let (status, second) = s.get(url).await;
+    assert_eq!(status, 200, "{url}: {second}");
+    assert_eq!(second["data"].as_array().unwrap().len(), 2);
+    let (_, page) = s
+        .get(&format!(
+            "/v1/profiles/user_id:{enc}/traits?limit=2&include=t0,t1,t2&verbose=true"
+        ))
+        .await;
+    let url = page["cursor"]["url"].as_str().unwrap();
+    for part in ["limit=2", "include=t0%2Ct1%2Ct2", "verbose=true", "next="] {
+        assert!(url.contains(part), "{url} lacks {part}");
+    }
+    let (status, next) = s.get(url).await;
+    assert_eq!(status, 200, "{url}: {next}");
+    assert_eq!(next["traits"].as_object().unwrap().len(), 1);
+    assert!(next["traits"]["t2"]["updated_at"].is_string(), "verbose kept");
+    let (_, ids) = s
+        .get(&format!("/v1/profiles/user_id:{enc}/external_ids?limit=1"))
+        .await;
+    let url = ids["cursor"]["url"].as_str().unwrap();
+    assert!(url.contains("limit=1"), "{url}");
+    assert_eq!(ids["cursor"]["has_more"], false);
+    s.stop().await;
+}

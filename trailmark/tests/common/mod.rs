@@ -294,12 +294,12 @@ impl TestServer {
 
     /// POSTs `body` as it is (no content type) with the write key as Basic
     /// auth, for bodies that a `Value` cannot express.
-    pub async fn post_text(&self, path: &str, body: &'static str) -> (u16, Value) {
+    pub async fn post_text(&self, path: &str, body: impl Into<String>) -> (u16, Value) {
         let resp = self
             .client
             .post(self.url(path))
             .basic_auth(WRITE_KEY, Some(""))
-            .body(body)
+            .body(body.into())
             .send()
             .await
             .expect("request");
