@@ -13,15 +13,18 @@
 
 use trailmark_domain::{IdKind, Identifier};
 
-use super::corrupt;
-use crate::Result;
+use crate::{Result, StoreError};
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(what.to_owned())
+}
 
 /// The version of this layout. A store written with another is emptied of
 /// projections on open and rebuilt from the log (see `EmbeddedStore::open`).
-pub(super) const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Appends one terminated, escaped component.
-pub(super) fn push_component(key: &mut Vec<u8>, part: &[u8]) {
+pub fn push_component(key: &mut Vec<u8>, part: &[u8]) {
     let mut rest = part;
     while let Some(i) = memchr::memchr(0, rest) {
         key.extend_from_slice(&rest[..i]);
@@ -33,7 +36,7 @@ pub(super) fn push_component(key: &mut Vec<u8>, part: &[u8]) {
 }
 
 /// Reads one component from the front of `b`; returns it and the rest.
-pub(super) fn take_component(b: &[u8]) -> Result<(Vec<u8>, &[u8])> {
+pub fn take_component(b: &[u8]) -> Result<(Vec<u8>, &[u8])> {
     let mut out = Vec::new();
     let mut rest = b;
     loop {
@@ -51,13 +54,13 @@ pub(super) fn take_component(b: &[u8]) -> Result<(Vec<u8>, &[u8])> {
 }
 
 /// Appends an identifier: its type, then its value.
-pub(super) fn push_id(key: &mut Vec<u8>, id: &Identifier) {
+pub fn push_id(key: &mut Vec<u8>, id: &Identifier) {
     push_component(key, id.kind.as_str().as_bytes());
     push_component(key, id.value.as_bytes());
 }
 
 /// Reads an identifier from the front of `b`; returns it and the rest.
-pub(super) fn take_id(b: &[u8]) -> Result<(Identifier, &[u8])> {
+pub fn take_id(b: &[u8]) -> Result<(Identifier, &[u8])> {
     let (kind, rest) = take_component(b)?;
     let (value, rest) = take_component(rest)?;
     let text = |v: Vec<u8>| String::from_utf8(v).map_err(|_| corrupt("identifier is not utf-8"));
@@ -69,7 +72,7 @@ pub(super) fn take_id(b: &[u8]) -> Result<(Identifier, &[u8])> {
 
 /// `ws id`: the key of an identifier's one-row facts, and the prefix of its
 /// many-row facts (traits, timeline, members).
-pub(super) fn ws_id_key(ws: &str, id: &Identifier) -> Vec<u8> {
+pub fn ws_id_key(ws: &str, id: &Identifier) -> Vec<u8> {
     let mut k = Vec::with_capacity(ws.len() + id.value.len() + 24);
     push_component(&mut k, ws.as_bytes());
     push_id(&mut k, id);
@@ -77,14 +80,14 @@ pub(super) fn ws_id_key(ws: &str, id: &Identifier) -> Vec<u8> {
 }
 
 /// `ws`: the prefix of a workspace's rows.
-pub(super) fn ws_key(ws: &str) -> Vec<u8> {
+pub fn ws_key(ws: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(ws.len() + 2);
     push_component(&mut k, ws.as_bytes());
     k
 }
 
 /// `consumer partition`.
-pub(super) fn checkpoint_key(consumer: &str, partition: u32) -> Vec<u8> {
+pub fn checkpoint_key(consumer: &str, partition: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(consumer.len() + 6);
     push_component(&mut k, consumer.as_bytes());
     k.extend_from_slice(&partition.to_be_bytes());
@@ -93,11 +96,12 @@ pub(super) fn checkpoint_key(consumer: &str, partition: u32) -> Vec<u8> {
 
 /// Times as 8 big-endian bytes with the sign bit flipped: byte order is time
 /// order.
-pub(super) fn time_bytes(t: i64) -> [u8; 8] {
+pub fn time_bytes(t: i64) -> [u8; 8] {
     ((t as u64) ^ (1 << 63)).to_be_bytes()
 }
 
-pub(super) fn time_from(b: &[u8]) -> Result<i64> {
+/// Reads a time written by [`time_bytes`].
+pub fn time_from(b: &[u8]) -> Result<i64> {
     let arr: [u8; 8] = b.try_into().map_err(|_| corrupt("time field"))?;
     Ok((u64::from_be_bytes(arr) ^ (1 << 63)) as i64)
 }
