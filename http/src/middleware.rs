@@ -143,25 +143,45 @@ pub async fn body_deadline(State(timeout): State<Duration>, req: Request, next: 
     next.run(Request::from_parts(parts, body)).await
 }
 
-/// Middleware: a body declared longer than `limit` bytes is answered 413
-/// before it is read; any other body fails its read past `limit` bytes (with
-/// `http_body_util::LengthLimitError`, which the services answer 413).
+/// Middleware: the body as sent may hold at most `limit` bytes. A body
+/// declared longer fails its first read with [`WireLimitExceeded`], before
+/// a byte is read; any other fails once past `limit` bytes (with
+/// `http_body_util::LengthLimitError`). The handler that reads the body
+/// answers either with 413, from inside its routes' layers (CORS), so a
+/// browser can read the answer.
 pub async fn wire_limit(State(limit): State<usize>, req: Request, next: Next) -> Response {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return ApiError::TooLarge {
-            message: format!("body is larger than the limit of {limit} bytes as sent"),
-            field: None,
-        }
-        .into_response();
-    }
     let (parts, body) = req.into_parts();
-    let body = Body::new(http_body_util::Limited::new(body, limit));
+    let body = if declared.is_some_and(|n| n > limit as u64) {
+        Body::new(Refused(Some(WireLimitExceeded(limit))))
+    } else {
+        Body::new(http_body_util::Limited::new(body, limit))
+    };
     next.run(Request::from_parts(parts, body)).await
+}
+
+/// A body declared longer than the limit on the body as sent.
+#[derive(Debug, thiserror::Error)]
+#[error("body is larger than the limit of {0} bytes as sent")]
+pub struct WireLimitExceeded(pub usize);
+
+/// A body that fails at once, unread.
+struct Refused(Option<WireLimitExceeded>);
+
+impl HttpBody for Refused {
+    type Data = Bytes;
+    type Error = WireLimitExceeded;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.0.take().map(Err))
+    }
 }
 
 /// The request body did not arrive within the body timeout.

@@ -87,22 +87,35 @@ pub fn routes() -> Router<AppState> {
 /// ([`trailmark_http::middleware::body_deadline`]); their errors surface
 /// here, wrapped by the decompression layer.
 async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
-    use trailmark_http::middleware::{BodyTimeout, find_in_chain};
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if find_in_chain::<LengthLimitError>(&*e).is_some() => Err(ApiError::TooLarge {
+        Err(e) => Err(body_error(&*e, limit)),
+    }
+}
+
+/// Why a body could not be read, as the client should hear it.
+fn body_error(e: &(dyn std::error::Error + 'static), limit: usize) -> ApiError {
+    use trailmark_http::middleware::{BodyTimeout, WireLimitExceeded, find_in_chain};
+    if let Some(refused) = find_in_chain::<WireLimitExceeded>(e) {
+        return ApiError::TooLarge {
+            message: refused.to_string(),
+            field: None,
+        };
+    }
+    if find_in_chain::<LengthLimitError>(e).is_some() {
+        return ApiError::TooLarge {
             message: format!("body is larger than the limit of {limit} bytes"),
             field: None,
-        }),
-        Err(e) if BodyTimeout::find(&*e).is_some() => Err(ApiError::Timeout(
-            "the request body did not arrive in time".into(),
-        )),
-        Err(e) => Err(ApiError::BadRequest {
-            code: "invalid_body",
-            message: format!("could not read the body: {e}"),
-            field: None,
-            detail: None,
-        }),
+        };
+    }
+    if BodyTimeout::find(e).is_some() {
+        return ApiError::Timeout("the request body did not arrive in time".into());
+    }
+    ApiError::BadRequest {
+        code: "invalid_body",
+        message: format!("could not read the body: {e}"),
+        field: None,
+        detail: None,
     }
 }
 

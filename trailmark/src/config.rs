@@ -282,8 +282,8 @@ impl Config {
         if s.header_timeout_ms == 0 || s.body_timeout_ms == 0 || s.idle_timeout_ms == 0 {
             bail!("server timeouts must be at least 1 ms");
         }
-        if s.max_connections == 0 {
-            bail!("server.max_connections must be at least 1");
+        if s.max_connections == 0 || s.max_connections > 1 << 24 {
+            bail!("server.max_connections must be between 1 and 16777216");
         }
         self.trusted_proxies()?;
         Ok(())

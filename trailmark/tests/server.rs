@@ -341,15 +341,17 @@ async fn every_error_status_has_a_json_body() {
         .unwrap();
     let (status, body) = read(r).await;
     assert_eq!((status, error_code(&body)), (415, "unsupported_media_type"));
-    // 413 from the declared length, before reading.
+    // 413 from the declared length, before reading; readable by a page.
     let r = s
         .client
         .post(s.url("/v1/batch"))
         .basic_auth(WRITE_KEY, Some(""))
+        .header("origin", "https://shop.example")
         .body(vec![b' '; 600_000])
         .send()
         .await
         .unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_some());
     let (status, body) = read(r).await;
     assert_eq!((status, error_code(&body)), (413, "too_large"));
     // 400 from axum's path extractor (not UTF-8).
