@@ -376,6 +376,18 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_parses_and_shows_the_server_defaults() {
+        let text = include_str!("../../deploy/trailmark.toml");
+        let c: Config = toml::from_str(text).expect("deploy/trailmark.toml parses");
+        let d = ServerSection::default();
+        assert_eq!(c.server.header_timeout_ms, d.header_timeout_ms);
+        assert_eq!(c.server.body_timeout_ms, d.body_timeout_ms);
+        assert_eq!(c.server.idle_timeout_ms, d.idle_timeout_ms);
+        assert_eq!(c.server.max_connections, d.max_connections);
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn server_settings_come_from_the_file_and_the_environment() {
         let mut c: Config = toml::from_str(
             "[server]\nheader_timeout_ms = 500\ntrusted_proxies = [\"10.0.0.0/8\"]\n",

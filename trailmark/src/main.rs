@@ -1,12 +1,13 @@
-//! The `trailmark` command.
+//! The `trailmark` command: parses the command line, loads the
+//! configuration, and runs one command. Errors end the process with their
+//! chain of causes on standard error and exit code 1, never a backtrace.
 
-use std::path::PathBuf;
-
-use anyhow::Context;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use trailmark::app::{self, Role};
