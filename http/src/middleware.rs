@@ -269,6 +269,20 @@ mod tests {
         assert!(BodyTimeout::find(&*err).is_some(), "{err}");
     }
 
+    #[tokio::test]
+    async fn a_panic_answers_500_without_its_message() {
+        let resp = panic_response(Box::new("index out of range near suffix[..8]"));
+        assert_eq!(resp.status(), 500);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            !text.contains("suffix") && text.contains("request_id"),
+            "{text}"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_body_that_arrived_is_read_whole() {
         let body = DeadlineBody {
