@@ -1,4 +1,12 @@
 //! Liveness, readiness and metrics endpoints.
+//!
+//! - [`routes`], on the public listener: `/healthz`, and `/readyz` saying
+//!   only `ok` or `down` per backend (a backend's error text can name hosts,
+//!   paths and versions, so it goes to the log).
+//! - [`admin_routes`], on the admin listener when one is configured:
+//!   `/metrics`, `/healthz`, and `/readyz` with each backend's error.
+//! - [`metrics_routes`]: `/metrics` alone, which the binary adds to the
+//!   public listener when there is no admin listener.
 
 use axum::Router;
 use axum::extract::State;
@@ -9,12 +17,33 @@ use serde_json::json;
 
 use crate::AppState;
 
-/// `/healthz`, `/readyz` and `/metrics`.
+/// `/healthz` and the terse `/readyz`, for the public listener.
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/readyz", get(|s| readyz(s, Detail::Terse)))
+}
+
+/// `/metrics` alone.
+pub fn metrics_routes() -> Router<AppState> {
+    Router::new().route("/metrics", get(metrics))
+}
+
+/// `/healthz`, the detailed `/readyz` and `/metrics`, for the admin listener.
+pub fn admin_routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(|s| readyz(s, Detail::Errors)))
+        .merge(metrics_routes())
+}
+
+/// What `/readyz` tells about a backend that is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Detail {
+    /// Only `down`.
+    Terse,
+    /// `down` and the error.
+    Errors,
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -35,7 +64,7 @@ const READY_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_milli
 
 /// 200 when the backends this process needs answer, else 503; both the log
 /// and the store are reported either way.
-async fn readyz(State(state): State<AppState>) -> Response {
+async fn readyz(State(state): State<AppState>, detail: Detail) -> Response {
     // Concurrently, and bounded: a probe must answer within its own timeout
     // even when a backend hangs.
     let (log, store) = tokio::join!(
@@ -48,16 +77,22 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let show = |r: Result<(), String>| match r {
+    let show = |backend: &str, r: Result<(), String>| match r {
         Ok(()) => json!({"status": "ok"}),
-        Err(e) => json!({"status": "down", "error": e}),
+        Err(e) => {
+            tracing::warn!(backend, error = %e, "readiness check failed");
+            match detail {
+                Detail::Terse => json!({"status": "down"}),
+                Detail::Errors => json!({"status": "down", "error": e}),
+            }
+        }
     };
     (
         status,
         axum::Json(json!({
             "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
-            "log": show(log),
-            "store": show(store),
+            "log": show("log", log),
+            "store": show("store", store),
         })),
     )
         .into_response()

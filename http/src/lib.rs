@@ -7,7 +7,13 @@
 //!   status code and a JSON body `{"error":{"code","message","field"?}}`.
 //! - [`auth`]: write keys (for ingest) and secret tokens (for reads).
 //! - [`metrics`]: the Prometheus registry and the request-timing middleware.
-//! - [`health`]: `/healthz`, `/readyz` and `/metrics`.
+//! - [`health`]: `/healthz`, `/readyz` and `/metrics`, for the public and the
+//!   admin listener.
+//! - [`middleware`]: what every listener runs around its routes: the request
+//!   id, JSON for every error response, the body deadline, and
+//!   case-insensitive `Content-Encoding`.
+//! - [`request`]: the request id. [`client_ip`]: the client address, with
+//!   `X-Forwarded-For` believed only from trusted proxies.
 //!
 //! `ingest` and `query-api` each expose `routes() -> Router<AppState>`; the
 //! binary merges them.
@@ -21,9 +27,12 @@ use trailmark_schemas::EventCodec;
 use trailmark_store::{ProfileStore, WorkspaceDirectory};
 
 pub mod auth;
+pub mod client_ip;
 pub mod error;
 pub mod health;
 pub mod metrics;
+pub mod middleware;
+pub mod request;
 
 pub use error::ApiError;
 pub use metrics::Metrics;

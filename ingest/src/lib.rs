@@ -7,7 +7,8 @@
 //! when the log cannot take them it is answered 503 with `Retry-After`, and
 //! the client retries.
 //!
-//! The flow of one request: decompress (gzip) under a size cap, authenticate
+//! The flow of one request: decompress (gzip, the name in any case) under a
+//! size cap, authenticate
 //! the write key (header, query or body), parse and normalise with the domain
 //! parser, encode each event with the shared Avro codec, append them to the
 //! log in one call (one group commit), answer. In a batch, invalid items are
@@ -18,7 +19,7 @@
 
 pub mod sdk;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use axum::body::Body;
@@ -35,13 +36,15 @@ use tower_http::decompression::RequestDecompressionLayer;
 use trailmark_domain::parse::{RequestMeta, parse_batch, parse_single};
 use trailmark_domain::{Event, EventType};
 use trailmark_http::auth::{authorize_write, credential_from_headers, write_key_from_query};
+use trailmark_http::client_ip::ClientIp;
 use trailmark_http::{ApiError, AppState};
 use trailmark_log::Record;
 use trailmark_store::WriteGrant;
 
 /// The ingest routes, with CORS (any origin: the browser snippet posts from
-/// customers' pages) and gzip request decompression. Size limits are applied
-/// by the handlers to the *decompressed* body.
+/// customers' pages) and gzip request decompression (the encoding name
+/// compared case-insensitively). Size limits are applied by the handlers to
+/// the *decompressed* body; the binary caps the body as sent in front.
 pub fn routes() -> Router<AppState> {
     let mut router = Router::new();
     for kind in EventType::ALL {
@@ -58,6 +61,9 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/import", post(batch))
         .route("/v1/b", post(batch))
         .layer(RequestDecompressionLayer::new().gzip(true))
+        .layer(axum::middleware::from_fn(
+            trailmark_http::middleware::normalise_content_encoding,
+        ))
         .layer(
             CorsLayer::new()
                 .allow_origin(Any)
@@ -76,35 +82,59 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// Reads the whole (decompressed) body, refusing more than `limit` bytes.
+/// The layers in front have capped the body as sent
+/// ([`trailmark_http::middleware::wire_limit`]) and its arrival time
+/// ([`trailmark_http::middleware::body_deadline`]); their errors surface
+/// here, wrapped by the decompression layer.
 async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::TooLarge {
-            message: format!("body is larger than the limit of {limit} bytes"),
-            field: None,
-        }),
-        Err(e) => Err(ApiError::BadRequest {
-            code: "invalid_body",
-            message: format!("could not read the body: {e}"),
-            field: None,
-            detail: None,
-        }),
+        Err(e) => Err(body_error(&*e, limit)),
     }
 }
 
-/// The peer address, when the server was started with connect info.
-struct ClientAddr(Option<SocketAddr>);
+/// Why a body could not be read, as the client should hear it.
+fn body_error(e: &(dyn std::error::Error + 'static), limit: usize) -> ApiError {
+    use trailmark_http::middleware::{BodyTimeout, WireLimitExceeded, find_in_chain};
+    if let Some(refused) = find_in_chain::<WireLimitExceeded>(e) {
+        return ApiError::TooLarge {
+            message: refused.to_string(),
+            field: None,
+        };
+    }
+    if find_in_chain::<LengthLimitError>(e).is_some() {
+        return ApiError::TooLarge {
+            message: format!("body is larger than the limit of {limit} bytes"),
+            field: None,
+        };
+    }
+    if BodyTimeout::find(e).is_some() {
+        return ApiError::Timeout("the request body did not arrive in time".into());
+    }
+    ApiError::BadRequest {
+        code: "invalid_body",
+        message: format!("could not read the body: {e}"),
+        field: None,
+        detail: None,
+    }
+}
+
+/// The client address: the one the server resolved ([`ClientIp`], which
+/// believes `X-Forwarded-For` only from trusted proxies), else the peer.
+struct ClientAddr(Option<IpAddr>);
 
 impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(ClientAddr(
+        let resolved = parts.extensions.get::<ClientIp>().map(|c| c.0);
+        let peer = || {
             parts
                 .extensions
                 .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0),
-        ))
+                .map(|c| c.0.ip())
+        };
+        Ok(ClientAddr(resolved.or_else(peer)))
     }
 }
 
@@ -119,7 +149,7 @@ impl Caller {
     fn new(headers: &HeaderMap, query: Option<&str>, conn: ClientAddr) -> Self {
         Self {
             key: credential_from_headers(headers).or_else(|| write_key_from_query(query)),
-            ip: client_ip(headers, conn.0),
+            ip: conn.0.map(|ip| ip.to_string()),
         }
     }
 
@@ -141,16 +171,6 @@ impl Caller {
             request_ip: self.ip.as_deref(),
         }
     }
-}
-
-fn client_ip(headers: &HeaderMap, conn: Option<SocketAddr>) -> Option<String> {
-    headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
-        .or_else(|| conn.map(|c| c.ip().to_string()))
 }
 
 fn new_message_id() -> String {
@@ -279,7 +299,13 @@ async fn batch(
             if let Some(f) = &r.error.field {
                 error["field"] = f.clone().into();
             }
-            json!({"index": r.index, "messageId": r.message_id, "error": error})
+            // `messageId` only when the client sent one: a refused item
+            // was never given one of ours.
+            let mut item = json!({"index": r.index, "error": error});
+            if let Some(id) = &r.message_id {
+                item["messageId"] = id.clone().into();
+            }
+            item
         })
         .collect();
     state

@@ -9,6 +9,14 @@
 //! Two paths: the major version (`/sdk/v1/…`) is cached for a day and then
 //! revalidated by ETag, so fixes reach sites within a day; the exact version
 //! (`/sdk/{SDK_VERSION}/…`) never changes and is cached for a year.
+//!
+//! A client that accepts gzip gets the bundle gzipped (compressed once, at
+//! the first request, at the best level), with `Vary: Accept-Encoding` and an
+//! ETag of its own (`…-gz`), so caches keep the two apart and `304` works for
+//! each.
+
+use std::io::Write;
+use std::sync::LazyLock;
 
 use axum::Router;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -42,22 +50,74 @@ pub fn routes() -> Router<AppState> {
         )
 }
 
-fn etag() -> String {
+/// One encoding of the bundle: its bytes and ETag.
+struct Encoded {
+    bytes: Vec<u8>,
+    etag: String,
+    content_encoding: Option<&'static str>,
+}
+
+static IDENTITY: LazyLock<Encoded> = LazyLock::new(|| Encoded {
+    bytes: SDK_BUNDLE.to_vec(),
+    etag: etag(""),
+    content_encoding: None,
+});
+
+static GZIP: LazyLock<Encoded> = LazyLock::new(|| Encoded {
+    bytes: gzip(SDK_BUNDLE),
+    etag: etag("-gz"),
+    content_encoding: Some("gzip"),
+});
+
+/// The bundle gzipped at the best level.
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    enc.write_all(bytes).expect("writing to memory");
+    enc.finish().expect("writing to memory")
+}
+
+fn etag(suffix: &str) -> String {
     format!(
-        "\"{:08x}-{}\"",
+        "\"{:08x}-{}{suffix}\"",
         crc32fast::hash(SDK_BUNDLE),
         SDK_BUNDLE.len()
     )
 }
 
+/// Whether `Accept-Encoding` allows gzip (`gzip` or `*`, not at `q=0`).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+        })
+}
+
 fn bundle(headers: &HeaderMap, cache: &'static str) -> Response {
-    let tag = etag();
+    let encoded: &Encoded = if accepts_gzip(headers) {
+        &GZIP
+    } else {
+        &IDENTITY
+    };
+    let tag = encoded.etag.as_str();
     let common = [
         (header::CACHE_CONTROL, HeaderValue::from_static(cache)),
         (
             header::ETAG,
-            HeaderValue::from_str(&tag).expect("an etag is ascii"),
+            HeaderValue::from_str(tag).expect("an etag is ascii"),
         ),
+        (header::VARY, HeaderValue::from_static("Accept-Encoding")),
         (
             header::ACCESS_CONTROL_ALLOW_ORIGIN,
             HeaderValue::from_static("*"),
@@ -70,15 +130,20 @@ fn bundle(headers: &HeaderMap, cache: &'static str) -> Response {
     if fresh {
         return (StatusCode::NOT_MODIFIED, common).into_response();
     }
-    (
+    let mut resp = (
         common,
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/javascript; charset=utf-8"),
         )],
-        SDK_BUNDLE,
+        encoded.bytes.as_slice(),
     )
-        .into_response()
+        .into_response();
+    if let Some(encoding) = encoded.content_encoding {
+        resp.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static(encoding));
+    }
+    resp
 }
 
 #[cfg(test)]
@@ -97,5 +162,21 @@ mod tests {
             "SDK_VERSION must match sdk-js/package.json"
         );
         assert!(!SDK_BUNDLE.is_empty());
+    }
+
+    #[test]
+    fn gzip_is_offered_only_where_accepted() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::ACCEPT_ENCODING, v.parse().unwrap());
+            m
+        };
+        assert!(accepts_gzip(&h("gzip, deflate, br")));
+        assert!(accepts_gzip(&h("br;q=1.0, GZIP;q=0.5")));
+        assert!(accepts_gzip(&h("*")));
+        assert!(!accepts_gzip(&h("gzip;q=0, br")));
+        assert!(!accepts_gzip(&h("identity")));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+        assert_ne!(GZIP.etag, IDENTITY.etag);
     }
 }

@@ -3,16 +3,21 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::Context;
 use axum::Router;
 use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
+use trailmark_http::client_ip::TrustedProxies;
 use trailmark_http::{AppState, Metrics};
 use trailmark_projector::Projector;
 use trailmark_store::{CreatedWorkspace, WorkspaceDirectory};
 
 use crate::backends::Backends;
 use crate::config::Config;
+use crate::server::{ServeOptions, serve};
 
 /// Which services a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,21 +46,91 @@ impl Role {
     }
 }
 
-/// The HTTP routes of `role`, with health, metrics and request timing.
-pub fn router(state: AppState, role: Role) -> Router {
+/// What the listeners need from the configuration besides the routes.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Time for a request's body, from the end of its headers.
+    pub body_timeout: Duration,
+    /// The most bytes of a body as sent (before decompression).
+    pub wire_limit: usize,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Arc<TrustedProxies>,
+    /// The connection limits of each listener.
+    pub serve: ServeOptions,
+    /// Whether `/metrics` and the detailed `/readyz` have a listener of
+    /// their own.
+    pub admin: bool,
+}
+
+impl HttpOptions {
+    /// The options `config` sets.
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let s = &config.server;
+        Ok(Self {
+            body_timeout: Duration::from_millis(s.body_timeout_ms),
+            // Compressed, a body is no larger than decompressed; the handlers
+            // cap the decompressed size per route.
+            wire_limit: config.ingest.max_batch_bytes,
+            trusted_proxies: Arc::new(config.trusted_proxies()?),
+            serve: ServeOptions {
+                header_timeout: Duration::from_millis(s.header_timeout_ms),
+                idle_timeout: Duration::from_millis(s.idle_timeout_ms),
+                max_connections: s.max_connections,
+            },
+            admin: s.admin_listen.is_some(),
+        })
+    }
+}
+
+/// The HTTP routes of `role` on the public listener, with health (and
+/// `/metrics` unless an admin listener serves it) and the shared layers.
+pub fn router(state: AppState, role: Role, options: &HttpOptions) -> Router {
     let mut router = Router::new().merge(trailmark_http::health::routes());
+    if !options.admin {
+        // Without an admin listener, where it always was.
+        router = router.merge(trailmark_http::health::metrics_routes());
+    }
     if role.serves_ingest() {
         router = router.merge(trailmark_ingest::routes());
     }
     if role.serves_queries() {
         router = router.merge(trailmark_query_api::routes());
     }
+    layered(router, state, options)
+}
+
+/// The routes of the admin listener: `/metrics`, `/healthz` and the
+/// detailed `/readyz`.
+pub fn admin_router(state: AppState, options: &HttpOptions) -> Router {
+    layered(trailmark_http::health::admin_routes(), state, options)
+}
+
+/// The layers every listener shares, innermost first: the client address,
+/// the body cap as sent and its deadline, request timing, panics as 500,
+/// the request id with JSON for every error, tracing.
+fn layered(router: Router<AppState>, state: AppState, options: &HttpOptions) -> Router {
+    use axum::middleware::{from_fn, from_fn_with_state};
+    use trailmark_http::middleware;
     router
         .fallback(|| async { trailmark_http::ApiError::NotFound("no such route".into()) })
-        .layer(axum::middleware::from_fn_with_state(
+        .layer(from_fn_with_state(
+            options.trusted_proxies.clone(),
+            trailmark_http::client_ip::resolve_client_ip,
+        ))
+        .layer(from_fn_with_state(
+            options.wire_limit,
+            middleware::wire_limit,
+        ))
+        .layer(from_fn_with_state(
+            options.body_timeout,
+            middleware::body_deadline,
+        ))
+        .layer(from_fn_with_state(
             state.clone(),
             trailmark_http::metrics::track_requests,
         ))
+        .layer(CatchPanicLayer::custom(middleware::panic_response))
+        .layer(from_fn(middleware::request_context))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -106,17 +181,31 @@ pub async fn bootstrap(
 pub struct Running {
     /// Where HTTP listens.
     pub addr: SocketAddr,
+    /// Where the admin listener (`/metrics`, detailed `/readyz`) listens,
+    /// when configured.
+    pub admin_addr: Option<SocketAddr>,
     /// The backends, shared with the services.
     pub backends: Arc<Backends>,
     /// The workspace created at this start, if this was the first.
     pub created: Option<CreatedWorkspace>,
     stop: tokio::sync::watch::Sender<bool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    admin: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     projector: Option<tokio::task::JoinHandle<trailmark_projector::Result<()>>>,
 }
 
-/// Opens the backends and starts `role` on `listener`.
+/// Opens the backends and starts `role` on `listener` (and the admin
+/// listener, when configured).
 pub async fn start(config: Config, role: Role, listener: TcpListener) -> anyhow::Result<Running> {
+    let options = HttpOptions::from_config(&config)?;
+    let admin_listener = match config.server.admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the admin listener {addr}"))?,
+        ),
+        None => None,
+    };
     let backends = Arc::new(Backends::open(&config).await?);
     let metrics = Arc::new(Metrics::new());
     let state = state(&config, &backends, metrics.clone(), role)?;
@@ -146,22 +235,27 @@ pub async fn start(config: Config, role: Role, listener: TcpListener) -> anyhow:
                 .await
         })
     });
-    let app = router(state, role);
-    let mut http_stop = stop_rx;
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = http_stop.wait_for(|s| *s).await;
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let admin_addr = admin_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
+    let admin = admin_listener.map(|l| {
+        let app = admin_router(state.clone(), &options);
+        tokio::spawn(serve(l, app, options.serve, stopped(stop_rx.clone())))
     });
-    let server = tokio::spawn(async move { server.await });
+    let app = router(state, role, &options);
+    let server = tokio::spawn(serve(listener, app, options.serve, stopped(stop_rx)));
     Ok(Running {
         addr,
+        admin_addr,
         backends,
         created,
         stop,
         server,
+        admin,
         projector,
     })
 }
@@ -186,6 +280,9 @@ impl Running {
                 self.projector = None;
                 let _ = self.stop.send(true);
                 let _ = (&mut self.server).await;
+                if let Some(admin) = self.admin.take() {
+                    let _ = admin.await;
+                }
                 self.backends.close();
                 result??;
                 anyhow::bail!("the projector stopped unexpectedly")
@@ -198,6 +295,9 @@ impl Running {
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
         self.server.await??;
+        if let Some(admin) = self.admin {
+            admin.await??;
+        }
         let projected = match self.projector {
             Some(handle) => handle.await.map_err(anyhow::Error::from),
             None => Ok(Ok(())),
@@ -224,6 +324,9 @@ pub async fn run(
         );
     }
     println!("trailmark listening on http://{}", running.addr);
+    if let Some(admin) = running.admin_addr {
+        println!("admin (metrics, readiness detail) listening on http://{admin}");
+    }
     running.run_until(shutdown).await
 }
 

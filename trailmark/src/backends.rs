@@ -39,7 +39,9 @@ pub struct Backends {
 impl Backends {
     /// Opens the log and store the configuration names.
     pub async fn open(config: &Config) -> anyhow::Result<Self> {
-        let (log, file_log) = open_log(config).await?;
+        let (log, file_log) = open_log(config)
+            .await
+            .map_err(|e| explain_in_use(config, e))?;
         let (store, directory, embedded) = open_store(config).await?;
         Ok(Self {
             log,
@@ -66,6 +68,27 @@ impl Backends {
             tracing::warn!(error = %e, "flushing the embedded store failed");
         }
     }
+}
+
+/// When the embedded log could not be opened because another process holds
+/// its lock, says so in terms of what to do.
+fn explain_in_use(config: &Config, error: anyhow::Error) -> anyhow::Error {
+    let uri = config.log_uri();
+    let Some(dir) = uri.strip_prefix("file://") else {
+        return error;
+    };
+    let held = std::fs::File::open(std::path::Path::new(dir).join("LOCK"))
+        .is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)));
+    if !held {
+        return error;
+    }
+    error.context(format!(
+        "the embedded data directory {} is in use by a running Trailmark process \
+         (`trailmark serve`?). Stop it, then run this command again: with the embedded \
+         backends one process owns the log and the store, because each has a single \
+         writer",
+        config.data_dir.display()
+    ))
 }
 
 fn split_uri(uri: &str) -> anyhow::Result<(&str, &str)> {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use trailmark_domain::Limits;
+use trailmark_http::client_ip::TrustedProxies;
 use trailmark_projector::ProjectorConfig;
 
 /// Every setting of Trailmark.
@@ -32,6 +33,44 @@ pub struct Config {
     pub projector: ProjectorSection,
     /// The default workspace created on first start.
     pub bootstrap: BootstrapSection,
+    /// The HTTP server: timeouts, connection limit, admin listener, proxies.
+    pub server: ServerSection,
+}
+
+/// `[server]`: how every HTTP listener treats its connections.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Time allowed for a request's headers, counted from when the
+    /// connection opens or its previous response was sent, in milliseconds.
+    pub header_timeout_ms: u64,
+    /// Time allowed for a request's body, from the end of its headers; later
+    /// the request is answered 408, in milliseconds.
+    pub body_timeout_ms: u64,
+    /// A connection with no request in progress and no bytes moving for this
+    /// long is closed, in milliseconds.
+    pub idle_timeout_ms: u64,
+    /// Most connections open at once per listener; further ones wait in the
+    /// operating system's accept queue until one closes.
+    pub max_connections: usize,
+    /// A second listener for `/metrics` and the detailed `/readyz`; when set,
+    /// the main listener no longer serves `/metrics`.
+    pub admin_listen: Option<SocketAddr>,
+    /// Peers (addresses or CIDR networks) whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 4_096,
+            admin_listen: None,
+            trusted_proxies: Vec::new(),
+        }
+    }
 }
 
 /// `[log]`
@@ -93,6 +132,7 @@ impl Default for Config {
             ingest: IngestSection::default(),
             projector: ProjectorSection::default(),
             bootstrap: BootstrapSection::default(),
+            server: ServerSection::default(),
         }
     }
 }
@@ -152,6 +192,15 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ),
     ("TRAILMARK_BOOTSTRAP_WRITE_KEY", "bootstrap.write_key"),
     ("TRAILMARK_BOOTSTRAP_TOKEN", "bootstrap.token"),
+    ("TRAILMARK_HEADER_TIMEOUT_MS", "server.header_timeout_ms"),
+    ("TRAILMARK_BODY_TIMEOUT_MS", "server.body_timeout_ms"),
+    ("TRAILMARK_IDLE_TIMEOUT_MS", "server.idle_timeout_ms"),
+    ("TRAILMARK_MAX_CONNECTIONS", "server.max_connections"),
+    ("TRAILMARK_ADMIN_LISTEN", "server.admin_listen"),
+    (
+        "TRAILMARK_TRUSTED_PROXIES",
+        "server.trusted_proxies (comma-separated)",
+    ),
 ];
 
 impl Config {
@@ -190,6 +239,28 @@ impl Config {
                 }
                 "TRAILMARK_BOOTSTRAP_WRITE_KEY" => self.bootstrap.write_key = Some(v),
                 "TRAILMARK_BOOTSTRAP_TOKEN" => self.bootstrap.token = Some(v),
+                "TRAILMARK_HEADER_TIMEOUT_MS" => {
+                    self.server.header_timeout_ms = v.parse().map_err(|e| bad(&e))?
+                }
+                "TRAILMARK_BODY_TIMEOUT_MS" => {
+                    self.server.body_timeout_ms = v.parse().map_err(|e| bad(&e))?
+                }
+                "TRAILMARK_IDLE_TIMEOUT_MS" => {
+                    self.server.idle_timeout_ms = v.parse().map_err(|e| bad(&e))?
+                }
+                "TRAILMARK_MAX_CONNECTIONS" => {
+                    self.server.max_connections = v.parse().map_err(|e| bad(&e))?
+                }
+                "TRAILMARK_ADMIN_LISTEN" => {
+                    self.server.admin_listen = Some(v.parse().map_err(|e| bad(&e))?)
+                }
+                "TRAILMARK_TRUSTED_PROXIES" => {
+                    self.server.trusted_proxies = v
+                        .split(',')
+                        .map(|p| p.trim().to_owned())
+                        .filter(|p| !p.is_empty())
+                        .collect()
+                }
                 other => unreachable!("{other} is listed but not handled"),
             }
         }
@@ -207,6 +278,14 @@ impl Config {
         if self.ingest.max_event_bytes > self.ingest.max_batch_bytes {
             bail!("ingest.max_event_bytes cannot exceed ingest.max_batch_bytes");
         }
+        let s = &self.server;
+        if s.header_timeout_ms == 0 || s.body_timeout_ms == 0 || s.idle_timeout_ms == 0 {
+            bail!("server timeouts must be at least 1 ms");
+        }
+        if s.max_connections == 0 || s.max_connections > 1 << 24 {
+            bail!("server.max_connections must be between 1 and 16777216");
+        }
+        self.trusted_proxies()?;
         Ok(())
     }
 
@@ -252,6 +331,12 @@ impl Config {
         }
     }
 
+    /// The peers whose `X-Forwarded-For` is believed.
+    pub fn trusted_proxies(&self) -> anyhow::Result<TrustedProxies> {
+        TrustedProxies::parse(&self.server.trusted_proxies)
+            .map_err(|e| anyhow::anyhow!("server.trusted_proxies: {e}"))
+    }
+
     /// How long ingest waits for the log.
     pub fn append_timeout(&self) -> Duration {
         Duration::from_millis(self.ingest.append_timeout_ms)
@@ -287,6 +372,44 @@ mod tests {
                 .is_err()
         );
         c.projector.dedup_window_hours = 1;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn the_example_file_parses_and_shows_the_server_defaults() {
+        let text = include_str!("../../deploy/trailmark.toml");
+        let c: Config = toml::from_str(text).expect("deploy/trailmark.toml parses");
+        let d = ServerSection::default();
+        assert_eq!(c.server.header_timeout_ms, d.header_timeout_ms);
+        assert_eq!(c.server.body_timeout_ms, d.body_timeout_ms);
+        assert_eq!(c.server.idle_timeout_ms, d.idle_timeout_ms);
+        assert_eq!(c.server.max_connections, d.max_connections);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn server_settings_come_from_the_file_and_the_environment() {
+        let mut c: Config = toml::from_str(
+            "[server]\nheader_timeout_ms = 500\ntrusted_proxies = [\"10.0.0.0/8\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.server.header_timeout_ms, 500);
+        assert_eq!(c.server.body_timeout_ms, 30_000);
+        c.apply_env(|k| match k {
+            "TRAILMARK_ADMIN_LISTEN" => Some("127.0.0.1:9090".into()),
+            "TRAILMARK_TRUSTED_PROXIES" => Some("10.0.0.1, 192.0.2.0/24".into()),
+            "TRAILMARK_MAX_CONNECTIONS" => Some("8".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(
+            c.server.admin_listen,
+            Some("127.0.0.1:9090".parse().unwrap())
+        );
+        assert_eq!(c.server.trusted_proxies, ["10.0.0.1", "192.0.2.0/24"]);
+        assert_eq!(c.server.max_connections, 8);
+        c.validate().unwrap();
+        c.server.trusted_proxies = vec!["proxy.local".into()];
         assert!(c.validate().is_err());
     }
 }
