@@ -19,7 +19,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use trailmark_log::EventLog;
 use trailmark_log::file::{FileLog, FileLogOptions};
-use trailmark_store::embedded::EmbeddedStore;
+use trailmark_store::embedded::{EmbeddedOptions, EmbeddedStore};
 use trailmark_store::{ProfileStore, WorkspaceDirectory};
 
 use crate::config::Config;
@@ -144,7 +144,10 @@ async fn open_store(config: &Config) -> anyhow::Result<StoreHandles> {
     let uri = config.store_uri();
     match split_uri(&uri)? {
         ("embedded", path) => {
-            let store = EmbeddedStore::open(PathBuf::from(path))
+            let options = EmbeddedOptions {
+                cache_bytes: config.projector.fold_cache_mb << 20,
+            };
+            let store = EmbeddedStore::open_with(PathBuf::from(path), options)
                 .with_context(|| format!("opening the store at {uri}"))?;
             Ok((
                 Arc::new(store.clone()),

@@ -107,6 +107,9 @@ pub struct ProjectorSection {
     pub batch_size: usize,
     /// De-duplication window in hours (at least 24).
     pub dedup_window_hours: u64,
+    /// The embedded store's fold cache, in MiB: rows the projector reads
+    /// again and again, bounded in bytes.
+    pub fold_cache_mb: usize,
 }
 
 /// `[bootstrap]`
@@ -165,6 +168,7 @@ impl Default for ProjectorSection {
             group: p.group,
             batch_size: p.batch_size,
             dedup_window_hours: 24,
+            fold_cache_mb: trailmark_store::embedded::EmbeddedOptions::default().cache_bytes >> 20,
         }
     }
 }
@@ -190,6 +194,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
         "TRAILMARK_DEDUP_WINDOW_HOURS",
         "projector.dedup_window_hours",
     ),
+    ("TRAILMARK_FOLD_CACHE_MB", "projector.fold_cache_mb"),
     ("TRAILMARK_BOOTSTRAP_WRITE_KEY", "bootstrap.write_key"),
     ("TRAILMARK_BOOTSTRAP_TOKEN", "bootstrap.token"),
     ("TRAILMARK_HEADER_TIMEOUT_MS", "server.header_timeout_ms"),
@@ -236,6 +241,9 @@ impl Config {
                 }
                 "TRAILMARK_DEDUP_WINDOW_HOURS" => {
                     self.projector.dedup_window_hours = v.parse().map_err(|e| bad(&e))?
+                }
+                "TRAILMARK_FOLD_CACHE_MB" => {
+                    self.projector.fold_cache_mb = v.parse().map_err(|e| bad(&e))?
                 }
                 "TRAILMARK_BOOTSTRAP_WRITE_KEY" => self.bootstrap.write_key = Some(v),
                 "TRAILMARK_BOOTSTRAP_TOKEN" => self.bootstrap.token = Some(v),
