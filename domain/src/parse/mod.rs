@@ -683,11 +683,7 @@ fn readable(text: &str, field: &str) -> Result<(), ValidationError> {
     match unreadable(text) {
         None => Ok(()),
         Some(why) => Err(ValidationError::field(
-            if why.contains("nesting") {
-                "too_deep"
-            } else {
-                "invalid_field"
-            },
+            why.code(),
             field,
             format!("{field} holds {why}"),
         )),

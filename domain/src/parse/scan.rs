@@ -13,17 +13,48 @@
 /// `traits`, `context` and `integrations`: `{}` is depth 1, `{"a":[{}]}` 3.
 pub const MAX_DEPTH: usize = 64;
 
+/// Why well-formed JSON text could not be read back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unreadable {
+    /// A lone UTF-16 surrogate escape.
+    Surrogate,
+    /// A number beyond the range of a double.
+    Number,
+    /// Nesting deeper than [`MAX_DEPTH`].
+    TooDeep,
+}
+
+impl Unreadable {
+    /// The error code ingest answers with.
+    pub(super) fn code(self) -> &'static str {
+        match self {
+            Unreadable::TooDeep => "too_deep",
+            Unreadable::Surrogate | Unreadable::Number => "invalid_field",
+        }
+    }
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unreadable::Surrogate => f.write_str("an unpaired utf-16 surrogate escape"),
+            Unreadable::Number => f.write_str("a number outside the range of a double"),
+            Unreadable::TooDeep => write!(f, "more than {MAX_DEPTH} levels of nesting"),
+        }
+    }
+}
+
 /// Why well-formed JSON text could not be read back, if it could not.
 ///
 /// Strings are skipped at `memchr`'s speed; a number is handed to serde_json
 /// only when it has an exponent or more than 300 characters, the only ones
 /// that can fall outside a double's range, so that verdict is serde_json's.
-pub(super) fn unreadable(text: &str) -> Option<String> {
+pub(super) fn unreadable(text: &str) -> Option<Unreadable> {
     fn hex4(b: &[u8]) -> Option<u16> {
         let s = std::str::from_utf8(b.get(..4)?).ok()?;
         u16::from_str_radix(s, 16).ok()
     }
-    let surrogate = || Some("an unpaired utf-16 surrogate escape".to_owned());
+    let surrogate = || Some(Unreadable::Surrogate);
     let b = text.as_bytes();
     let mut i = 0;
     let mut depth = 0usize;
@@ -72,7 +103,7 @@ pub(super) fn unreadable(text: &str) -> Option<String> {
             b'{' | b'[' => {
                 depth += 1;
                 if depth > MAX_DEPTH {
-                    return Some(format!("more than {MAX_DEPTH} levels of nesting"));
+                    return Some(Unreadable::TooDeep);
                 }
                 i += 1;
             }
@@ -94,7 +125,7 @@ pub(super) fn unreadable(text: &str) -> Option<String> {
                 let number = &text[start..i];
                 if (exponent || number.len() > 300) && serde_json::from_str::<f64>(number).is_err()
                 {
-                    return Some("a number outside the range of a double".to_owned());
+                    return Some(Unreadable::Number);
                 }
             }
             _ => i += 1,
@@ -114,10 +145,9 @@ mod tests {
     #[test]
     fn depth_counts_objects_and_arrays_outside_strings() {
         assert_eq!(unreadable(&nested(MAX_DEPTH)), None);
-        assert!(
-            unreadable(&nested(MAX_DEPTH + 1))
-                .unwrap()
-                .contains("nesting")
+        assert_eq!(
+            unreadable(&nested(MAX_DEPTH + 1)),
+            Some(Unreadable::TooDeep)
         );
         let arrays = format!(
             "{{\"a\":{}{}}}",
