@@ -2,7 +2,8 @@
 //! normalising a realistic ~600-byte Segment `track` call (`/v1/track`) and a
 //! 100-event `/v1/batch` body into [`trailmark_domain::Event`]s, next to a
 //! baseline of `serde_json::from_slice::<serde_json::Value>` on the same bytes
-//! (the cost of merely reading the JSON into a generic tree).
+//! (the cost of merely reading the JSON into a generic tree). A third case
+//! adds `context.externalIds`, whose identifiers ingest validates.
 //!
 //! Run: `cargo bench -p trailmark-benches --bench ingest_parse`
 //! (add `-- --quick` for a fast, rougher run). Results: `benches/RESULTS.md`.
@@ -41,6 +42,37 @@ fn single(c: &mut Criterion) {
     g.finish();
 }
 
+/// The sample `track` call with three `context.externalIds`, as a CRM-synced
+/// source sends them: the one shape whose context ingest decodes to check the
+/// identifiers it carries.
+fn single_external_ids(c: &mut Criterion) {
+    let body = String::from_utf8(sample_track_body())
+        .unwrap()
+        .replacen(
+            r#""context":{"#,
+            r#""context":{"externalIds":[{"id":"0031N00001abcdEQAQ","type":"salesforce_id","collection":"users","encoding":"none"},{"id":"51","type":"hubspot_id","collection":"users","encoding":"none"},{"id":"cus_Q1w2e3r4t5","type":"stripe_customer_id","collection":"users","encoding":"none"}],"#,
+            1,
+        )
+        .into_bytes();
+    let limits = Limits::default();
+    let meta = bench_meta();
+    let mut g = c.benchmark_group("ingest_parse/single_track_external_ids");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("trailmark_parse_normalise", |b| {
+        b.iter(|| {
+            let raw = parse_single(black_box(&body), &limits).unwrap();
+            let ev = raw
+                .normalise(EventType::Track, &meta, &mut new_message_id)
+                .unwrap();
+            black_box(ev)
+        })
+    });
+    g.bench_function("baseline_serde_json_value", |b| {
+        b.iter(|| black_box(serde_json::from_slice::<serde_json::Value>(black_box(&body)).unwrap()))
+    });
+    g.finish();
+}
+
 fn batch(c: &mut Criterion) {
     let body = sample_batch_body(100, 1_000, 42);
     let limits = Limits::default();
@@ -65,6 +97,6 @@ fn batch(c: &mut Criterion) {
 // not public API (which `missing_docs` would ask to document).
 mod group {
     use super::*;
-    criterion_group!(benches, single, batch);
+    criterion_group!(benches, single, single_external_ids, batch);
 }
 criterion_main!(group::benches);

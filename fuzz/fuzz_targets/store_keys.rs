@@ -28,7 +28,11 @@ fuzz_target!(|data: &[u8]| {
     let ka = ws_id_key(&ws_a, &a);
     let kb = ws_id_key(&ws_b, &b);
     let same = ws_a == ws_b && a == b;
-    assert_eq!(kb.starts_with(&ka), same, "{ws_a:?} {a:?} vs {ws_b:?} {b:?}");
+    assert_eq!(
+        kb.starts_with(&ka),
+        same,
+        "{ws_a:?} {a:?} vs {ws_b:?} {b:?}"
+    );
     assert_eq!(ka.cmp(&kb) == std::cmp::Ordering::Equal, same);
     let (ws, tail) = take_component(&ka).expect("a key reads back");
     assert_eq!(ws, ws_a.as_bytes());

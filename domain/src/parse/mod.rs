@@ -28,7 +28,9 @@ mod scan;
 
 pub use crate::event::{MAX_EXTERNAL_IDS, MAX_ID_CHARS, MAX_ID_TYPE_CHARS};
 pub use scan::MAX_DEPTH;
+#[cfg(test)]
 use scan::unreadable;
+use scan::{Scanned, scan};
 
 /// Size limits, applied to the decompressed body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -515,11 +517,17 @@ impl<'a> RawMessage<'a> {
             EventType::Identify | EventType::Group => object_text(self.traits, "traits")?,
             _ => None,
         };
-        let context = merge_object(self.context, batch_context, "context")?;
-        if let Some(text) = &context {
-            check_external_ids(text)?;
-        }
-        let integrations = merge_object(self.integrations, batch_integrations, "integrations")?;
+        let context = merge_object(self.context, batch_context, "context")?.map(
+            |(text, may_name_external_ids)| -> Result<String, ValidationError> {
+                if may_name_external_ids {
+                    check_external_ids(&text)?;
+                }
+                Ok(text)
+            },
+        );
+        let context = context.transpose()?;
+        let integrations = merge_object(self.integrations, batch_integrations, "integrations")?
+            .map(|(text, _)| text);
 
         let explicit_ts = opt_time(self.timestamp, "timestamp")?;
         let original = opt_time(self.original_timestamp, "originalTimestamp")?;
@@ -586,15 +594,9 @@ pub fn plausible_time(time: i64, received_at: i64) -> bool {
 
 /// Refuses a `context.externalIds` the fold could not use: not a list, more
 /// than [`MAX_EXTERNAL_IDS`] entries, or an entry without a valid `type` and
-/// `id`. Most contexts carry none, so the object is decoded only when its
-/// text names the key, or has a `\\u` escape that could spell it.
+/// `id`. Most contexts carry none, so it is called only when the scan of the
+/// text found the key, or a `\\u` escape that could spell it.
 fn check_external_ids(context: &str) -> Result<(), ValidationError> {
-    let b = context.as_bytes();
-    if memchr::memmem::find(b, b"externalIds").is_none()
-        && memchr::memmem::find(b, b"\\u").is_none()
-    {
-        return Ok(());
-    }
     crate::profile::ContextView::read(context)
         .and_then(|view| view.external_ids())
         .map(|_| ())
@@ -679,25 +681,29 @@ fn not_object(field: &str) -> ValidationError {
 
 /// Refuses object text that the rest of Trailmark could not read back (see
 /// [`scan`]), naming the field.
-fn readable(text: &str, field: &str) -> Result<(), ValidationError> {
-    match unreadable(text) {
-        None => Ok(()),
-        Some(why) => Err(ValidationError::field(
-            why.code(),
-            field,
-            format!("{field} holds {why}"),
-        )),
-    }
+/// Scans `text` (see [`scan`]), naming `field` in a refusal.
+fn readable(text: &str, field: &str) -> Result<Scanned, ValidationError> {
+    scan(text)
+        .map_err(|why| ValidationError::field(why.code(), field, format!("{field} holds {why}")))
 }
 
 /// The JSON text of an optional object field, verbatim from the body.
 fn object_text(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, ValidationError> {
+    Ok(scanned_object_text(raw, field)?.map(|(text, _)| text))
+}
+
+/// The text of an object field, kept verbatim once [`readable`], and
+/// whether it may name `externalIds`.
+fn scanned_object_text(
+    raw: Option<&RawValue>,
+    field: &str,
+) -> Result<Option<(String, bool)>, ValidationError> {
     match raw {
         None => Ok(None),
         Some(r) if is_null(r) => Ok(None),
         Some(r) if r.get().starts_with('{') => {
-            readable(r.get(), field)?;
-            Ok(Some(r.get().to_owned()))
+            let scanned = readable(r.get(), field)?;
+            Ok(Some((r.get().to_owned(), scanned.may_name_external_ids)))
         }
         Some(_) => Err(not_object(field)),
     }
@@ -729,15 +735,20 @@ fn merge_object(
     raw: Option<&RawValue>,
     shared: Option<&Map<String, Value>>,
     field: &str,
-) -> Result<Option<String>, ValidationError> {
+) -> Result<Option<(String, bool)>, ValidationError> {
     let Some(shared) = shared.filter(|m| !m.is_empty()) else {
-        return object_text(raw, field);
+        return scanned_object_text(raw, field);
     };
     let mut merged = shared.clone();
     if let Some(own) = opt_object(raw, field)? {
         merged.extend(own);
     }
-    Ok(Some(Value::Object(merged).to_string()))
+    // Decoded keys: an escaped spelling of the key is found too.
+    let may_name_external_ids = merged.contains_key("externalIds");
+    Ok(Some((
+        Value::Object(merged).to_string(),
+        may_name_external_ids,
+    )))
 }
 
 #[cfg(test)]

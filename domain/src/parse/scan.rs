@@ -44,17 +44,35 @@ impl std::fmt::Display for Unreadable {
     }
 }
 
+/// What a successful [`scan`] noticed on the way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Scanned {
+    /// Whether the text holds the string `"externalIds"` or any `\u`
+    /// escape (which could spell it): only then can it be an object with an
+    /// `externalIds` key, which ingest must check.
+    pub(super) may_name_external_ids: bool,
+}
+
 /// Why well-formed JSON text could not be read back, if it could not.
+#[cfg(test)]
+pub(super) fn unreadable(text: &str) -> Option<Unreadable> {
+    scan(text).err()
+}
+
+/// Scans well-formed JSON text: refuses what could not be read back, and
+/// notes what ingest must look at more closely.
 ///
 /// Strings are skipped at `memchr`'s speed; a number is handed to serde_json
 /// only when it has an exponent or more than 300 characters, the only ones
 /// that can fall outside a double's range, so that verdict is serde_json's.
-pub(super) fn unreadable(text: &str) -> Option<Unreadable> {
+pub(super) fn scan(text: &str) -> Result<Scanned, Unreadable> {
     fn hex4(b: &[u8]) -> Option<u16> {
         let s = std::str::from_utf8(b.get(..4)?).ok()?;
         u16::from_str_radix(s, 16).ok()
     }
-    let surrogate = || Some(Unreadable::Surrogate);
+    const KEY: &[u8] = b"externalIds\"";
+    let surrogate = || Err(Unreadable::Surrogate);
+    let mut seen = Scanned::default();
     let b = text.as_bytes();
     let mut i = 0;
     let mut depth = 0usize;
@@ -72,6 +90,7 @@ pub(super) fn unreadable(text: &str) -> Option<Unreadable> {
             }
             match b.get(i + 1) {
                 Some(b'u') => {
+                    seen.may_name_external_ids = true;
                     let Some(unit) = hex4(&b[i + 2..]) else {
                         return surrogate();
                     };
@@ -99,11 +118,15 @@ pub(super) fn unreadable(text: &str) -> Option<Unreadable> {
             b'"' => {
                 in_string = true;
                 i += 1;
+                // The first byte alone rules out almost every string.
+                if b.get(i) == Some(&b'e') && b[i..].starts_with(KEY) {
+                    seen.may_name_external_ids = true;
+                }
             }
             b'{' | b'[' => {
                 depth += 1;
                 if depth > MAX_DEPTH {
-                    return Some(Unreadable::TooDeep);
+                    return Err(Unreadable::TooDeep);
                 }
                 i += 1;
             }
@@ -125,13 +148,13 @@ pub(super) fn unreadable(text: &str) -> Option<Unreadable> {
                 let number = &text[start..i];
                 if (exponent || number.len() > 300) && serde_json::from_str::<f64>(number).is_err()
                 {
-                    return Some(Unreadable::Number);
+                    return Err(Unreadable::Number);
                 }
             }
             _ => i += 1,
         }
     }
-    None
+    Ok(seen)
 }
 
 #[cfg(test)]
@@ -161,5 +184,19 @@ mod tests {
         let inner = nested(MAX_DEPTH - 1);
         let wide = format!("{{\"a\":{inner},\"b\":{inner}}}");
         assert_eq!(unreadable(&wide), None);
+    }
+
+    #[test]
+    fn notes_what_may_name_external_ids() {
+        let may = |t: &str| scan(t).unwrap().may_name_external_ids;
+        assert!(may(r#"{"externalIds":[]}"#));
+        assert!(may(r#"{"a":1,"externalIds":null}"#));
+        assert!(may(r#"{"\u0065xternalIds":[]}"#));
+        assert!(may(r#"{"a":"\u00e9"}"#));
+        assert!(!may(
+            r#"{"library":{"name":"analytics.js"},"ip":"1.2.3.4"}"#
+        ));
+        assert!(!may(r#"{"externalIdsX":[]}"#));
+        assert!(!may(r#"{"a":"\\u"}"#));
     }
 }
