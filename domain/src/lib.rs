@@ -9,12 +9,13 @@
 //!   body, merges batch-level `context`/`integrations`, assigns `messageId`s and
 //!   corrects clock skew, producing [`Event`]s or per-item [`ValidationError`]s.
 //! - [`profile`]: the fold. [`profile::project`] turns one event into the
-//!   [`profile::Projection`] of facts it contributes (identifiers, links, traits,
-//!   counts, timeline entry); [`profile::ProfileModel`] folds projections in
+//!   [`profile::Projection`] of [`profile::Fact`]s it contributes (identifiers
+//!   named, links, traits, a count, a timeline entry), a closed enum whose
+//!   variants each say how they merge; [`profile::ProfileModel`] folds them in
 //!   memory with commutative, idempotent rules (last event time wins per trait,
 //!   min/max seen times, identity union with a deterministic root). The stores
-//!   persist exactly these rules, and their conformance suite checks them
-//!   against this model.
+//!   handle the same facts with exhaustive matches, and their conformance
+//!   suite checks them against this model on generated streams.
 //! - [`clock`]: the injected [`Clock`], so tests control time.
 //!
 //! Everything above this crate (log, store, services) depends on it; it

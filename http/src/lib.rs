@@ -24,7 +24,7 @@ use std::time::Duration;
 use trailmark_domain::{Clock, Limits, SystemClock};
 use trailmark_log::EventLog;
 use trailmark_schemas::EventCodec;
-use trailmark_store::{ProfileStore, WorkspaceDirectory};
+use trailmark_store::{ProfileReader, WorkspaceDirectory};
 
 pub mod auth;
 pub mod client_ip;
@@ -42,8 +42,8 @@ pub use metrics::Metrics;
 pub struct AppState {
     /// The event log.
     pub log: Arc<dyn EventLog>,
-    /// Projections.
-    pub store: Arc<dyn ProfileStore>,
+    /// Projections, read only: the HTTP services never write them.
+    pub store: Arc<dyn ProfileReader>,
     /// Workspaces and credentials.
     pub directory: Arc<dyn WorkspaceDirectory>,
     /// The log record codec.
@@ -87,7 +87,7 @@ impl AppState {
     /// Starts building the state from its three backends.
     pub fn builder(
         log: Arc<dyn EventLog>,
-        store: Arc<dyn ProfileStore>,
+        store: Arc<dyn ProfileReader>,
         directory: Arc<dyn WorkspaceDirectory>,
     ) -> AppStateBuilder {
         AppStateBuilder {
@@ -106,7 +106,7 @@ impl AppState {
 /// Builds an [`AppState`].
 pub struct AppStateBuilder {
     log: Arc<dyn EventLog>,
-    store: Arc<dyn ProfileStore>,
+    store: Arc<dyn ProfileReader>,
     directory: Arc<dyn WorkspaceDirectory>,
     clock: Arc<dyn Clock>,
     metrics: Option<Arc<Metrics>>,

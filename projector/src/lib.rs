@@ -8,7 +8,7 @@
 //! consumer offsets are never trusted). A crash at any point makes the
 //! projector read some events again, and applying them again changes nothing.
 //!
-//! The projector knows only the [`EventLog`] and [`ProfileStore`] traits.
+//! The projector knows only the [`EventLog`] and [`ProfileWriter`] traits.
 //! Retryable store errors are retried with capped exponential backoff, so an
 //! outage of the store delays projections but loses nothing. A record that
 //! cannot be decoded, or an event the store refuses for good after a few
@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use trailmark_http::Metrics;
 use trailmark_log::{DeadLetter, Delivery, EventLog, LogError, StartPositions};
 use trailmark_schemas::EventCodec;
-use trailmark_store::{ApplyBatch, LoggedEvent, ProfileStore, StoreError};
+use trailmark_store::{ApplyBatch, LoggedEvent, ProfileWriter, StoreError};
 
 /// Projector failures.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +78,7 @@ const LAG_REPORT_INTERVAL: Duration = Duration::from_millis(500);
 /// partition, which may be long after start: with several projectors, a
 /// partition comes back after another projector moved it on.
 struct StoreCheckpoints {
-    store: Arc<dyn ProfileStore>,
+    store: Arc<dyn ProfileWriter>,
     group: String,
     /// Where each assigned partition started, for the lag of partitions
     /// not yet applied to.
@@ -109,7 +109,7 @@ const MAX_ATTEMPTS: usize = 3;
 /// Folds the log into the store.
 pub struct Projector {
     log: Arc<dyn EventLog>,
-    store: Arc<dyn ProfileStore>,
+    store: Arc<dyn ProfileWriter>,
     codec: Arc<EventCodec>,
     metrics: Arc<Metrics>,
     config: ProjectorConfig,
@@ -119,7 +119,7 @@ impl Projector {
     /// A projector over `log` and `store`.
     pub fn new(
         log: Arc<dyn EventLog>,
-        store: Arc<dyn ProfileStore>,
+        store: Arc<dyn ProfileWriter>,
         codec: Arc<EventCodec>,
         metrics: Arc<Metrics>,
         config: ProjectorConfig,
@@ -451,6 +451,7 @@ mod tests {
     use trailmark_domain::{IdKind, Identifier};
     use trailmark_log::Record;
     use trailmark_log::file::{FileLog, FileLogOptions};
+    use trailmark_store::ProfileReader;
     use trailmark_store::embedded::EmbeddedStore;
     use trailmark_testkit::{EventBuilder, WORKSPACE};
 

@@ -15,7 +15,7 @@
 //!
 //! Cursors are opaque (base64url JSON); they name the last item returned, so
 //! a page is stable while new events arrive. This crate knows only the
-//! [`trailmark_store::ProfileStore`] trait.
+//! [`trailmark_store::ProfileReader`] trait.
 
 use std::collections::BTreeMap;
 

@@ -65,12 +65,13 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::unprepared::Statement;
 use serde_json::value::RawValue;
-use trailmark_domain::profile::{Seen, TraitValue, is_duplicate, merge_trait, project};
+use trailmark_domain::profile::{Fact, Seen, TraitValue, is_duplicate, merge_trait, project};
 use trailmark_domain::{IdKind, Identifier};
 use trailmark_store::{
     ApplyBatch, ApplyOutcome, CreatedWorkspace, LoggedEvent, MAX_PROFILE_IDENTIFIERS,
-    ProfileMetadata, ProfileRef, ProfileStore, ReadGrant, Result, StoreError, TimelineEntry,
-    TimelinePage, TimelineQuery, Workspace, WorkspaceDirectory, WriteGrant, token_digest,
+    ProfileMetadata, ProfileReader, ProfileRef, ProfileWriter, ReadGrant, Result, StoreError,
+    TimelineEntry, TimelinePage, TimelineQuery, Workspace, WorkspaceDirectory, WriteGrant,
+    token_digest,
 };
 
 pub mod schema;
@@ -918,53 +919,63 @@ fn plan(events: &[&LoggedEvent]) -> Result<Plan> {
     for le in events {
         let ev = &le.event;
         let ws = &ev.workspace_id;
-        let p = project(ev)?;
-        let primary = id_text(&p.primary);
-        for id in &p.identifiers {
-            let text = id_text(id);
-            first_seen
-                .entry((ws.clone(), text.clone()))
-                .and_modify(|t| *t = (*t).min(p.time))
-                .or_insert(p.time);
-            if text != primary {
-                links.insert((ws.clone(), primary.clone(), text.clone()));
-                links.insert((ws.clone(), text, primary.clone()));
-            }
-        }
-        for (name, value) in p.traits {
-            let candidate = TraitValue {
-                value,
-                updated_at: p.time,
-                message_id: p.message_id.clone(),
-            };
-            match traits.entry((ws.clone(), primary.clone(), name)) {
-                std::collections::hash_map::Entry::Occupied(mut o) => {
-                    if candidate.supersedes(o.get()) {
-                        o.insert(candidate);
+        for fact in project(ev)?.facts {
+            match fact {
+                Fact::Named { id, time } => {
+                    first_seen
+                        .entry((ws.clone(), id_text(&id)))
+                        .and_modify(|t| *t = (*t).min(time))
+                        .or_insert(time);
+                }
+                Fact::Linked {
+                    id,
+                    other,
+                    // Not kept yet; the merge explanation will store it.
+                    evidence: _,
+                } => {
+                    let (id, other) = (id_text(&id), id_text(&other));
+                    links.insert((ws.clone(), id.clone(), other.clone()));
+                    links.insert((ws.clone(), other, id));
+                }
+                Fact::Trait { id, name, value } => {
+                    match traits.entry((ws.clone(), id_text(&id), name)) {
+                        std::collections::hash_map::Entry::Occupied(mut o) => {
+                            if value.supersedes(o.get()) {
+                                o.insert(value);
+                            }
+                        }
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(value);
+                        }
                     }
                 }
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(candidate);
+                Fact::Counted { id, counter, time } => {
+                    by_primary
+                        .entry((ws.clone(), id_text(&id)))
+                        .or_default()
+                        .push((le.partition, le.position, counter, time));
+                }
+                Fact::Timeline {
+                    id,
+                    time,
+                    message_id,
+                    counter,
+                } => {
+                    let id = id_text(&id);
+                    buckets.insert((ws.clone(), id.clone(), bucket_of(time)));
+                    let mut body = Vec::with_capacity(512);
+                    ev.write_api_json(&mut body);
+                    writes.push(Write::Timeline {
+                        ws: ws.clone(),
+                        id,
+                        time,
+                        message_id,
+                        counter,
+                        body: String::from_utf8(body).map_err(corrupt)?,
+                    });
                 }
             }
         }
-        buckets.insert((ws.clone(), primary.clone(), bucket_of(p.time)));
-        let mut body = Vec::with_capacity(512);
-        ev.write_api_json(&mut body);
-        writes.push(Write::Timeline {
-            ws: ws.clone(),
-            id: primary.clone(),
-            time: p.time,
-            message_id: p.message_id.clone(),
-            counter: p.counter.clone(),
-            body: String::from_utf8(body).map_err(corrupt)?,
-        });
-        by_primary.entry((ws.clone(), primary)).or_default().push((
-            le.partition,
-            le.position,
-            p.counter,
-            p.time,
-        ));
     }
     writes.extend(
         first_seen
@@ -1028,7 +1039,7 @@ impl ScyllaStore {
 }
 
 #[async_trait]
-impl ProfileStore for ScyllaStore {
+impl ProfileWriter for ScyllaStore {
     async fn apply(&self, batch: ApplyBatch) -> Result<ApplyOutcome> {
         let window = batch.dedup_window_micros;
         // 1. Which events are new: the stored rows, then the batch itself.
@@ -1124,7 +1135,10 @@ impl ProfileStore for ScyllaStore {
         }
         Ok(())
     }
+}
 
+#[async_trait]
+impl ProfileReader for ScyllaStore {
     async fn resolve(&self, workspace: &str, id: &Identifier) -> Result<Option<ProfileRef>> {
         // The component is walked breadth-first, but only until it is known
         // to hold more than a profile may: then, whatever order the reads

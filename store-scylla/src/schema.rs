@@ -100,6 +100,10 @@ pub fn current_version() -> i32 {
     MIGRATIONS.last().map(|m| m.version).unwrap_or(0)
 }
 
+/// The tables a rebuild keeps: tenants, their credentials, and the schema's
+/// own history. Every other table is in [`PROJECTION_TABLES`] (a test checks).
+pub const KEPT_TABLES: &[&str] = &["schema_migrations", "workspaces", "credentials"];
+
 /// The tables that hold projections, emptied by a rebuild.
 pub const PROJECTION_TABLES: &[&str] = &[
     "checkpoints",
@@ -124,6 +128,27 @@ mod tests {
             }
         }
         assert_eq!(current_version(), MIGRATIONS.len() as i32);
+    }
+
+    /// A new table must be classified, or a rebuild would keep stale rows.
+    #[test]
+    fn every_table_is_kept_or_a_projection() {
+        let statements = MIGRATIONS
+            .iter()
+            .flat_map(|m| m.statements)
+            .chain(std::iter::once(&MIGRATIONS_TABLE));
+        let mut created: Vec<&str> = statements
+            .filter_map(|s| s.split("CREATE TABLE IF NOT EXISTS ").nth(1))
+            .map(|rest| rest.split([' ', '(']).next().unwrap_or(""))
+            .collect();
+        created.sort_unstable();
+        let mut listed: Vec<&str> = KEPT_TABLES
+            .iter()
+            .chain(PROJECTION_TABLES)
+            .copied()
+            .collect();
+        listed.sort_unstable();
+        assert_eq!(created, listed);
     }
 
     #[test]

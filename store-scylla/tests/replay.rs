@@ -4,7 +4,7 @@
 //! Needs Cassandra (`deploy/local/engines up`).
 
 use trailmark_store::conformance::scenario;
-use trailmark_store::{ApplyBatch, LoggedEvent, ProfileStore, TimelineQuery};
+use trailmark_store::{ApplyBatch, LoggedEvent, ProfileReader, ProfileWriter, TimelineQuery};
 use trailmark_store_scylla::{ScyllaConfig, ScyllaStore};
 use trailmark_testkit::WORKSPACE;
 

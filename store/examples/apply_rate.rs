@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde_json::json;
 use trailmark_store::embedded::EmbeddedStore;
-use trailmark_store::{ApplyBatch, LoggedEvent, ProfileStore};
+use trailmark_store::{ApplyBatch, LoggedEvent, ProfileWriter};
 use trailmark_testkit::EventBuilder;
 
 #[tokio::main]

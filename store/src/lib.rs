@@ -4,10 +4,12 @@
 //!
 //! - [`ProfileStore`] holds the projections the projector folds from the log
 //!   (identities, traits, counts, seen times, timelines, the de-duplication
-//!   window) together with the projector's checkpoints, and serves them to the
-//!   query API. [`ProfileStore::apply`] writes a batch of events *and* the
-//!   position after it in one atomic step: a crash at any point either keeps
-//!   both or neither, so no event is lost or applied twice.
+//!   window) together with the projector's checkpoints. It has two sides:
+//!   the projector writes through [`ProfileWriter`], and the query API reads
+//!   through [`ProfileReader`], which cannot write.
+//!   [`ProfileWriter::apply`] writes a batch of events *and* the position
+//!   after it in one atomic step: a crash at any point either keeps both or
+//!   neither, so no event is lost or applied twice.
 //! - [`WorkspaceDirectory`] holds tenants and their credentials: write keys
 //!   (which can only write) and secret tokens (stored as SHA-256 digests).
 //!
@@ -163,9 +165,10 @@ pub struct TimelinePage {
     pub has_more: bool,
 }
 
-/// Projections and projector checkpoints.
+/// The projector's side of a store: folding batches of events, and its
+/// checkpoints.
 #[async_trait]
-pub trait ProfileStore: Send + Sync + 'static {
+pub trait ProfileWriter: Send + Sync + 'static {
     /// Folds `batch.events` and moves `batch.consumer`'s checkpoint for
     /// each partition in `batch.positions`, atomically. Applying a
     /// batch again changes nothing: its events are duplicates.
@@ -177,7 +180,11 @@ pub trait ProfileStore: Send + Sync + 'static {
     /// Deletes every projection and checkpoint, keeping workspaces; for a
     /// rebuild from the log.
     async fn reset_projections(&self) -> Result<()>;
+}
 
+/// The query API's side of a store: reading projections. It cannot write.
+#[async_trait]
+pub trait ProfileReader: Send + Sync + 'static {
     /// The profile `id` belongs to in `workspace`, if any event named it.
     async fn resolve(&self, workspace: &str, id: &Identifier) -> Result<Option<ProfileRef>>;
 
@@ -203,6 +210,12 @@ pub trait ProfileStore: Send + Sync + 'static {
     /// Succeeds when the store can serve reads and writes.
     async fn check_ready(&self) -> Result<()>;
 }
+
+/// A whole store: both sides, as the binary wires it. `Arc<dyn ProfileStore>`
+/// coerces to either side.
+pub trait ProfileStore: ProfileWriter + ProfileReader {}
+
+impl<T: ProfileWriter + ProfileReader + ?Sized> ProfileStore for T {}
 
 /// A workspace (tenant).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

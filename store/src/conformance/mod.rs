@@ -17,6 +17,9 @@ use trailmark_testkit::{EventBuilder, T0, WORKSPACE};
 
 use crate::{ApplyBatch, LoggedEvent, ProfileStore, StoreError, TimelineQuery, WorkspaceDirectory};
 
+mod streams;
+pub use streams::generated_streams_fold_like_the_model;
+
 /// Opens a store at a location.
 pub trait StoreFactory: Fn(&Path) -> (Arc<dyn ProfileStore>, Arc<dyn WorkspaceDirectory>) {}
 impl<F: Fn(&Path) -> (Arc<dyn ProfileStore>, Arc<dyn WorkspaceDirectory>)> StoreFactory for F {}
@@ -134,26 +137,38 @@ pub async fn assert_matches_model(
     model: &ProfileModel,
     ids: &[Identifier],
 ) {
+    assert_matches_model_in(store, model, WORKSPACE, ids).await;
+}
+
+/// Checks every profile reachable from `ids` in workspace `ws` against the
+/// model of that workspace.
+pub async fn assert_matches_model_in(
+    store: &dyn ProfileStore,
+    model: &ProfileModel,
+    ws: &str,
+    ids: &[Identifier],
+) {
     for id in ids {
         let want = model.profile(id).expect("model knows the id");
         let got = store
-            .resolve(WORKSPACE, id)
+            .resolve(ws, id)
             .await
             .expect("resolve")
             .expect("store knows the id");
         assert_eq!(&got.root, model.root_of(id).expect("root"), "root of {id}");
         assert_eq!(got.identifiers, want.identifiers, "identifiers of {id}");
-        let traits = store.traits(WORKSPACE, &got).await.expect("traits");
+        let traits = store.traits(ws, &got).await.expect("traits");
         assert_eq!(traits, want.traits, "traits of {id}");
-        let meta = store.metadata(WORKSPACE, &got).await.expect("metadata");
+        let meta = store.metadata(ws, &got).await.expect("metadata");
         assert_eq!(meta.counts, want.counts, "counts of {id}");
         assert_eq!(
             (meta.first_seen, meta.last_seen),
-            (want.first_seen, want.last_seen)
+            (want.first_seen, want.last_seen),
+            "seen times of {id}"
         );
         let page = store
             .timeline(
-                WORKSPACE,
+                ws,
                 &got,
                 &TimelineQuery {
                     limit: 1_000,
@@ -761,6 +776,7 @@ macro_rules! store_conformance {
             case!(workspace_credentials);
             case!(oversized_profiles_stand_alone);
             case!(unfoldable_events_are_refused_whole);
+            case!(generated_streams_fold_like_the_model);
         }
     };
 }

@@ -23,7 +23,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use trailmark_domain::profile::{MAX_PROFILE_IDENTIFIERS, Seen, TraitValue, is_duplicate, project};
+use trailmark_domain::profile::{
+    Fact, MAX_PROFILE_IDENTIFIERS, Seen, TraitValue, is_duplicate, project,
+};
 use trailmark_domain::{Event, Identifier};
 
 use super::keys::{
@@ -283,142 +285,151 @@ impl Inner {
     }
 }
 
+/// Folds one event: its facts, each by its rule, with an exhaustive match.
 fn fold(w: &mut Overlay<'_>, ev: &Event) -> Result<()> {
     let ws = ev.workspace_id.as_str();
-    let p = project(ev)?;
-
-    link(w, ws, &p.identifiers, p.time)?;
-
-    // Traits: the latest event time wins, per trait.
-    let prefix = ws_id_key(ws, &p.primary);
-    for (name, value) in p.traits {
-        let mut key = prefix.clone();
-        key.extend_from_slice(name.as_bytes());
-        let candidate = TraitValue {
-            value,
-            updated_at: p.time,
-            message_id: p.message_id.clone(),
-        };
-        let wins = match w.get(Ks::Traits, &key)? {
-            None => true,
-            Some(v) => candidate.supersedes(&from_json::<TraitValue>(&v, "trait row")?),
-        };
-        if wins {
-            w.put(Ks::Traits, key, json(&candidate));
+    for fact in project(ev)?.facts {
+        match fact {
+            Fact::Named { id, time } => name(w, ws, &id, time)?,
+            Fact::Linked {
+                id,
+                other,
+                // Not kept yet; the merge explanation will store it.
+                evidence: _,
+            } => link(w, ws, &id, &other)?,
+            Fact::Trait { id, name, value } => {
+                // The latest event time wins, per trait.
+                let mut key = ws_id_key(ws, &id);
+                key.extend_from_slice(name.as_bytes());
+                let wins = match w.get(Ks::Traits, &key)? {
+                    None => true,
+                    Some(v) => value.supersedes(&from_json::<TraitValue>(&v, "trait row")?),
+                };
+                if wins {
+                    w.put(Ks::Traits, key, json(&value));
+                }
+            }
+            Fact::Counted { id, counter, time } => {
+                // Seen times and counts: one row per identifier.
+                let key = ws_id_key(ws, &id);
+                let (seen, mut counts) = match w.get(Ks::Stats, &key)? {
+                    Some(v) => {
+                        let (seen, counts) = decode_stats(&v)?;
+                        (seen.include(time), counts)
+                    }
+                    None => (
+                        Seen {
+                            first: time,
+                            last: time,
+                        },
+                        BTreeMap::new(),
+                    ),
+                };
+                *counts.entry(counter).or_default() += 1;
+                w.put(Ks::Stats, key, encode_stats(seen, &counts));
+            }
+            Fact::Timeline {
+                id,
+                time,
+                message_id,
+                counter,
+            } => {
+                let mut key = ws_id_key(ws, &id);
+                key.extend_from_slice(&time_bytes(time));
+                key.extend_from_slice(message_id.as_bytes());
+                w.put_blind(Ks::Timeline, key, encode_timeline_value(&counter, ev));
+            }
         }
     }
-
-    // Seen times and counts: one row per identifier.
-    let (seen, mut counts) = match w.get(Ks::Stats, &prefix)? {
-        Some(v) => {
-            let (seen, counts) = decode_stats(&v)?;
-            (seen.include(p.time), counts)
-        }
-        None => (
-            Seen {
-                first: p.time,
-                last: p.time,
-            },
-            BTreeMap::new(),
-        ),
-    };
-    *counts.entry(p.counter).or_default() += 1;
-    w.put(Ks::Stats, prefix.clone(), encode_stats(seen, &counts));
-
-    // The timeline entry.
-    let mut lkey = prefix;
-    lkey.extend_from_slice(&time_bytes(p.time));
-    lkey.extend_from_slice(p.message_id.as_bytes());
-    w.put_blind(Ks::Timeline, lkey, encode_timeline_value(ev));
     Ok(())
 }
 
 /// Where an identifier's profile stands, for linking.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Side {
     Profile { root: Identifier, size: u32 },
     Alone,
 }
 
-/// Notes each identifier (keeping the earliest time it was seen), then
-/// links them all into one profile.
-fn link(w: &mut Overlay<'_>, ws: &str, ids: &[Identifier], time: i64) -> Result<()> {
-    let mut sides = BTreeSet::new();
-    for id in ids {
-        let key = ws_id_key(ws, id);
-        let side = match w.get(Ks::Identity, &key)? {
-            None => {
-                let root = Standing::Root { size: 1 };
-                w.put(Ks::Identity, key, encode_identity(time, &root));
-                put_member(w, ws, id, id, time);
-                Side::Profile {
-                    root: id.clone(),
-                    size: 1,
-                }
-            }
-            Some(v) => {
-                let (created, standing) = decode_identity(&v)?;
-                let root = match &standing {
-                    Standing::Root { .. } => Some(id.clone()),
-                    Standing::Member(r) => Some(r.clone()),
-                    Standing::Alone => None,
-                };
-                if time < created {
-                    w.put(Ks::Identity, key, encode_identity(time, &standing));
-                    if let Some(r) = &root {
-                        put_member(w, ws, r, id, time);
-                    }
-                }
-                match root {
-                    None => Side::Alone,
-                    Some(root) => {
-                        let size = root_size(w, ws, &root)?;
-                        Side::Profile { root, size }
-                    }
-                }
-            }
-        };
-        sides.insert(side);
-    }
-    if sides.len() < 2 {
-        return Ok(());
-    }
-    let total: u64 = sides
-        .iter()
-        .map(|s| match s {
-            Side::Profile { size, .. } => u64::from(*size),
-            Side::Alone => u64::MAX / 4,
-        })
-        .sum();
-    let roots: Vec<(Identifier, u32)> = sides
-        .into_iter()
-        .filter_map(|s| match s {
-            Side::Profile { root, size } => Some((root, size)),
-            Side::Alone => None,
-        })
-        .collect();
-    if total > MAX_PROFILE_IDENTIFIERS as u64 {
-        for (root, _) in &roots {
-            dissolve(w, ws, root)?;
+/// Notes that `id` was seen at `time`: a new identifier becomes a profile of
+/// its own; a known one keeps the earliest time.
+fn name(w: &mut Overlay<'_>, ws: &str, id: &Identifier, time: i64) -> Result<()> {
+    let key = ws_id_key(ws, id);
+    match w.get(Ks::Identity, &key)? {
+        None => {
+            w.put(
+                Ks::Identity,
+                key,
+                encode_identity(time, &Standing::Root { size: 1 }),
+            );
+            put_member(w, ws, id, id, time);
         }
+        Some(v) => {
+            let (created, standing) = decode_identity(&v)?;
+            if time < created {
+                w.put(Ks::Identity, key, encode_identity(time, &standing));
+                match &standing {
+                    Standing::Root { .. } => put_member(w, ws, id, id, time),
+                    Standing::Member(root) => put_member(w, ws, root, id, time),
+                    Standing::Alone => {}
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn side(w: &mut Overlay<'_>, ws: &str, id: &Identifier) -> Result<Side> {
+    let v = w
+        .get(Ks::Identity, &ws_id_key(ws, id))?
+        .ok_or_else(|| corrupt("a link to an identifier never named"))?;
+    Ok(match decode_identity(&v)?.1 {
+        Standing::Root { size } => Side::Profile {
+            root: id.clone(),
+            size,
+        },
+        Standing::Member(root) => {
+            let size = root_size(w, ws, &root)?;
+            Side::Profile { root, size }
+        }
+        Standing::Alone => Side::Alone,
+    })
+}
+
+/// Links the profiles of `a` and `b` (both already named).
+fn link(w: &mut Overlay<'_>, ws: &str, a: &Identifier, b: &Identifier) -> Result<()> {
+    let (sa, sb) = (side(w, ws, a)?, side(w, ws, b)?);
+    if sa == sb {
         return Ok(());
     }
-    // Union by size; ties go to the smaller root, so the choice is the
-    // same whatever order the sides were met in.
-    let (keep, _) = roots
-        .iter()
-        .min_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)))
-        .expect("two sides")
-        .clone();
-    for (gone, _) in roots.iter().filter(|(r, _)| *r != keep) {
-        move_members(w, ws, gone, &keep)?;
+    match (sa, sb) {
+        (Side::Profile { root: ra, size: na }, Side::Profile { root: rb, size: nb })
+            if (na as usize) + (nb as usize) <= MAX_PROFILE_IDENTIFIERS =>
+        {
+            // Union by size; ties go to the smaller root, so the choice is
+            // the same whatever order the two were met in.
+            let ((keep, _), (gone, _)) = if (nb, &ra) > (na, &rb) {
+                ((rb, nb), (ra, na))
+            } else {
+                ((ra, na), (rb, nb))
+            };
+            move_members(w, ws, &gone, &keep)?;
+            let created = identity_created(w, ws, &keep)?;
+            w.put(
+                Ks::Identity,
+                ws_id_key(ws, &keep),
+                encode_identity(created, &Standing::Root { size: na + nb }),
+            );
+        }
+        // Too large, or one side already alone: neither side is merged.
+        (sa, sb) => {
+            for side in [sa, sb] {
+                if let Side::Profile { root, .. } = side {
+                    dissolve(w, ws, &root)?;
+                }
+            }
+        }
     }
-    let created = identity_created(w, ws, &keep)?;
-    w.put(
-        Ks::Identity,
-        ws_id_key(ws, &keep),
-        encode_identity(created, &Standing::Root { size: total as u32 }),
-    );
     Ok(())
 }
 

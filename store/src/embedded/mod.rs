@@ -53,13 +53,13 @@ use async_trait::async_trait;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use serde_json::value::RawValue;
-use trailmark_domain::profile::{Seen, TraitValue, counter_name, merge_trait};
+use trailmark_domain::profile::{Seen, TraitValue, merge_trait};
 use trailmark_domain::{Event, Identifier};
 
 use crate::{
-    ApplyBatch, ApplyOutcome, CreatedWorkspace, ProfileMetadata, ProfileRef, ProfileStore,
-    ReadGrant, Result, StoreError, TimelineEntry, TimelinePage, TimelineQuery, Workspace,
-    WorkspaceDirectory, WriteGrant, token_digest,
+    ApplyBatch, ApplyOutcome, CreatedWorkspace, ProfileMetadata, ProfileReader, ProfileRef,
+    ProfileWriter, ReadGrant, Result, StoreError, TimelineEntry, TimelinePage, TimelineQuery,
+    Workspace, WorkspaceDirectory, WriteGrant, token_digest,
 };
 
 mod fold;
@@ -87,6 +87,11 @@ enum Ks {
     Timeline,
 }
 
+/// The keyspaces a rebuild keeps: the layout version, and tenants with their
+/// credentials. Every other keyspace is one of [`Ks::PROJECTIONS`] (a test
+/// checks the database holds no other).
+const KEPT_KEYSPACES: [&str; 3] = ["meta", "workspaces", "credentials"];
+
 impl Ks {
     const PROJECTIONS: [Ks; 8] = [
         Ks::Checkpoints,
@@ -98,6 +103,20 @@ impl Ks {
         Ks::Stats,
         Ks::Timeline,
     ];
+
+    /// The keyspace's name on disk.
+    fn name(self) -> &'static str {
+        match self {
+            Ks::Checkpoints => "checkpoints",
+            Ks::Dedup => "dedup",
+            Ks::DedupTime => "dedup_time",
+            Ks::Identity => "identity",
+            Ks::Members => "members",
+            Ks::Traits => "traits",
+            Ks::Stats => "stats",
+            Ks::Timeline => "timeline",
+        }
+    }
 
     /// Rows the fold reads again and again, worth caching across batches.
     fn cached(self) -> bool {
@@ -279,8 +298,7 @@ fn decode_stats(b: &[u8]) -> Result<(Seen, BTreeMap<String, u64>)> {
     Ok((seen, counts))
 }
 
-fn encode_timeline_value(ev: &Event) -> Vec<u8> {
-    let counter = counter_name(ev);
+fn encode_timeline_value(counter: &str, ev: &Event) -> Vec<u8> {
     let mut v = Vec::with_capacity(counter.len() + 512);
     v.extend_from_slice(&(counter.len() as u32).to_be_bytes());
     v.extend_from_slice(counter.as_bytes());
@@ -318,17 +336,17 @@ impl EmbeddedStore {
                 .map_err(unavailable)
         };
         let ks = Keyspaces {
-            meta: open("meta")?,
-            workspaces: open("workspaces")?,
-            credentials: open("credentials")?,
-            checkpoints: open("checkpoints")?,
-            dedup: open("dedup")?,
-            dedup_time: open("dedup_time")?,
-            identity: open("identity")?,
-            members: open("members")?,
-            traits: open("traits")?,
-            stats: open("stats")?,
-            timeline: open("timeline")?,
+            meta: open(KEPT_KEYSPACES[0])?,
+            workspaces: open(KEPT_KEYSPACES[1])?,
+            credentials: open(KEPT_KEYSPACES[2])?,
+            checkpoints: open(Ks::Checkpoints.name())?,
+            dedup: open(Ks::Dedup.name())?,
+            dedup_time: open(Ks::DedupTime.name())?,
+            identity: open(Ks::Identity.name())?,
+            members: open(Ks::Members.name())?,
+            traits: open(Ks::Traits.name())?,
+            stats: open(Ks::Stats.name())?,
+            timeline: open(Ks::Timeline.name())?,
         };
         let inner = Inner {
             db,
@@ -632,7 +650,7 @@ impl<I: Iterator<Item = fjall::Guard>> PeekableRows<I> {
 // ---- trait impls --------------------------------------------------------
 
 #[async_trait]
-impl ProfileStore for EmbeddedStore {
+impl ProfileWriter for EmbeddedStore {
     async fn apply(&self, batch: ApplyBatch) -> Result<ApplyOutcome> {
         self.blocking(move |inner| inner.apply(&batch)).await
     }
@@ -654,7 +672,10 @@ impl ProfileStore for EmbeddedStore {
     async fn reset_projections(&self) -> Result<()> {
         self.blocking(Inner::reset_projections).await
     }
+}
 
+#[async_trait]
+impl ProfileReader for EmbeddedStore {
     async fn resolve(&self, workspace: &str, id: &Identifier) -> Result<Option<ProfileRef>> {
         self.inner.resolve(workspace, id)
     }
@@ -773,6 +794,31 @@ impl WorkspaceDirectory for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rebuild empties every projection: each keyspace in the database is
+    /// either kept or listed in `Ks::PROJECTIONS`, so a new keyspace cannot
+    /// be left out of `reset_projections` unnoticed.
+    #[test]
+    fn every_keyspace_is_kept_or_a_projection() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let on_disk: std::collections::BTreeSet<String> = store
+            .inner
+            .db
+            .list_keyspace_names()
+            .iter()
+            .map(|k| String::from_utf8_lossy(k.as_bytes()).into_owned())
+            .collect();
+        let mut listed: std::collections::BTreeSet<String> =
+            KEPT_KEYSPACES.iter().map(|k| (*k).to_owned()).collect();
+        listed.extend(Ks::PROJECTIONS.iter().map(|k| k.name().to_owned()));
+        assert_eq!(on_disk, listed);
+        assert_eq!(
+            listed.len(),
+            KEPT_KEYSPACES.len() + Ks::PROJECTIONS.len(),
+            "no name twice"
+        );
+    }
 
     /// Issue 9, item 6: 16,000 identifies with a 30 KB trait each once
     /// grew the row-bounded cache past a gigabyte. It is bounded in bytes.

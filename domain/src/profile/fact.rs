@@ -1,0 +1,196 @@
+//! The facts one event contributes to profiles, and [`project`], which
+//! computes them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{Map, Value};
+
+use super::context::{ContextView, email_of};
+use super::{FoldError, TraitValue, counter_name};
+use crate::event::{Event, EventType, IdKind, Identifier};
+
+/// The event a fact comes from, as a link records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evidence {
+    /// Its `messageId`.
+    pub message_id: String,
+    /// Its event time.
+    pub time: i64,
+    /// When ingest received it.
+    pub received_at: i64,
+}
+
+/// One thing an event says about profiles. Each variant names the
+/// identifier it is kept under and the rule by which it merges with what is
+/// already known; every rule is commutative and idempotent except where it
+/// says "once per event", which de-duplication guarantees.
+///
+/// The model and every store handle facts with exhaustive matches: adding a
+/// variant fails to compile until each of them says how it keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fact {
+    /// `id` was named at `time`. Merge: the earliest time is kept (the
+    /// identifier's `created_at`).
+    Named {
+        /// The identifier.
+        id: Identifier,
+        /// The event time.
+        time: i64,
+    },
+    /// `id` and `other` are one person, on the event's evidence. Merge: links
+    /// only accumulate; linked identifiers form one profile, unless the
+    /// linked component exceeds [`super::MAX_PROFILE_IDENTIFIERS`], when each
+    /// of its identifiers stands alone. Both ends are also [`Fact::Named`].
+    Linked {
+        /// The event's primary identifier.
+        id: Identifier,
+        /// Another identifier the event carries.
+        other: Identifier,
+        /// The event that links them.
+        evidence: Evidence,
+    },
+    /// A trait of `id`. Merge: the value with the latest `(time, messageId)`
+    /// wins ([`TraitValue::supersedes`]).
+    Trait {
+        /// The identifier it is kept under (the event's primary).
+        id: Identifier,
+        /// The trait's name.
+        name: String,
+        /// Its value, time and `messageId`.
+        value: TraitValue,
+    },
+    /// The event, counted for `id` under `counter`. Merge: once per event,
+    /// counts add; first seen is the earliest time, last seen the latest.
+    Counted {
+        /// The identifier it is kept under (the event's primary).
+        id: Identifier,
+        /// The name it is counted under ([`counter_name`]).
+        counter: String,
+        /// The event time.
+        time: i64,
+    },
+    /// The event's entry in `id`'s timeline. Merge: an upsert keyed by
+    /// `(time, messageId)`; the entry's content is the event itself.
+    Timeline {
+        /// The identifier it is kept under (the event's primary).
+        id: Identifier,
+        /// The event time.
+        time: i64,
+        /// The event's `messageId`.
+        message_id: String,
+        /// The name it is counted under, for filtering by event.
+        counter: String,
+    },
+}
+
+/// What one event contributes to profiles.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Projection {
+    /// Where this event's timeline entry, traits and count are kept: the
+    /// partition key of its log record.
+    pub primary: Identifier,
+    /// Its facts, in the order a store applies them: every identifier
+    /// named, then the links, the traits (by name), the count, and the
+    /// timeline entry.
+    pub facts: Vec<Fact>,
+}
+
+impl Projection {
+    /// Every identifier the event names, sorted.
+    pub fn identifiers(&self) -> impl Iterator<Item = &Identifier> {
+        self.facts.iter().filter_map(|f| match f {
+            Fact::Named { id, .. } => Some(id),
+            _ => None,
+        })
+    }
+}
+
+/// Computes the [`Projection`] of one event. Pure. Fails only for an event
+/// ingest would have refused (see [`FoldError`]).
+pub fn project(ev: &Event) -> Result<Projection, FoldError> {
+    let primary = ev.primary_identifier();
+    let mut ids = BTreeSet::new();
+    ids.insert(primary.clone());
+    if let Some(u) = &ev.user_id {
+        ids.insert(Identifier::new(IdKind::UserId, u.clone()));
+    }
+    if let Some(a) = &ev.anonymous_id {
+        ids.insert(Identifier::new(IdKind::AnonymousId, a.clone()));
+    }
+    if let (EventType::Alias, Some(prev)) = (ev.kind, &ev.previous_id) {
+        // previousId may be a former userId or an anonymousId; Segment does not
+        // say which, so both readings are linked.
+        ids.insert(Identifier::new(IdKind::UserId, prev.clone()));
+        ids.insert(Identifier::new(IdKind::AnonymousId, prev.clone()));
+    }
+
+    // A trait named in both `context.traits` and an identify's `traits` takes
+    // the identify's value: both carry the same time and messageId, so the
+    // fold could not tell them apart.
+    let mut traits = BTreeMap::new();
+    // Only `traits` and `externalIds` of the context matter here; the rest is
+    // skipped without building it.
+    if let Some(text) = ev.context.as_deref() {
+        let ctx = ContextView::read(text)?;
+        if let Some(ct) = ctx.traits()? {
+            if let Some(email) = email_of(&ct) {
+                ids.insert(Identifier::new(IdKind::Email, email));
+            }
+            traits.extend(ct);
+        }
+        ids.extend(ctx.external_ids()?);
+    }
+    if ev.kind == EventType::Identify
+        && let Some(text) = ev.traits.as_deref()
+    {
+        let t: Map<String, Value> =
+            serde_json::from_str(text).map_err(|e| FoldError::new("traits", format!("{e}")))?;
+        if let Some(email) = email_of(&t) {
+            ids.insert(Identifier::new(IdKind::Email, email));
+        }
+        traits.extend(t);
+    }
+    ids.retain(|i| Identifier::check_value(&i.value).is_ok());
+
+    let time = ev.timestamp;
+    let mut facts = Vec::with_capacity(2 * ids.len() + traits.len() + 2);
+    facts.extend(ids.iter().map(|id| Fact::Named {
+        id: id.clone(),
+        time,
+    }));
+    facts.extend(
+        ids.into_iter()
+            .filter(|id| *id != primary)
+            .map(|other| Fact::Linked {
+                id: primary.clone(),
+                other,
+                evidence: Evidence {
+                    message_id: ev.message_id.clone(),
+                    time,
+                    received_at: ev.received_at,
+                },
+            }),
+    );
+    facts.extend(traits.into_iter().map(|(name, value)| Fact::Trait {
+        id: primary.clone(),
+        name,
+        value: TraitValue {
+            value,
+            updated_at: time,
+            message_id: ev.message_id.clone(),
+        },
+    }));
+    let counter = counter_name(ev);
+    facts.push(Fact::Counted {
+        id: primary.clone(),
+        counter: counter.clone(),
+        time,
+    });
+    facts.push(Fact::Timeline {
+        id: primary.clone(),
+        time,
+        message_id: ev.message_id.clone(),
+        counter,
+    });
+    Ok(Projection { primary, facts })
+}

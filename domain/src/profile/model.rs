@@ -1,0 +1,344 @@
+//! [`ProfileModel`]: the fold in memory, the executable specification every
+//! store is tested against, and [`ProfileView`], a profile as read.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{
+    Fact, FoldError, MAX_PROFILE_IDENTIFIERS, Seen, TraitValue, is_duplicate, merge_trait, project,
+};
+use crate::event::{Event, Identifier};
+
+/// A profile as the query API shows it: the union of its identifiers' data.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProfileView {
+    /// The linked identifiers, with the earliest event time each was seen at.
+    pub identifiers: BTreeMap<Identifier, i64>,
+    /// The winning value of each trait.
+    pub traits: BTreeMap<String, TraitValue>,
+    /// Event counts by [`counter_name`].
+    pub counts: BTreeMap<String, u64>,
+    /// The earliest event time.
+    pub first_seen: i64,
+    /// The latest event time.
+    pub last_seen: i64,
+}
+
+impl ProfileView {
+    /// The total number of events.
+    pub fn total_events(&self) -> u64 {
+        self.counts.values().sum()
+    }
+}
+
+/// An in-memory fold of a workspace's events: the executable specification
+/// that every store must agree with.
+#[derive(Debug, Clone, Default)]
+pub struct ProfileModel {
+    window_micros: i64,
+    root: BTreeMap<Identifier, Identifier>,
+    created: BTreeMap<Identifier, i64>,
+    traits: BTreeMap<Identifier, BTreeMap<String, TraitValue>>,
+    counts: BTreeMap<Identifier, BTreeMap<String, u64>>,
+    seen: BTreeMap<Identifier, Seen>,
+    timeline: BTreeMap<Identifier, BTreeMap<(i64, String), Event>>,
+    dedup: BTreeMap<String, i64>,
+}
+
+impl ProfileModel {
+    /// An empty model with a de-duplication window in microseconds.
+    pub fn new(window_micros: i64) -> Self {
+        Self {
+            window_micros,
+            ..Self::default()
+        }
+    }
+
+    /// Folds one event. Returns false when it was dropped as a duplicate,
+    /// and an error, changing nothing, when it cannot be folded.
+    pub fn apply(&mut self, ev: &Event) -> Result<bool, FoldError> {
+        let prev = self.dedup.get(&ev.message_id).copied();
+        if is_duplicate(prev, ev.received_at, self.window_micros) {
+            return Ok(false);
+        }
+        let p = project(ev)?;
+        self.dedup.insert(ev.message_id.clone(), ev.received_at);
+        for fact in p.facts {
+            match fact {
+                Fact::Named { id, time } => {
+                    let c = self.created.entry(id.clone()).or_insert(time);
+                    *c = (*c).min(time);
+                    self.root.entry(id.clone()).or_insert(id);
+                }
+                Fact::Linked {
+                    id,
+                    other,
+                    evidence: _,
+                } => self.link(&id, &other),
+                Fact::Trait { id, name, value } => {
+                    merge_trait(self.traits.entry(id).or_default(), name, value);
+                }
+                Fact::Counted { id, counter, time } => {
+                    *self
+                        .counts
+                        .entry(id.clone())
+                        .or_default()
+                        .entry(counter)
+                        .or_default() += 1;
+                    let seen = self.seen.entry(id).or_insert(Seen {
+                        first: time,
+                        last: time,
+                    });
+                    *seen = seen.include(time);
+                }
+                Fact::Timeline {
+                    id,
+                    time,
+                    message_id,
+                    counter: _,
+                } => {
+                    self.timeline
+                        .entry(id)
+                        .or_default()
+                        .insert((time, message_id), ev.clone());
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn link(&mut self, a: &Identifier, b: &Identifier) {
+        let ra = self.root[a].clone();
+        let rb = self.root[b].clone();
+        if ra == rb {
+            return;
+        }
+        let (keep, gone) = if ra < rb { (ra, rb) } else { (rb, ra) };
+        for r in self.root.values_mut() {
+            if *r == gone {
+                *r = keep.clone();
+            }
+        }
+    }
+
+    /// The identifiers of the profile `id` belongs to (see
+    /// [`MAX_PROFILE_IDENTIFIERS`]), if any event named it.
+    pub fn members(&self, id: &Identifier) -> Option<Vec<&Identifier>> {
+        let root = self.root.get(id)?;
+        let members: Vec<&Identifier> = self
+            .root
+            .iter()
+            .filter(|(_, r)| *r == root)
+            .map(|(m, _)| m)
+            .collect();
+        if members.len() > MAX_PROFILE_IDENTIFIERS {
+            let (own, _) = self.root.get_key_value(id)?;
+            return Some(vec![own]);
+        }
+        Some(members)
+    }
+
+    /// The root identifier of the profile `id` belongs to: its smallest.
+    pub fn root_of(&self, id: &Identifier) -> Option<&Identifier> {
+        self.members(id)?.into_iter().min()
+    }
+
+    /// The profile that `id` belongs to, if any event named it.
+    pub fn profile(&self, id: &Identifier) -> Option<ProfileView> {
+        let members = self.members(id)?;
+        let mut view = ProfileView {
+            first_seen: i64::MAX,
+            last_seen: i64::MIN,
+            ..ProfileView::default()
+        };
+        for member in members {
+            view.identifiers
+                .insert(member.clone(), self.created[member]);
+            for (name, t) in self.traits.get(member).into_iter().flatten() {
+                merge_trait(&mut view.traits, name.clone(), t.clone());
+            }
+            for (name, n) in self.counts.get(member).into_iter().flatten() {
+                *view.counts.entry(name.clone()).or_default() += n;
+            }
+            if let Some(s) = self.seen.get(member) {
+                view.first_seen = view.first_seen.min(s.first);
+                view.last_seen = view.last_seen.max(s.last);
+            }
+        }
+        if view.first_seen == i64::MAX {
+            // Identifiers named only as links of others' events: no events,
+            // shown as the stores show them.
+            view.first_seen = 0;
+            view.last_seen = 0;
+        }
+        Some(view)
+    }
+
+    /// The profile's events in time order (then `messageId`).
+    pub fn timeline(&self, id: &Identifier) -> Vec<&Event> {
+        let Some(members) = self.members(id) else {
+            return Vec::new();
+        };
+        let mut all: Vec<(&(i64, String), &Event)> = members
+            .into_iter()
+            .filter_map(|m| self.timeline.get(m))
+            .flatten()
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(b.0));
+        all.into_iter().map(|(_, e)| e).collect()
+    }
+
+    /// Every identifier any event named.
+    pub fn identifiers(&self) -> impl Iterator<Item = &Identifier> {
+        self.root.keys()
+    }
+
+    /// Every root identifier, one per profile.
+    pub fn roots(&self) -> BTreeSet<&Identifier> {
+        self.root.values().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventType, IdKind};
+    use crate::profile::project;
+
+    pub(crate) fn ev(
+        kind: EventType,
+        msg: &str,
+        user: Option<&str>,
+        anon: Option<&str>,
+        t: i64,
+    ) -> Event {
+        Event {
+            workspace_id: "ws".into(),
+            source_id: "src".into(),
+            message_id: msg.into(),
+            kind,
+            user_id: user.map(Into::into),
+            anonymous_id: anon.map(Into::into),
+            event: (kind == EventType::Track).then(|| "Clicked".into()),
+            name: None,
+            category: None,
+            group_id: None,
+            previous_id: None,
+            timestamp: t,
+            original_timestamp: None,
+            sent_at: None,
+            received_at: t,
+            properties: None,
+            traits: None,
+            context: None,
+            integrations: None,
+            request_ip: None,
+        }
+    }
+
+    #[test]
+    fn later_event_time_wins_even_when_it_arrives_first() {
+        let mut m = ProfileModel::new(i64::MAX);
+        let mut late = ev(EventType::Identify, "m2", Some("u"), None, 200);
+        late.traits = Some(r#"{"plan":"pro"}"#.into());
+        let mut early = ev(EventType::Identify, "m1", Some("u"), None, 100);
+        early.traits = Some(r#"{"plan":"free","name":"Ann"}"#.into());
+        m.apply(&late).unwrap();
+        m.apply(&early).unwrap();
+        let p = m.profile(&Identifier::new(IdKind::UserId, "u")).unwrap();
+        assert_eq!(p.traits["plan"].value, "pro");
+        assert_eq!(p.traits["plan"].message_id, "m2");
+        assert_eq!(p.traits["name"].value, "Ann");
+    }
+
+    #[test]
+    fn identify_links_anonymous_and_user_and_email() {
+        let mut m = ProfileModel::new(i64::MAX);
+        m.apply(&ev(EventType::Track, "m1", None, Some("a1"), 10))
+            .unwrap();
+        let mut id = ev(EventType::Identify, "m2", Some("u1"), Some("a1"), 20);
+        id.traits = Some(r#"{"email":"x@y.z"}"#.into());
+        m.apply(&id).unwrap();
+        let by_email = m.profile(&Identifier::new(IdKind::Email, "x@y.z")).unwrap();
+        assert_eq!(by_email.identifiers.len(), 3);
+        assert_eq!(by_email.counts["Clicked"], 1);
+        assert_eq!(by_email.counts["$identify"], 1);
+        assert_eq!(by_email.first_seen, 10);
+        assert_eq!(
+            m.timeline(&Identifier::new(IdKind::AnonymousId, "a1"))
+                .len(),
+            2
+        );
+    }
+
+    fn traits_of(p: &crate::profile::Projection) -> Vec<(String, serde_json::Value)> {
+        p.facts
+            .iter()
+            .filter_map(|f| match f {
+                Fact::Trait { name, value, .. } => Some((name.clone(), value.value.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn identify_traits_beat_context_traits_in_one_event() {
+        let mut e = ev(EventType::Identify, "m1", Some("u"), None, 10);
+        e.traits = Some(r#"{"plan":"from-traits"}"#.into());
+        e.context = Some(r#"{"traits":{"plan":"from-context","extra":1}}"#.into());
+        let p = project(&e).unwrap();
+        assert_eq!(
+            traits_of(&p),
+            vec![
+                ("extra".to_owned(), serde_json::json!(1)),
+                ("plan".to_owned(), serde_json::json!("from-traits"))
+            ]
+        );
+    }
+
+    #[test]
+    fn repeated_context_keys_keep_the_last_value() {
+        let mut e = ev(EventType::Track, "m1", Some("u"), None, 10);
+        e.context = Some(
+            r#"{"traits":{"plan":"a"},"externalIds":[],"traits":{"plan":"b","plan":"c"},"externalIds":[{"type":"t","id":"x"}]}"#.into(),
+        );
+        let p = project(&e).unwrap();
+        assert_eq!(
+            traits_of(&p),
+            vec![("plan".to_owned(), serde_json::json!("c"))]
+        );
+        assert!(
+            p.identifiers()
+                .any(|i| *i == Identifier::new(IdKind::External("t".into()), "x"))
+        );
+    }
+
+    #[test]
+    fn unreadable_fields_fail_the_fold_naming_them() {
+        let mut e = ev(EventType::Identify, "m1", Some("u"), None, 10);
+        e.traits = Some(format!("{}1{}", r#"{"a":"#.repeat(200), "}".repeat(200)));
+        assert_eq!(project(&e).unwrap_err().field, "traits");
+        let mut m = ProfileModel::new(i64::MAX);
+        assert!(m.apply(&e).is_err());
+        assert!(m.profile(&Identifier::new(IdKind::UserId, "u")).is_none());
+        e.traits = None;
+        e.context = Some(r#"{"externalIds":[{"type":"user_id\u0000alice","id":"X"}]}"#.into());
+        assert_eq!(
+            project(&e).unwrap_err().field,
+            "context.externalIds[0].type"
+        );
+    }
+
+    #[test]
+    fn duplicates_count_once_within_the_window() {
+        let mut m = ProfileModel::new(100);
+        let e = ev(EventType::Track, "m1", Some("u"), None, 10);
+        assert!(m.apply(&e).unwrap());
+        assert!(!m.apply(&e).unwrap());
+        let mut later = e.clone();
+        later.received_at += 1_000;
+        assert!(
+            m.apply(&later).unwrap(),
+            "outside the window it is a new event"
+        );
+    }
+}

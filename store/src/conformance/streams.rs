@@ -1,0 +1,294 @@
+//! Generated event streams, delivered as the log delivers them, folded by a
+//! store and compared with the model.
+//!
+//! Each case is a random stream over a small pool of people (so that links,
+//! merges, trait conflicts and time ties are common): `track`, `page`,
+//! `identify` with an email, `alias`, `context.externalIds` and exact
+//! duplicates of earlier messages. It is then delivered the way the log
+//! would: split into 1–3 partitions by primary identifier (a partition keeps
+//! its order), cut into batches of random sizes, with some batches delivered
+//! twice (a projector that crashed before its checkpoint), and the
+//! partitions applied one after another in a random interleaving or all at
+//! once from concurrent tasks. Whatever the delivery, every profile the
+//! model knows must read back from the store exactly as the model has it.
+//!
+//! Cases run in their own workspaces of one store, so a slow store (CQL)
+//! pays for one keyspace, not one per case. `TRAILMARK_STORE_CASES` sets the
+//! number of cases (default 24); `TRAILMARK_STORE_SEED` replays a run (each
+//! run prints its seed).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use serde_json::json;
+use trailmark_domain::profile::ProfileModel;
+use trailmark_domain::{Event, IdKind, Identifier};
+use trailmark_testkit::EventBuilder;
+
+use super::{DAY, StoreFactory, assert_matches_model_in};
+use crate::{ApplyBatch, LoggedEvent, ProfileStore};
+
+/// One step of a generated stream.
+#[derive(Debug, Clone)]
+enum Op {
+    /// A new message.
+    Event {
+        kind: u8,
+        user: Option<u8>,
+        anon: u8,
+        email: Option<u8>,
+        external: Option<u8>,
+        plan: u8,
+        second: u8,
+    },
+    /// A copy of an earlier message (by index, modulo), received later.
+    Duplicate(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (
+            0u8..4,
+            proptest::option::weighted(0.5, 0u8..3),
+            0u8..5,
+            proptest::option::weighted(0.3, 0u8..3),
+            proptest::option::weighted(0.15, 0u8..2),
+            0u8..3,
+            0u8..30,
+        )
+            .prop_map(|(kind, user, anon, email, external, plan, second)| Op::Event {
+                kind,
+                user,
+                anon,
+                email,
+                external,
+                plan,
+                second,
+            }),
+        1 => any::<usize>().prop_map(Op::Duplicate),
+    ]
+}
+
+/// How a stream is delivered.
+#[derive(Debug, Clone)]
+struct Delivery {
+    partitions: u32,
+    batch_sizes: Vec<usize>,
+    replays: Vec<bool>,
+    concurrent: bool,
+    interleaving: Vec<u32>,
+}
+
+fn delivery() -> impl Strategy<Value = Delivery> {
+    (
+        1u32..=3,
+        proptest::collection::vec(1usize..=5, 1..8),
+        proptest::collection::vec(proptest::bool::weighted(0.2), 1..8),
+        any::<bool>(),
+        proptest::collection::vec(0u32..3, 1..40),
+    )
+        .prop_map(
+            |(partitions, batch_sizes, replays, concurrent, interleaving)| Delivery {
+                partitions,
+                batch_sizes,
+                replays,
+                concurrent,
+                interleaving,
+            },
+        )
+}
+
+/// The events of a stream, in the order they were sent.
+fn events(ws: &str, ops: &[Op]) -> Vec<Event> {
+    let mut out: Vec<Event> = Vec::with_capacity(ops.len());
+    for (i, op) in ops.iter().enumerate() {
+        let ev = match op {
+            Op::Duplicate(of) if !out.is_empty() => {
+                let mut copy = out[of % out.len()].clone();
+                // A retry: the same message, received a little later.
+                copy.received_at += 1_000 * (i as i64 + 1);
+                copy
+            }
+            Op::Duplicate(_) => continue,
+            Op::Event {
+                kind,
+                user,
+                anon,
+                email,
+                external,
+                plan,
+                second,
+            } => {
+                let anon = format!("a{anon}");
+                let user = user.map(|u| format!("u{u}"));
+                let plan = ["free", "pro", "team"][*plan as usize];
+                let mut b = match (kind, &user) {
+                    (0, _) => EventBuilder::track("Clicked"),
+                    (1, _) => EventBuilder::page("Home"),
+                    (2, _) => {
+                        let mut traits = json!({ "plan": plan });
+                        if let Some(e) = email {
+                            traits["email"] = json!(format!("p{e}@example.com"));
+                        }
+                        EventBuilder::identify(traits)
+                    }
+                    (_, Some(u)) => EventBuilder::alias(u, &anon),
+                    (_, None) => EventBuilder::track("Signed Up"),
+                }
+                .workspace(ws)
+                .message_id(&format!("m{i}"))
+                .at(i64::from(*second))
+                .anon(&anon);
+                if let Some(u) = &user {
+                    b = b.user(u);
+                }
+                let mut context = json!({ "traits": { "seen": plan } });
+                if let Some(x) = external {
+                    context["externalIds"] =
+                        json!([{ "type": "crm_id", "id": format!("c{x}"), "collection": "users" }]);
+                }
+                let mut ev = b.context(context).build();
+                ev.received_at += i as i64;
+                ev
+            }
+        };
+        out.push(ev);
+    }
+    out
+}
+
+/// The partition an event's record lands in: its primary identifier decides.
+fn partition_of(ev: &Event, partitions: u32) -> u32 {
+    let key = ev.primary_identifier().to_string();
+    key.bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+        % partitions
+}
+
+/// The batches of each partition, in position order, replays included.
+fn batches(events: &[Event], d: &Delivery) -> Vec<Vec<ApplyBatch>> {
+    let mut per: Vec<Vec<Event>> = vec![Vec::new(); d.partitions as usize];
+    for ev in events {
+        per[partition_of(ev, d.partitions) as usize].push(ev.clone());
+    }
+    let mut k = 0;
+    per.into_iter()
+        .enumerate()
+        .map(|(p, evs)| {
+            let mut out = Vec::new();
+            let mut position = 0u64;
+            let mut rest = &evs[..];
+            while !rest.is_empty() {
+                let n = d.batch_sizes[k % d.batch_sizes.len()].min(rest.len());
+                let batch = ApplyBatch {
+                    consumer: "projector".into(),
+                    positions: vec![(p as u32, position + n as u64)],
+                    events: rest[..n]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, ev)| LoggedEvent {
+                            partition: p as u32,
+                            position: position + i as u64,
+                            event: ev.clone(),
+                        })
+                        .collect(),
+                    dedup_window_micros: DAY,
+                };
+                if d.replays[k % d.replays.len()] {
+                    out.push(batch.clone());
+                }
+                out.push(batch);
+                position += n as u64;
+                rest = &rest[n..];
+                k += 1;
+            }
+            out
+        })
+        .collect()
+}
+
+async fn deliver(store: &Arc<dyn ProfileStore>, per: Vec<Vec<ApplyBatch>>, d: &Delivery) {
+    if d.concurrent {
+        let tasks: Vec<_> = per
+            .into_iter()
+            .map(|batches| {
+                let store = Arc::clone(store);
+                tokio::spawn(async move {
+                    for b in batches {
+                        store.apply(b).await.expect("apply");
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("delivery task");
+        }
+        return;
+    }
+    let mut queues: Vec<std::collections::VecDeque<ApplyBatch>> =
+        per.into_iter().map(Into::into).collect();
+    let mut turn = d.interleaving.iter().cycle();
+    while queues.iter().any(|q| !q.is_empty()) {
+        let pick = *turn.next().expect("cycle") as usize % queues.len();
+        let q = (0..queues.len())
+            .map(|i| (pick + i) % queues.len())
+            .find(|i| !queues[*i].is_empty())
+            .expect("a queue with batches");
+        let b = queues[q].pop_front().expect("non-empty");
+        store.apply(b).await.expect("apply");
+    }
+}
+
+/// Generated streams, delivered in any order, with replays, duplicates and
+/// concurrent partitions, fold to what the model folds.
+pub async fn generated_streams_fold_like_the_model(factory: &impl StoreFactory, at: &Path) {
+    let (store, _) = factory(at);
+    let cases: usize = std::env::var("TRAILMARK_STORE_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
+    let seed: u64 = std::env::var("TRAILMARK_STORE_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| u64::from(uuid::Uuid::new_v4().as_fields().0));
+    eprintln!("generated streams: {cases} cases, TRAILMARK_STORE_SEED={seed}");
+    let mut seed_bytes = [0u8; 32];
+    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let mut runner = TestRunner::new_with_rng(
+        Config::default(),
+        TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
+    );
+    let strategy = (proptest::collection::vec(op(), 1..40), delivery());
+    for case in 0..cases {
+        let (ops, d) = strategy
+            .new_tree(&mut runner)
+            .expect("a generated case")
+            .current();
+        let ws = format!("ws_streams_{case}");
+        let events = events(&ws, &ops);
+        if events.is_empty() {
+            // Only copies of messages never sent.
+            continue;
+        }
+        let mut model = ProfileModel::new(DAY);
+        for ev in &events {
+            model.apply(ev).expect("generated events fold");
+        }
+        deliver(&store, batches(&events, &d), &d).await;
+        let ids: Vec<Identifier> = model.identifiers().cloned().collect();
+        assert!(
+            ids.iter().any(|i| i.kind == IdKind::AnonymousId),
+            "case {case}: the stream names people"
+        );
+        eprintln!(
+            "case {case}: {} events, {} identifiers, {:?}",
+            events.len(),
+            ids.len(),
+            d
+        );
+        assert_matches_model_in(&*store, &model, &ws, &ids).await;
+    }
+}
