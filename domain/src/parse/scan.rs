@@ -47,9 +47,9 @@ impl std::fmt::Display for Unreadable {
 /// What a successful [`scan`] noticed on the way.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct Scanned {
-    /// Whether the text holds the string `"externalIds"` or any `\u`
-    /// escape (which could spell it): only then can it be an object with an
-    /// `externalIds` key, which ingest must check.
+    /// Whether the text holds the string `"externalIds"` directly inside the
+    /// outer object, or any `\u` escape (which could spell it): only then
+    /// can it be an object with an `externalIds` key, which ingest must check.
     pub(super) may_name_external_ids: bool,
 }
 
@@ -118,8 +118,9 @@ pub(super) fn scan(text: &str) -> Result<Scanned, Unreadable> {
             b'"' => {
                 in_string = true;
                 i += 1;
-                // The first byte alone rules out almost every string.
-                if b.get(i) == Some(&b'e') && b[i..].starts_with(KEY) {
+                // Only a key of the object itself matters, and its first
+                // byte alone rules out almost every string.
+                if depth == 1 && b.get(i) == Some(&b'e') && b[i..].starts_with(KEY) {
                     seen.may_name_external_ids = true;
                 }
             }
@@ -145,8 +146,8 @@ pub(super) fn scan(text: &str) -> Result<Scanned, Unreadable> {
                     }
                     i += 1;
                 }
-                let number = &text[start..i];
-                if (exponent || number.len() > 300) && serde_json::from_str::<f64>(number).is_err()
+                if (exponent || i - start > 300)
+                    && serde_json::from_str::<f64>(&text[start..i]).is_err()
                 {
                     return Err(Unreadable::Number);
                 }
@@ -197,6 +198,7 @@ mod tests {
             r#"{"library":{"name":"analytics.js"},"ip":"1.2.3.4"}"#
         ));
         assert!(!may(r#"{"externalIdsX":[]}"#));
+        assert!(!may(r#"{"a":{"externalIds":[]}}"#));
         assert!(!may(r#"{"a":"\\u"}"#));
     }
 }
