@@ -144,6 +144,20 @@ impl Identifier {
     }
 }
 
+/// Trims and lower-cases an email in place, allocating only when it changes.
+fn normalise_email(value: &mut String) {
+    let trimmed = value.trim();
+    let unchanged = trimmed.len() == value.len()
+        && if trimmed.is_ascii() {
+            !trimmed.bytes().any(|b| b.is_ascii_uppercase())
+        } else {
+            trimmed.to_lowercase() == trimmed
+        };
+    if !unchanged {
+        *value = trimmed.to_lowercase();
+    }
+}
+
 /// One identifier of a person: an id type and a value.
 ///
 /// Identifiers order by type then value; the smallest identifier of a linked
@@ -157,12 +171,16 @@ pub struct Identifier {
 }
 
 impl Identifier {
-    /// An identifier of `kind` with `value`.
+    /// An identifier of `kind` with `value`. An email is normalised here,
+    /// the one place every identifier is made (the fold, lookups, stored
+    /// keys): trimmed and lower-cased, so `Ann@Example.com ` and
+    /// `ann@example.com` are one person and either finds them.
     pub fn new(kind: IdKind, value: impl Into<String>) -> Self {
-        Self {
-            kind,
-            value: value.into(),
+        let mut value = value.into();
+        if kind == IdKind::Email {
+            normalise_email(&mut value);
         }
+        Self { kind, value }
     }
 
     /// Parses `{id_type}:{id}`, splitting at the first colon.
@@ -412,6 +430,15 @@ mod tests {
         let a = Identifier::parse("user_id:42").unwrap();
         assert_eq!(a.kind, IdKind::UserId);
         assert_eq!(a.value, "42");
+        let mixed = Identifier::parse("email: Ann.Lee@Example.COM ").unwrap();
+        assert_eq!(mixed, Identifier::new(IdKind::Email, "ann.lee@example.com"));
+        assert_eq!(mixed.value, "ann.lee@example.com");
+        assert_eq!(
+            Identifier::new(IdKind::Email, "ÉLODIE@Exemple.fr").value,
+            "élodie@exemple.fr"
+        );
+        // Other kinds are case-sensitive, as clients send them.
+        assert_eq!(Identifier::new(IdKind::UserId, " U1").value, " U1");
         let e = Identifier::parse("email:a:b@c").unwrap();
         assert_eq!(e.value, "a:b@c");
         let x = Identifier::parse("stripe_id:cus_1").unwrap();

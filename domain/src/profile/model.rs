@@ -281,6 +281,31 @@ mod tests {
     }
 
     #[test]
+    fn an_email_in_another_case_is_the_same_person() {
+        let mut m = ProfileModel::new(i64::MAX);
+        let mut a = ev(EventType::Identify, "m1", None, Some("a1"), 10);
+        a.traits = Some(r#"{"email":"Ann@Example.com"}"#.into());
+        let mut b = ev(EventType::Identify, "m2", None, Some("a2"), 20);
+        b.traits = Some(r#"{"email":" ann@example.COM "}"#.into());
+        m.apply(&a).unwrap();
+        m.apply(&b).unwrap();
+        let p = m
+            .profile(&Identifier::parse("email:ANN@example.com").unwrap())
+            .unwrap();
+        let ids: Vec<String> = p.identifiers.keys().map(ToString::to_string).collect();
+        assert_eq!(
+            ids,
+            [
+                "anonymous_id:a1",
+                "anonymous_id:a2",
+                "email:ann@example.com"
+            ]
+        );
+        // The trait keeps what the client sent.
+        assert_eq!(p.traits["email"].value, " ann@example.COM ");
+    }
+
+    #[test]
     fn identify_traits_beat_context_traits_in_one_event() {
         let mut e = ev(EventType::Identify, "m1", Some("u"), None, 10);
         e.traits = Some(r#"{"plan":"from-traits"}"#.into());

@@ -3,7 +3,7 @@
 //!
 //! Each case is a random stream over a small pool of people (so that links,
 //! merges, trait conflicts and time ties are common): `track`, `page`,
-//! `identify` with an email, `alias`, `context.externalIds` and exact
+//! `identify` with an email (in two spellings), `alias`, `context.externalIds` and exact
 //! duplicates of earlier messages. It is then delivered the way the log
 //! would: split into 1–3 partitions by primary identifier (a partition keeps
 //! its order), cut into batches of random sizes, with some batches delivered
@@ -131,7 +131,12 @@ fn events(ws: &str, ops: &[Op]) -> Vec<Event> {
                     (2, _) => {
                         let mut traits = json!({ "plan": plan });
                         if let Some(e) = email {
-                            traits["email"] = json!(format!("p{e}@example.com"));
+                            // Spelled two ways: one person by email.
+                            traits["email"] = json!(if second % 2 == 0 {
+                                format!("p{e}@example.com")
+                            } else {
+                                format!(" P{e}@Example.COM")
+                            });
                         }
                         EventBuilder::identify(traits)
                     }

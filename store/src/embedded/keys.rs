@@ -21,7 +21,8 @@ fn corrupt(what: &str) -> StoreError {
 
 /// The version of this layout. A store written with another is emptied of
 /// projections on open and rebuilt from the log (see `EmbeddedStore::open`).
-pub const LAYOUT_VERSION: u32 = 2;
+/// Version 3: emails are stored trimmed and lower-cased (issue 10).
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Appends one terminated, escaped component.
 pub fn push_component(key: &mut Vec<u8>, part: &[u8]) {

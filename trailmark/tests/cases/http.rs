@@ -417,6 +417,39 @@ async fn an_out_of_order_identify_does_not_overwrite_newer_traits() {
     s.stop().await;
 }
 
+/// Issue 10: an email is one identifier whatever its case and surrounding
+/// spaces, when it links (two devices, two spellings) and when it is looked up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_email_in_another_case_is_the_same_person() {
+    let s = TestServer::start().await;
+    let (a1, a2, u) = (uid(), uid(), uid());
+    let first = json!({"anonymousId": a1, "traits": {"email": format!("{u}@Example.COM")}});
+    let second = json!({"anonymousId": a2, "traits": {"email": format!("  {u}@example.com ")}});
+    assert_eq!(s.post("/v1/identify", &first).await.0, 200);
+    assert_eq!(s.post("/v1/identify", &second).await.0, 200);
+    s.wait_for_events(&format!("anonymous_id:{a1}"), 2).await;
+    let upper = u.to_uppercase();
+    let (status, body) = s
+        .get(&format!("/v1/profiles/email:{upper}@EXAMPLE.com/external_ids"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let mut ids: Vec<String> = body["data"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|x| format!("{}:{}", x["type"].as_str().unwrap(), x["id"].as_str().unwrap()))
+        .collect();
+    ids.sort();
+    let mut want = vec![
+        format!("anonymous_id:{a1}"),
+        format!("anonymous_id:{a2}"),
+        format!("email:{u}@example.com"),
+    ];
+    want.sort();
+    assert_eq!(ids, want);
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identify_stitches_anonymous_history_and_queries_page() {
     let s = TestServer::start().await;
