@@ -97,7 +97,7 @@ pub struct LoggedEvent {
     pub event: Event,
 }
 
-/// What [`ProfileStore::apply`] did.
+/// What [`ProfileWriter::apply`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ApplyOutcome {
     /// Events folded.

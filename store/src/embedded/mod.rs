@@ -30,7 +30,7 @@
 //! `identity`/`members` index, never traits or timelines.
 //!
 //! # Atomicity
-//! [`ProfileStore::apply`] gathers a batch's writes in an overlay and commits
+//! [`ProfileWriter::apply`] gathers a batch's writes in an overlay and commits
 //! them with the checkpoint in one fjall `WriteBatch`, which is atomic across
 //! keyspaces. fjall's journal recovers a prefix of committed batches, so after
 //! a crash the checkpoint and the state it describes always agree.

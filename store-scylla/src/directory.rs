@@ -1,0 +1,92 @@
+//! Workspaces and credentials: [`WorkspaceDirectory`] for [`ScyllaStore`].
+
+use super::*;
+
+#[async_trait]
+impl WorkspaceDirectory for ScyllaStore {
+    async fn create_workspace(
+        &self,
+        name: &str,
+        write_key: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<CreatedWorkspace> {
+        let created = CreatedWorkspace::new(name, write_key, token)?;
+        let (id, source_id) = (&created.workspace.id, &created.source_id);
+        // The name and credentials are checked, then written. Not a lightweight transaction:
+        // ScyllaDB keyspaces with tablets do not support them, and generated
+        // credentials are random; only a supplied one can collide, and the
+        // commands that supply one run alone.
+        let credentials = [
+            format!("w:{}", created.write_key),
+            format!("t:{}", token_digest(&created.token)),
+        ];
+        if self.workspaces().await?.iter().any(|w| w.name == name) {
+            return Err(StoreError::Conflict(format!("a workspace named {name:?}")));
+        }
+        for (credential, what) in credentials.iter().zip(["write key", "token"]) {
+            let taken: Vec<(String, String)> =
+                self.rows(&self.st.select_credential, (credential,)).await?;
+            if !taken.is_empty() {
+                return Err(StoreError::Conflict(what.into()));
+            }
+        }
+        let created_at = created.workspace.created_at;
+        self.write(&self.st.insert_workspace, (id, name, created_at))
+            .await?;
+        for credential in &credentials {
+            self.write(&self.st.insert_credential, (credential, id, source_id))
+                .await?;
+        }
+        Ok(created)
+    }
+
+    async fn workspaces(&self) -> Result<Vec<Workspace>> {
+        let pager = self
+            .session
+            .execute_iter(self.st.select_workspaces.clone(), ())
+            .await
+            .map_err(classify)?;
+        let rows: Vec<(String, Option<String>, Option<i64>)> = pager
+            .rows_stream::<(String, Option<String>, Option<i64>)>()
+            .map_err(corrupt)?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let mut out: Vec<Workspace> = rows
+            .into_iter()
+            .map(|(id, name, created_at)| Workspace {
+                id,
+                name: name.unwrap_or_default(),
+                created_at: created_at.unwrap_or(0),
+            })
+            .collect();
+        out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(out)
+    }
+
+    async fn resolve_write_key(&self, write_key: &str) -> Result<Option<WriteGrant>> {
+        let rows: Vec<(String, String)> = self
+            .rows(&self.st.select_credential, (format!("w:{write_key}"),))
+            .await?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .map(|(workspace_id, source_id)| WriteGrant {
+                workspace_id,
+                source_id,
+            }))
+    }
+
+    async fn resolve_token(&self, token: &str) -> Result<Option<ReadGrant>> {
+        let rows: Vec<(String, String)> = self
+            .rows(
+                &self.st.select_credential,
+                (format!("t:{}", token_digest(token)),),
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .map(|(workspace_id, _)| ReadGrant { workspace_id }))
+    }
+}

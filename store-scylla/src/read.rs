@@ -1,0 +1,262 @@
+//! The reader side: resolving identities, and reading traits, metadata and
+//! timelines, as [`ProfileReader`] for [`ScyllaStore`].
+
+use super::*;
+
+/// One identifier's timeline rows, as read.
+struct Row {
+    time: i64,
+    message_id: String,
+    counter: String,
+    body: String,
+}
+
+impl ScyllaStore {
+    /// Reads rows of one bucket after `cursor` in the query's direction.
+    async fn scan_bucket(
+        &self,
+        ws: &str,
+        id: &str,
+        bucket: i64,
+        q: &TimelineQuery,
+        cursor: Option<&(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<Row>> {
+        let st = &self.st;
+        let lo = q.start.unwrap_or(i64::MIN);
+        let hi = q.end.unwrap_or(i64::MAX);
+        let n = limit.min(i32::MAX as usize) as i32;
+        type R = (i64, String, String, String);
+        let rows: Vec<R> = match (q.descending, cursor) {
+            (false, Some((t, m))) if *t >= lo => {
+                self.rows(&st.timeline_asc_after, (ws, id, bucket, *t, m, hi, n))
+                    .await?
+            }
+            (false, _) => {
+                self.rows(&st.timeline_asc_from, (ws, id, bucket, lo, hi, n))
+                    .await?
+            }
+            (true, Some((t, m))) if *t < hi => {
+                self.rows(&st.timeline_desc_before, (ws, id, bucket, lo, *t, m, n))
+                    .await?
+            }
+            (true, _) => {
+                self.rows(&st.timeline_desc_from, (ws, id, bucket, lo, hi, n))
+                    .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(time, message_id, counter, body)| Row {
+                time,
+                message_id,
+                counter,
+                body,
+            })
+            .collect())
+    }
+
+    /// The first `want` matching rows of one identifier's timeline, in the
+    /// query's order, walking its buckets.
+    async fn identifier_timeline(
+        &self,
+        ws: &str,
+        id: &str,
+        q: &TimelineQuery,
+        want: usize,
+    ) -> Result<Vec<Row>> {
+        let mut lo = bucket_of(q.start.unwrap_or(i64::MIN));
+        let mut hi = bucket_of(q.end.map(|e| e.saturating_sub(1)).unwrap_or(i64::MAX));
+        if let Some((t, _)) = &q.after {
+            if q.descending {
+                hi = hi.min(bucket_of(*t));
+            } else {
+                lo = lo.max(bucket_of(*t));
+            }
+        }
+        if lo > hi {
+            return Ok(Vec::new());
+        }
+        let st = if q.descending {
+            &self.st.buckets_desc
+        } else {
+            &self.st.buckets_asc
+        };
+        let buckets: Vec<(i64,)> = self.rows(st, (ws, id, lo, hi)).await?;
+        let mut out = Vec::new();
+        let mut cursor = q.after.clone();
+        for (bucket,) in buckets {
+            loop {
+                let need = want - out.len();
+                // A filter is applied here, so read more per round trip.
+                let fetch = if q.event.is_some() {
+                    need.max(500)
+                } else {
+                    need
+                };
+                let rows = self
+                    .scan_bucket(ws, id, bucket, q, cursor.as_ref(), fetch)
+                    .await?;
+                let got = rows.len();
+                for r in rows {
+                    cursor = Some((r.time, r.message_id.clone()));
+                    if q.event.as_deref().is_none_or(|e| e == r.counter) {
+                        out.push(r);
+                        if out.len() == want {
+                            return Ok(out);
+                        }
+                    }
+                }
+                if got < fetch {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl ProfileReader for ScyllaStore {
+    async fn resolve(&self, workspace: &str, id: &Identifier) -> Result<Option<ProfileRef>> {
+        // The component is walked breadth-first, but only until it is known
+        // to hold more than a profile may: then, whatever order the reads
+        // completed in, the identifier stands alone (the domain's rule).
+        let start = id_text(id);
+        let mut found: BTreeMap<String, i64> = BTreeMap::new();
+        let mut queued: HashSet<String> = HashSet::from([start.clone()]);
+        let mut frontier = vec![start.clone()];
+        while !frontier.is_empty() && queued.len() <= MAX_PROFILE_IDENTIFIERS {
+            let mut reads = Vec::new();
+            for node in frontier.drain(..) {
+                reads.push(async move {
+                    let links = self.links(workspace, &node).await?;
+                    Ok::<_, StoreError>((node, links))
+                });
+            }
+            let results = concurrently(reads).await?;
+            for (node, links) in results {
+                let Some((first, linked)) = links else {
+                    continue;
+                };
+                found.insert(node, first);
+                for l in linked {
+                    if queued.insert(l.clone()) {
+                        frontier.push(l);
+                    }
+                }
+            }
+        }
+        let Some(&first) = found.get(&start) else {
+            return Ok(None);
+        };
+        if queued.len() > MAX_PROFILE_IDENTIFIERS {
+            tracing::debug!(
+                workspace,
+                "identifier in an oversized component stands alone"
+            );
+            found = BTreeMap::from([(start, first)]);
+        }
+        let mut identifiers = BTreeMap::new();
+        for (text, first) in found {
+            identifiers.insert(parse_id(&text)?, first);
+        }
+        let root = identifiers.keys().next().expect("not empty").clone();
+        Ok(Some(ProfileRef { root, identifiers }))
+    }
+
+    async fn traits(
+        &self,
+        workspace: &str,
+        profile: &ProfileRef,
+    ) -> Result<BTreeMap<String, TraitValue>> {
+        let mut reads = Vec::new();
+        for id in profile.identifiers.keys() {
+            let id = id_text(id);
+            reads.push(async move {
+                self.rows::<(String, Vec<u8>)>(&self.st.select_traits, (workspace, id))
+                    .await
+            });
+        }
+        let per_id = concurrently(reads).await?;
+        let mut out = BTreeMap::new();
+        for (name, cell) in per_id.into_iter().flatten() {
+            merge_trait(&mut out, name, decode_trait(&cell)?);
+        }
+        Ok(out)
+    }
+
+    async fn metadata(&self, workspace: &str, profile: &ProfileRef) -> Result<ProfileMetadata> {
+        let mut reads = Vec::new();
+        for id in profile.identifiers.keys() {
+            let id = id_text(id);
+            reads.push(async move { self.read_stats(workspace, &id).await });
+        }
+        let rows = concurrently(reads).await?;
+        let mut meta = ProfileMetadata {
+            first_seen: i64::MAX,
+            last_seen: i64::MIN,
+            counts: BTreeMap::new(),
+        };
+        for row in rows {
+            if let Some(seen) = row.seen {
+                meta.first_seen = meta.first_seen.min(seen.first);
+                meta.last_seen = meta.last_seen.max(seen.last);
+            }
+            for (name, n) in row.counts {
+                *meta.counts.entry(name).or_default() += n.max(0) as u64;
+            }
+        }
+        if meta.first_seen == i64::MAX {
+            meta.first_seen = 0;
+            meta.last_seen = 0;
+        }
+        Ok(meta)
+    }
+
+    async fn timeline(
+        &self,
+        workspace: &str,
+        profile: &ProfileRef,
+        query: &TimelineQuery,
+    ) -> Result<TimelinePage> {
+        let limit = query.limit.max(1);
+        let mut reads = Vec::new();
+        for id in profile.identifiers.keys() {
+            let id = id_text(id);
+            reads.push(async move {
+                self.identifier_timeline(workspace, &id, query, limit + 1)
+                    .await
+            });
+        }
+        let per_id = concurrently(reads).await?;
+        let mut rows: Vec<Row> = per_id.into_iter().flatten().collect();
+        rows.sort_by(|a, b| (a.time, &a.message_id).cmp(&(b.time, &b.message_id)));
+        if query.descending {
+            rows.reverse();
+        }
+        let has_more = rows.len() > limit;
+        rows.truncate(limit);
+        let entries = rows
+            .into_iter()
+            .map(|r| {
+                Ok(TimelineEntry {
+                    time: r.time,
+                    message_id: r.message_id,
+                    json: RawValue::from_string(r.body).map_err(|_| corrupt("timeline json"))?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(TimelinePage { entries, has_more })
+    }
+
+    async fn check_ready(&self) -> Result<()> {
+        let rows: Vec<(i32,)> = self
+            .rows(&self.st.ready, (schema::current_version(),))
+            .await?;
+        if rows.is_empty() {
+            return Err(StoreError::Unavailable("store schema is missing".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,75 @@
+//! The prepared statements of the store, each with the configured
+//! consistency.
+
+use super::*;
+
+/// The prepared statements, each with the configured consistency.
+pub(crate) struct Statements {
+    pub(crate) insert_link: PreparedStatement,
+    pub(crate) first_seen: PreparedStatement,
+    pub(crate) upsert_trait: PreparedStatement,
+    pub(crate) insert_timeline: PreparedStatement,
+    pub(crate) insert_bucket: PreparedStatement,
+    pub(crate) select_stats: PreparedStatement,
+    pub(crate) upsert_stats: PreparedStatement,
+    pub(crate) select_dedup: PreparedStatement,
+    pub(crate) insert_dedup: PreparedStatement,
+    pub(crate) upsert_checkpoint: PreparedStatement,
+    pub(crate) select_checkpoints: PreparedStatement,
+    pub(crate) select_links: PreparedStatement,
+    pub(crate) select_traits: PreparedStatement,
+    pub(crate) buckets_asc: PreparedStatement,
+    pub(crate) buckets_desc: PreparedStatement,
+    pub(crate) timeline_asc_from: PreparedStatement,
+    pub(crate) timeline_asc_after: PreparedStatement,
+    pub(crate) timeline_desc_from: PreparedStatement,
+    pub(crate) timeline_desc_before: PreparedStatement,
+    pub(crate) insert_workspace: PreparedStatement,
+    pub(crate) select_workspaces: PreparedStatement,
+    pub(crate) insert_credential: PreparedStatement,
+    pub(crate) select_credential: PreparedStatement,
+    pub(crate) ready: PreparedStatement,
+}
+
+const TIMELINE_COLUMNS: &str = "SELECT time, message_id, counter, body FROM timeline WHERE workspace = ? AND id = ? AND bucket = ?";
+
+impl Statements {
+    pub(crate) async fn prepare(session: &Session, keyspace: &str) -> Result<Self> {
+        // Table names are qualified: prepared statements under `USE` are
+        // ambiguous, and Cassandra warns on every one.
+        let p = |cql: String| async move {
+            let cql = qualify(&cql, keyspace);
+            let mut s = session.prepare(cql).await.map_err(classify)?;
+            s.set_is_idempotent(true);
+            Ok::<_, StoreError>(s)
+        };
+        let tl = |rest: &str| format!("{TIMELINE_COLUMNS} {rest}");
+        Ok(Self {
+            insert_link: p("INSERT INTO identity_links (workspace, id, linked) VALUES (?, ?, ?)".into()).await?,
+            first_seen: p("UPDATE identity_links USING TIMESTAMP ? SET first_seen = ? WHERE workspace = ? AND id = ?".into()).await?,
+            upsert_trait: p("UPDATE traits USING TIMESTAMP ? SET value = ? WHERE workspace = ? AND id = ? AND name = ?".into()).await?,
+            insert_timeline: p("INSERT INTO timeline (workspace, id, bucket, time, message_id, counter, body) VALUES (?, ?, ?, ?, ?, ?, ?)".into()).await?,
+            insert_bucket: p("INSERT INTO timeline_buckets (workspace, id, bucket) VALUES (?, ?, ?)".into()).await?,
+            select_stats: p("SELECT first_seen, last_seen, counts, applied FROM stats WHERE workspace = ? AND id = ?".into()).await?,
+            upsert_stats: p("INSERT INTO stats (workspace, id, first_seen, last_seen, counts, applied) VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?".into()).await?,
+            select_dedup: p("SELECT received_at FROM dedup WHERE workspace = ? AND message_id = ?".into()).await?,
+            insert_dedup: p("INSERT INTO dedup (workspace, message_id, received_at) VALUES (?, ?, ?) USING TTL ?".into()).await?,
+            upsert_checkpoint: p("INSERT INTO checkpoints (consumer, partition, position) VALUES (?, ?, ?) USING TIMESTAMP ?".into()).await?,
+            select_checkpoints: p("SELECT partition, position FROM checkpoints WHERE consumer = ?".into()).await?,
+            // One more than a profile may hold tells it is too many.
+            select_links: p(format!("SELECT linked, first_seen FROM identity_links WHERE workspace = ? AND id = ? LIMIT {}", MAX_PROFILE_IDENTIFIERS + 1)).await?,
+            select_traits: p("SELECT name, value FROM traits WHERE workspace = ? AND id = ?".into()).await?,
+            buckets_asc: p("SELECT bucket FROM timeline_buckets WHERE workspace = ? AND id = ? AND bucket >= ? AND bucket <= ? ORDER BY bucket ASC".into()).await?,
+            buckets_desc: p("SELECT bucket FROM timeline_buckets WHERE workspace = ? AND id = ? AND bucket >= ? AND bucket <= ? ORDER BY bucket DESC".into()).await?,
+            timeline_asc_from: p(tl("AND time >= ? AND time < ? ORDER BY time ASC, message_id ASC LIMIT ?")).await?,
+            timeline_asc_after: p(tl("AND (time, message_id) > (?, ?) AND (time, message_id) < (?, '') ORDER BY time ASC, message_id ASC LIMIT ?")).await?,
+            timeline_desc_from: p(tl("AND time >= ? AND time < ? ORDER BY time DESC, message_id DESC LIMIT ?")).await?,
+            timeline_desc_before: p(tl("AND (time, message_id) >= (?, '') AND (time, message_id) < (?, ?) ORDER BY time DESC, message_id DESC LIMIT ?")).await?,
+            insert_workspace: p("INSERT INTO workspaces (id, name, created_at) VALUES (?, ?, ?)".into()).await?,
+            select_workspaces: p("SELECT id, name, created_at FROM workspaces".into()).await?,
+            insert_credential: p("INSERT INTO credentials (credential, workspace_id, source_id) VALUES (?, ?, ?)".into()).await?,
+            select_credential: p("SELECT workspace_id, source_id FROM credentials WHERE credential = ?".into()).await?,
+            ready: p("SELECT version FROM schema_migrations WHERE version = ?".into()).await?,
+        })
+    }
+}
