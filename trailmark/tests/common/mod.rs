@@ -44,6 +44,25 @@ pub struct Role {
     pub name: String,
     pub base: String,
     pub child: tokio::process::Child,
+    /// Where the role's stderr goes; its tail is printed if a test fails.
+    pub log: std::path::PathBuf,
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(60)..];
+        eprintln!(
+            "---- last {} lines of {} ----\n{}",
+            tail.len(),
+            self.name,
+            tail.join("\n")
+        );
+    }
 }
 
 impl Role {
@@ -130,7 +149,8 @@ async fn run_command(dir: &std::path::Path, args: &[&str], hint: &str) -> String
 /// it says where it listens and answers `/readyz` with 200.
 pub async fn spawn_role(dir: &std::path::Path, role: &str, label: &str) -> Role {
     use tokio::io::AsyncBufReadExt;
-    let log = std::fs::File::create(dir.join(format!("{label}.log"))).expect("log file");
+    let log_path = dir.join(format!("{label}.log"));
+    let log = std::fs::File::create(&log_path).expect("log file");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_trailmark"))
         .arg("--config")
         .arg(config_path(dir))
@@ -167,6 +187,7 @@ pub async fn spawn_role(dir: &std::path::Path, role: &str, label: &str) -> Role 
                 name: label.to_owned(),
                 base,
                 child,
+                log: log_path,
             };
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
