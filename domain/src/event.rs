@@ -109,7 +109,8 @@ impl IdKind {
     /// `a-z`, `0-9`, `_`, `.` and `-`, starting with a letter or a digit
     /// (`user_id`, `ga_client_id`, `ios.idfa`). Lower case only, so that one
     /// kind has one spelling; no `:` (it separates `{id_type}:{id}`) and no
-    /// control byte (the embedded store's keys are built from it).
+    /// control byte (the embedded store's keys are built from it). The kind
+    /// `profile_id` is reserved for lookups by a profile's stable id.
     pub fn check(s: &str) -> Result<(), String> {
         let ok_char = |c: u8| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-');
         match s.as_bytes() {
@@ -122,6 +123,9 @@ impl IdKind {
             }
             b if !b.iter().all(|&c| ok_char(c)) => {
                 Err("may hold only a-z, 0-9, '_', '.' and '-'".into())
+            }
+            b"profile_id" => {
+                Err("profile_id is reserved: it names a profile by its stable id".into())
             }
             _ => Ok(()),
         }

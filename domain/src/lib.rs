@@ -13,9 +13,14 @@
 //!   named, links, traits, a count, a timeline entry), a closed enum whose
 //!   variants each say how they merge; [`profile::ProfileModel`] folds them in
 //!   memory with commutative, idempotent rules (last event time wins per trait,
-//!   min/max seen times, identity union with a deterministic root). The stores
+//!   min/max seen times, identity evidence that only accumulates). The stores
 //!   handle the same facts with exhaustive matches, and their conformance
 //!   suite checks them against this model on generated streams.
+//! - [`identity`]: which identifiers are one person. A workspace's
+//!   [`identity::Rules`] (limits, blocked values, priority) decide the
+//!   evidence in the canonical order `(receivedAt, messageId)`
+//!   ([`identity::Graph`]); [`identity::Walk`] is how every reader (the
+//!   model and both stores) finds a profile from one identifier.
 //! - [`clock`]: the injected [`Clock`], so tests control time.
 //!
 //! Everything above this crate (log, store, services) depends on it; it
@@ -23,6 +28,7 @@
 
 pub mod clock;
 pub mod event;
+pub mod identity;
 mod json;
 pub mod parse;
 pub mod profile;

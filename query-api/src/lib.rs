@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use trailmark_domain::Identifier;
+use trailmark_domain::identity::{Decision, Outcome, path as path_between};
 use trailmark_domain::time::{format_micros, parse_micros};
 use trailmark_http::auth::Reader;
 use trailmark_http::{ApiError, AppState};
@@ -38,29 +39,93 @@ use trailmark_store::{ProfileRef, TimelineQuery};
 /// The largest page.
 pub const MAX_LIMIT: usize = 200;
 
-/// The Profile API routes.
+/// The Profile API routes, under Trailmark's paths and Segment's.
 pub fn routes() -> Router<AppState> {
+    const SEGMENT: &str = "/v1/spaces/{space_id}/collections/{collection}/profiles/{id}";
     Router::new()
         .route("/v1/profiles/{id}/traits", get(traits))
         .route("/v1/profiles/{id}/events", get(events))
         .route("/v1/profiles/{id}/external_ids", get(external_ids))
         .route("/v1/profiles/{id}/metadata", get(metadata))
+        .route("/v1/profiles/{id}/merges", get(merges))
+        .route(&format!("{SEGMENT}/traits"), get(traits))
+        .route(&format!("{SEGMENT}/events"), get(events))
+        .route(&format!("{SEGMENT}/external_ids"), get(external_ids))
+        .route(&format!("{SEGMENT}/metadata"), get(metadata))
+        .route(&format!("{SEGMENT}/merges"), get(merges))
 }
+
+/// A profile route's path: Trailmark's (`/v1/profiles/{id}/…`) or
+/// Segment's, which also names a space (the workspace) and a collection.
+#[derive(Debug, Deserialize)]
+struct ProfilePath {
+    id: String,
+    #[serde(default)]
+    space_id: Option<String>,
+    #[serde(default)]
+    collection: Option<String>,
+}
+
+impl ProfilePath {
+    /// The route's path up to the profile, as a cursor URL repeats it.
+    fn base(&self) -> String {
+        let id = encode_path_segment(&self.id);
+        match (&self.space_id, &self.collection) {
+            (Some(space), Some(collection)) => format!(
+                "/v1/spaces/{}/collections/{}/profiles/{id}",
+                encode_path_segment(space),
+                encode_path_segment(collection)
+            ),
+            _ => format!("/v1/profiles/{id}"),
+        }
+    }
+}
+
+/// The `{id_type}` that names a profile by its stable id.
+const PROFILE_ID: &str = "profile_id";
 
 fn parse_identifier(raw: &str) -> Result<Identifier, ApiError> {
     Identifier::parse(raw).ok_or_else(|| {
         ApiError::bad_field(
             "id",
-            "a profile is named {id_type}:{id}, for example user_id:42 or email:ann@example.com",
+            "a profile is named {id_type}:{id}, for example user_id:42, email:ann@example.com or profile_id:<uuid>",
         )
     })
 }
 
-async fn resolve(state: &AppState, reader: &Reader, raw: &str) -> Result<ProfileRef, ApiError> {
-    let id = parse_identifier(raw)?;
+async fn resolve(
+    state: &AppState,
+    reader: &Reader,
+    path: &ProfilePath,
+) -> Result<ProfileRef, ApiError> {
+    let ws = &reader.0.workspace_id;
+    // A Segment path names the space: it must be this token's workspace.
+    if path.space_id.as_ref().is_some_and(|s| s != ws) {
+        return Err(ApiError::NotFound(
+            "no such space: the space id is the workspace id of the token".into(),
+        ));
+    }
+    match path.collection.as_deref() {
+        None | Some("users") => {}
+        Some(other) => {
+            return Err(ApiError::NotFound(format!(
+                "no collection {other:?}: profiles are in \"users\""
+            )));
+        }
+    }
+    let mut id = parse_identifier(&path.id)?;
+    if id.kind.as_str() == PROFILE_ID {
+        let pid = uuid::Uuid::parse_str(&id.value)
+            .map_err(|_| ApiError::bad_field("id", "a profile_id is a uuid"))?;
+        id = state
+            .store
+            .identifier_of(ws, pid)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no profile has the id {pid}")))?;
+    }
     state
         .store
-        .resolve(&reader.0.workspace_id, &id)
+        .resolve(ws, &id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no profile has the identifier {id}")))
 }
@@ -139,13 +204,13 @@ struct TraitsParams {
 async fn traits(
     State(state): State<AppState>,
     reader: Reader,
-    Path(id): Path<String>,
+    Path(path): Path<ProfilePath>,
     p: Result<Query<TraitsParams>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(p) = p.map_err(bad_query)?;
     let limit = limit(p.limit, 10)?;
     let after: Option<String> = p.next.as_deref().map(decode_cursor).transpose()?;
-    let profile = resolve(&state, &reader, &id).await?;
+    let profile = resolve(&state, &reader, &path).await?;
     let all = state.store.traits(&reader.0.workspace_id, &profile).await?;
     let include: Option<Vec<&str>> = p.include.as_deref().map(|s| {
         s.split(',')
@@ -176,7 +241,7 @@ async fn traits(
             (name, value)
         })
         .collect();
-    let mut url = page_url(&id, "traits", limit, &next);
+    let mut url = page_url(&path, "traits", limit, &next);
     if let Some(include) = &p.include {
         url.push_str(&format!("&include={}", encode_query_value(include)));
     }
@@ -220,7 +285,7 @@ fn time_param(raw: Option<&str>, field: &str) -> Result<Option<i64>, ApiError> {
 async fn events(
     State(state): State<AppState>,
     reader: Reader,
-    Path(id): Path<String>,
+    Path(path): Path<ProfilePath>,
     p: Result<Query<EventsParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(p) = p.map_err(bad_query)?;
@@ -239,7 +304,7 @@ async fn events(
             "the cursor was issued for the other sort order",
         ));
     }
-    let profile = resolve(&state, &reader, &id).await?;
+    let profile = resolve(&state, &reader, &path).await?;
     let query = TimelineQuery {
         start,
         end,
@@ -260,7 +325,7 @@ async fn events(
         }),
         _ => String::new(),
     };
-    let mut url = page_url(&id, "events", limit, &next);
+    let mut url = page_url(&path, "events", limit, &next);
     url.push_str(if descending {
         "&sort=desc"
     } else {
@@ -288,11 +353,8 @@ async fn events(
 /// The URL of the page after this one: the route, with the profile's
 /// identifier re-encoded as a path segment, `limit`, and `next` when there
 /// is a next page. Callers append the route's other parameters.
-fn page_url(id: &str, route: &str, limit: usize, next: &str) -> String {
-    let mut url = format!(
-        "/v1/profiles/{}/{route}?limit={limit}",
-        encode_path_segment(id)
-    );
+fn page_url(path: &ProfilePath, route: &str, limit: usize, next: &str) -> String {
+    let mut url = format!("{}/{route}?limit={limit}", path.base());
     if !next.is_empty() {
         url.push_str(&format!("&next={next}"));
     }
@@ -333,54 +395,69 @@ struct ExternalIdsParams {
 async fn external_ids(
     State(state): State<AppState>,
     reader: Reader,
-    Path(id): Path<String>,
+    Path(path): Path<ProfilePath>,
     p: Result<Query<ExternalIdsParams>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(p) = p.map_err(bad_query)?;
     let limit = limit(p.limit, 25)?;
     let after: Option<String> = p.next.as_deref().map(decode_cursor).transpose()?;
-    let profile = resolve(&state, &reader, &id).await?;
+    let profile = resolve(&state, &reader, &path).await?;
     let (page, has_more, next) = keyed_page(
         profile
             .identifiers
             .iter()
-            .map(|(ident, created)| (ident.to_string(), (ident, *created))),
+            .map(|(ident, named)| (ident.to_string(), (ident, named))),
         after.as_deref(),
         limit,
     );
     let data: Vec<Value> = page
         .into_iter()
-        .map(|(_, (ident, created))| {
+        .map(|(_, (ident, named))| {
             json!({
                 "id": ident.value,
                 "type": ident.kind.as_str(),
                 "collection": "users",
                 "encoding": "none",
-                "created_at": format_micros(created),
+                "created_at": format_micros(named.created),
+                "last_seen": format_micros(named.last_seen),
+                "first_message_id": named.first.message_id,
+                "source_id": named.source_id,
+                "linked": profile.linked_by(ident).map(link_json),
             })
         })
         .collect();
     Ok(Json(json!({
         "data": data,
-        "cursor": cursor_object(page_url(&id, "external_ids", limit, &next), has_more, next, limit),
+        "cursor": cursor_object(page_url(&path, "external_ids", limit, &next), has_more, next, limit),
     })))
 }
 
 async fn metadata(
     State(state): State<AppState>,
     reader: Reader,
-    Path(id): Path<String>,
+    Path(path): Path<ProfilePath>,
 ) -> Result<Json<Value>, ApiError> {
-    let profile = resolve(&state, &reader, &id).await?;
+    let profile = resolve(&state, &reader, &path).await?;
     let meta = state
         .store
         .metadata(&reader.0.workspace_id, &profile)
         .await?;
     let total: u64 = meta.counts.values().sum();
     let counts: BTreeMap<&String, u64> = meta.counts.iter().map(|(k, v)| (k, *v)).collect();
+    let created = profile.identifiers.values().map(|n| n.created).min();
+    let updated = profile
+        .identifiers
+        .values()
+        .max_by(|a, b| (a.last_seen, &a.last_message_id).cmp(&(b.last_seen, &b.last_message_id)));
+    let first = &profile.identifiers[&profile.holder].first;
     Ok(Json(json!({
         "metadata": {
-            "profile_id": profile.root.to_string(),
+            "profile_id": profile.profile_id.to_string(),
+            "holder": profile.holder.to_string(),
+            "created_at": created.map(format_micros),
+            "updated_at": updated.map(|n| format_micros(n.last_seen)),
+            "first_message_id": first.message_id,
+            "last_message_id": updated.map(|n| n.last_message_id.as_str()),
             "first_seen": format_micros(meta.first_seen),
             "last_seen": format_micros(meta.last_seen),
             "total_events": total,
@@ -388,6 +465,86 @@ async fn metadata(
             "identifiers": profile.identifiers.len(),
         }
     })))
+}
+
+/// A decision as the explain routes show it.
+fn decision_json(d: &Decision) -> Value {
+    let mut v = json!({
+        "message_id": d.key.message_id,
+        "received_at": format_micros(d.key.received_at),
+        "action": d.action.as_str(),
+        "evidence": d.evidence.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    });
+    match &d.outcome {
+        Outcome::Linked(ids) => {
+            v["linked"] = json!(ids.iter().map(ToString::to_string).collect::<Vec<_>>());
+        }
+        Outcome::Refused(id, rule) => {
+            v["refused"] = json!(id.to_string());
+            v["rule"] = json!(rule.to_string());
+        }
+        Outcome::Detached(id) => {
+            v["detached"] = json!(id.to_string());
+        }
+    }
+    v
+}
+
+/// How an identifier joined its profile, for `external_ids`.
+fn link_json(d: &Decision) -> Value {
+    json!({
+        "message_id": d.key.message_id,
+        "received_at": format_micros(d.key.received_at),
+        "rule": d.action.as_str(),
+    })
+}
+
+/// Query string of the merges route.
+#[derive(Debug, Deserialize)]
+struct MergesParams {
+    /// Another identifier of the profile: the answer names the links that
+    /// join the two.
+    to: Option<String>,
+}
+
+/// `GET /v1/profiles/{id}/merges`: why the profile holds each identifier.
+/// Every accepted link with its evidence, every refused one with the rule
+/// that refused it, and every split, in canonical order; with `to`, the
+/// path of links from `{id}` to that identifier.
+async fn merges(
+    State(state): State<AppState>,
+    reader: Reader,
+    Path(path): Path<ProfilePath>,
+    p: Result<Query<MergesParams>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(p) = p.map_err(bad_query)?;
+    let profile = resolve(&state, &reader, &path).await?;
+    let mut out = json!({
+        "profile_id": profile.profile_id.to_string(),
+        "holder": profile.holder.to_string(),
+        "identifiers": profile.identifiers.keys().map(ToString::to_string).collect::<Vec<_>>(),
+        "accepted": profile.decisions.iter()
+            .filter(|d| matches!(d.outcome, Outcome::Linked(_)))
+            .map(decision_json).collect::<Vec<_>>(),
+        "refused": profile.decisions.iter()
+            .filter(|d| !matches!(d.outcome, Outcome::Linked(_)))
+            .map(decision_json).collect::<Vec<_>>(),
+    });
+    if let Some(to) = &p.to {
+        let to = Identifier::parse(to)
+            .ok_or_else(|| ApiError::bad_field("to", "to is {id_type}:{id}"))?;
+        let from = match parse_identifier(&path.id)? {
+            id if id.kind.as_str() == PROFILE_ID => profile.holder.clone(),
+            id => id,
+        };
+        let members: std::collections::BTreeSet<Identifier> =
+            profile.identifiers.keys().cloned().collect();
+        let found = path_between(&profile.decisions, &members, &from, &to).ok_or_else(|| {
+            ApiError::NotFound(format!("{to} is not linked to {from} in this profile"))
+        })?;
+        out["path"] = json!(found.into_iter().map(decision_json).collect::<Vec<_>>());
+    }
+    Ok(Json(out))
 }
 
 #[cfg(test)]

@@ -6,15 +6,18 @@ use super::*;
 
 /// A write of the fold, issued concurrently with the others.
 enum Write {
-    Link {
+    /// An identifier's record: its three cells and its `profile_ids` row.
+    Named {
         ws: String,
-        id: String,
-        linked: String,
+        id: Identifier,
+        named: Named,
     },
-    FirstSeen {
+    /// A piece of evidence under one identifier.
+    Evidence {
         ws: String,
         id: String,
-        time: i64,
+        slot: [u8; 16],
+        evidence: Evidence,
     },
     Trait {
         ws: String,
@@ -91,10 +94,57 @@ impl ScyllaStore {
     async fn run(&self, w: Write) -> Result<()> {
         let st = &self.st;
         match w {
-            Write::Link { ws, id, linked } => self.write(&st.insert_link, (ws, id, linked)).await,
-            Write::FirstSeen { ws, id, time } => {
-                self.write(&st.first_seen, (first_seen_timestamp(time), time, ws, id))
-                    .await
+            Write::Named { ws, id, named } => {
+                let text = id_text(&id);
+                let pid = profile_id(&ws, &id);
+                let first = encode_first(&named);
+                futures_util::future::try_join4(
+                    self.write(
+                        &st.named_created,
+                        (
+                            first_seen_timestamp(named.created),
+                            named.created,
+                            &ws,
+                            &text,
+                        ),
+                    ),
+                    self.write(
+                        &st.named_last,
+                        (
+                            trait_timestamp(named.last_seen),
+                            named.last_seen,
+                            &named.last_message_id,
+                            &ws,
+                            &text,
+                        ),
+                    ),
+                    self.write(
+                        &st.named_first,
+                        (
+                            first_seen_timestamp(named.first.received_at),
+                            named.first.received_at,
+                            first,
+                            &ws,
+                            &text,
+                        ),
+                    ),
+                    self.write(&st.insert_profile_id, (&ws, pid, &text)),
+                )
+                .await?;
+                Ok(())
+            }
+            Write::Evidence {
+                ws,
+                id,
+                slot,
+                evidence,
+            } => {
+                let ts = first_seen_timestamp(evidence.key.received_at);
+                self.write(
+                    &st.upsert_evidence,
+                    (ts, encode_evidence(&evidence), ws, id, slot.to_vec()),
+                )
+                .await
             }
             Write::Trait {
                 ws,
@@ -198,18 +248,51 @@ impl ScyllaStore {
         Ok(())
     }
 
-    /// The links of one identifier, and its earliest time.
-    pub(crate) async fn links(&self, ws: &str, id: &str) -> Result<Option<(i64, Vec<String>)>> {
-        let rows: Vec<(Option<String>, Option<i64>)> =
-            self.rows(&self.st.select_links, (ws, id)).await?;
-        if rows.is_empty() {
+    /// An identifier's record, if any event named it.
+    pub(crate) async fn named(&self, ws: &str, id: &Identifier) -> Result<Option<Named>> {
+        type Row = (
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<i64>,
+            Option<Vec<u8>>,
+        );
+        let rows: Vec<Row> = self
+            .rows(&self.st.select_identity, (ws, id_text(id)))
+            .await?;
+        let Some((
+            Some(created),
+            Some(last_seen),
+            Some(last_message_id),
+            Some(received_at),
+            Some(first),
+        )) = rows.into_iter().next()
+        else {
             return Ok(None);
-        }
-        let first = rows.iter().find_map(|r| r.1).unwrap_or(0);
-        Ok(Some((
-            first,
-            rows.into_iter().filter_map(|r| r.0).collect(),
-        )))
+        };
+        let (message_id, source_id) = decode_first(&first)?;
+        Ok(Some(Named {
+            created,
+            last_seen,
+            last_message_id,
+            first: Key {
+                received_at,
+                message_id,
+            },
+            source_id,
+        }))
+    }
+
+    /// The evidence kept under an identifier: all of it, or one more piece
+    /// than an identifier may carry.
+    pub(crate) async fn evidence(&self, ws: &str, id: &Identifier) -> Result<Vec<Evidence>> {
+        let rows: Vec<(Option<Vec<u8>>,)> = self
+            .rows(&self.st.select_evidence, (ws, id_text(id)))
+            .await?;
+        rows.into_iter()
+            .filter_map(|(v,)| v)
+            .map(|v| decode_evidence(&v))
+            .collect()
     }
 }
 
@@ -230,8 +313,8 @@ type CountsByPrimary = BTreeMap<(String, String), Vec<(u32, u64, String, i64)>>;
 fn plan(events: &[&LoggedEvent]) -> Result<Plan> {
     let mut writes = Vec::with_capacity(events.len() * 2);
     let mut by_primary = CountsByPrimary::new();
-    let mut first_seen: HashMap<(String, String), i64> = HashMap::new();
-    let mut links: HashSet<(String, String, String)> = HashSet::new();
+    let mut named: HashMap<(String, Identifier), Named> = HashMap::new();
+    let mut evidence: HashMap<(String, String, [u8; 16]), Evidence> = HashMap::new();
     let mut traits: HashMap<(String, String, String), TraitValue> = HashMap::new();
     let mut buckets: HashSet<(String, String, i64)> = HashSet::new();
     for le in events {
@@ -239,21 +322,28 @@ fn plan(events: &[&LoggedEvent]) -> Result<Plan> {
         let ws = &ev.workspace_id;
         for fact in project(ev)?.facts {
             match fact {
-                Fact::Named { id, time } => {
-                    first_seen
-                        .entry((ws.clone(), id_text(&id)))
-                        .and_modify(|t| *t = (*t).min(time))
-                        .or_insert(time);
-                }
-                Fact::Linked {
-                    id,
-                    other,
-                    // Not kept yet; the merge explanation will store it.
-                    evidence: _,
-                } => {
-                    let (id, other) = (id_text(&id), id_text(&other));
-                    links.insert((ws.clone(), id.clone(), other.clone()));
-                    links.insert((ws.clone(), other, id));
+                Fact::Named { id, named: n } => match named.entry((ws.clone(), id)) {
+                    std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().include(&n),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(n);
+                    }
+                },
+                Fact::Linked(e) => {
+                    let rules = rules(ws);
+                    let slot = slot_digest(&e.slot(rules));
+                    for id in e.ids.iter().filter(|i| !rules.is_blocked(i)) {
+                        // One piece per slot: the smallest key.
+                        match evidence.entry((ws.clone(), id_text(id), slot)) {
+                            std::collections::hash_map::Entry::Occupied(mut o) => {
+                                if e.key < o.get().key {
+                                    o.insert(e.clone());
+                                }
+                            }
+                            std::collections::hash_map::Entry::Vacant(v) => {
+                                v.insert(e.clone());
+                            }
+                        }
+                    }
                 }
                 Fact::Trait { id, name, value } => {
                     match traits.entry((ws.clone(), id_text(&id), name)) {
@@ -296,14 +386,19 @@ fn plan(events: &[&LoggedEvent]) -> Result<Plan> {
         }
     }
     writes.extend(
-        first_seen
+        named
             .into_iter()
-            .map(|((ws, id), time)| Write::FirstSeen { ws, id, time }),
+            .map(|((ws, id), named)| Write::Named { ws, id, named }),
     );
     writes.extend(
-        links
+        evidence
             .into_iter()
-            .map(|(ws, id, linked)| Write::Link { ws, id, linked }),
+            .map(|((ws, id, slot), evidence)| Write::Evidence {
+                ws,
+                id,
+                slot,
+                evidence,
+            }),
     );
     writes.extend(
         traits

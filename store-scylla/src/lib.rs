@@ -19,12 +19,16 @@
 //!   clustered by `(time, messageId)`: an upsert. Buckets are
 //!   [`BUCKET_MICROS`] wide, so a heavy user's partitions stay bounded, and a
 //!   `timeline_buckets` index lets a page skip empty stretches.
-//! - **Identity** is a grow-only set of links between identifiers, resolved to
-//!   connected components on read (the root is the smallest identifier, as in
-//!   the domain's model). Edges commute, so projectors of different partitions
-//!   can link the same person at once without a race. An identifier's earliest
-//!   time is a cell written with the write timestamp `-SHIFT - time`, so the
-//!   store keeps the minimum by itself.
+//! - **Identity** is kept as the domain defines it, as evidence, and decided
+//!   on read ([`trailmark_domain::identity::Walk`]): `identity_evidence`
+//!   holds one piece per slot under each identifier of it that is not
+//!   blocked, the smallest key winning by write timestamp `-SHIFT -
+//!   receivedAt` (on a tie, by the larger value, which starts with the
+//!   inverted `messageId`: see [`trailmark_store::identity`]). Evidence only
+//!   accumulates, so projectors of different partitions can link the same
+//!   person at once without a race. An identifier's record in `identities`
+//!   keeps its earliest time, latest time and first key the same way, cell
+//!   by cell; `profile_ids` maps each profile id back to its identifier.
 //! - **Traits** are one cell per `(identifier, name)` written with the write
 //!   timestamp `event time - SHIFT`; on a tie the larger value wins, and the
 //!   value starts with the `messageId`, which is the domain's tie-break.
@@ -74,13 +78,18 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::unprepared::Statement;
 use serde_json::value::RawValue;
-use trailmark_domain::profile::{Fact, Seen, TraitValue, is_duplicate, merge_trait, project};
+use trailmark_domain::identity::{Evidence, Key, MAX_ID_EVIDENCE, Rules, Walk, profile_id};
+use trailmark_domain::profile::{
+    Fact, Named, Seen, TraitValue, is_duplicate, merge_trait, project,
+};
 use trailmark_domain::{IdKind, Identifier};
+use trailmark_store::identity::{
+    decode_evidence, decode_first, encode_evidence, encode_first, profile_ref, slot_digest,
+};
 use trailmark_store::{
-    ApplyBatch, ApplyOutcome, CreatedWorkspace, LoggedEvent, MAX_PROFILE_IDENTIFIERS,
-    ProfileMetadata, ProfileReader, ProfileRef, ProfileWriter, ReadGrant, Result, StoreError,
-    TimelineEntry, TimelinePage, TimelineQuery, Workspace, WorkspaceDirectory, WriteGrant,
-    token_digest,
+    ApplyBatch, ApplyOutcome, CreatedWorkspace, LoggedEvent, ProfileMetadata, ProfileReader,
+    ProfileRef, ProfileWriter, ReadGrant, Result, StoreError, TimelineEntry, TimelinePage,
+    TimelineQuery, Workspace, WorkspaceDirectory, WriteGrant, token_digest,
 };
 
 mod config;
@@ -111,6 +120,13 @@ fn trait_timestamp(time: i64) -> i64 {
 /// The write timestamp of a first-seen cell: earlier events win.
 fn first_seen_timestamp(time: i64) -> i64 {
     -TIMESTAMP_SHIFT - time
+}
+
+/// The identity rules of a workspace: the defaults for every workspace, for
+/// now.
+fn rules(_workspace: &str) -> &'static Rules {
+    static DEFAULT: std::sync::OnceLock<Rules> = std::sync::OnceLock::new();
+    DEFAULT.get_or_init(Rules::default)
 }
 
 /// Requests in flight per apply or read.

@@ -119,50 +119,54 @@ impl ScyllaStore {
 #[async_trait]
 impl ProfileReader for ScyllaStore {
     async fn resolve(&self, workspace: &str, id: &Identifier) -> Result<Option<ProfileRef>> {
-        // The component is walked breadth-first, but only until it is known
-        // to hold more than a profile may: then, whatever order the reads
-        // completed in, the identifier stands alone (the domain's rule).
-        let start = id_text(id);
-        let mut found: BTreeMap<String, i64> = BTreeMap::new();
-        let mut queued: HashSet<String> = HashSet::from([start.clone()]);
-        let mut frontier = vec![start.clone()];
-        while !frontier.is_empty() && queued.len() <= MAX_PROFILE_IDENTIFIERS {
-            let mut reads = Vec::new();
-            for node in frontier.drain(..) {
-                reads.push(async move {
-                    let links = self.links(workspace, &node).await?;
-                    Ok::<_, StoreError>((node, links))
-                });
+        if self.named(workspace, id).await?.is_none() {
+            return Ok(None);
+        }
+        // The walk asks for a wave of identifiers at a time; each wave is
+        // read concurrently.
+        let mut walk = Walk::new(rules(workspace), id.clone());
+        loop {
+            let next = walk.wanted();
+            if next.is_empty() {
+                break;
             }
-            let results = concurrently(reads).await?;
-            for (node, links) in results {
-                let Some((first, linked)) = links else {
-                    continue;
-                };
-                found.insert(node, first);
-                for l in linked {
-                    if queued.insert(l.clone()) {
-                        frontier.push(l);
-                    }
-                }
+            let reads: Vec<_> = next.iter().map(|i| self.evidence(workspace, i)).collect();
+            for evidence in concurrently(reads).await? {
+                walk.add(evidence);
             }
         }
-        let Some(&first) = found.get(&start) else {
-            return Ok(None);
-        };
-        if queued.len() > MAX_PROFILE_IDENTIFIERS {
+        let resolved = walk.finish();
+        if resolved.too_large {
             tracing::debug!(
                 workspace,
                 "identifier in an oversized component stands alone"
             );
-            found = BTreeMap::from([(start, first)]);
         }
-        let mut identifiers = BTreeMap::new();
-        for (text, first) in found {
-            identifiers.insert(parse_id(&text)?, first);
-        }
-        let root = identifiers.keys().next().expect("not empty").clone();
-        Ok(Some(ProfileRef { root, identifiers }))
+        let reads: Vec<_> =
+            resolved
+                .members
+                .iter()
+                .map(|m| async move {
+                    Ok::<_, StoreError>((m.clone(), self.named(workspace, m).await?))
+                })
+                .collect();
+        let records: BTreeMap<Identifier, Named> = concurrently(reads)
+            .await?
+            .into_iter()
+            .filter_map(|(m, n)| n.map(|n| (m, n)))
+            .collect();
+        profile_ref(workspace, resolved, records).map(Some)
+    }
+
+    async fn identifier_of(
+        &self,
+        workspace: &str,
+        profile_id: uuid::Uuid,
+    ) -> Result<Option<Identifier>> {
+        let rows: Vec<(String,)> = self
+            .rows(&self.st.select_profile_id, (workspace, profile_id))
+            .await?;
+        rows.into_iter().next().map(|(t,)| parse_id(&t)).transpose()
     }
 
     async fn traits(

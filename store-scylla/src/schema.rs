@@ -26,50 +26,51 @@ pub const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations
     applied_at timestamp)";
 
 /// Every migration, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "workspaces, credentials, checkpoints, de-duplication, identity links, traits, stats, timelines",
-    statements: &[
-        "CREATE TABLE IF NOT EXISTS workspaces (
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "workspaces, credentials, checkpoints, de-duplication, identity links, traits, stats, timelines",
+        statements: &[
+            "CREATE TABLE IF NOT EXISTS workspaces (
             id text PRIMARY KEY,
             name text,
             created_at bigint)",
-        // `w:<write key>` or `t:<sha-256 of token>`.
-        "CREATE TABLE IF NOT EXISTS credentials (
+            // `w:<write key>` or `t:<sha-256 of token>`.
+            "CREATE TABLE IF NOT EXISTS credentials (
             credential text PRIMARY KEY,
             workspace_id text,
             source_id text)",
-        "CREATE TABLE IF NOT EXISTS checkpoints (
+            "CREATE TABLE IF NOT EXISTS checkpoints (
             consumer text,
             partition int,
             position bigint,
             PRIMARY KEY (consumer, partition))",
-        // Written with a TTL of twice the window: expiry is only clean-up, the
-        // decision compares `received_at`.
-        "CREATE TABLE IF NOT EXISTS dedup (
+            // Written with a TTL of twice the window: expiry is only clean-up, the
+            // decision compares `received_at`.
+            "CREATE TABLE IF NOT EXISTS dedup (
             workspace text,
             message_id text,
             received_at bigint,
             PRIMARY KEY ((workspace, message_id)))",
-        // The identity graph as a grow-only edge set: commutative and
-        // idempotent, so projectors of different partitions never race.
-        // `first_seen` keeps the minimum event time through write timestamps.
-        "CREATE TABLE IF NOT EXISTS identity_links (
+            // The identity graph as a grow-only edge set: commutative and
+            // idempotent, so projectors of different partitions never race.
+            // `first_seen` keeps the minimum event time through write timestamps.
+            "CREATE TABLE IF NOT EXISTS identity_links (
             workspace text,
             id text,
             linked text,
             first_seen bigint static,
             PRIMARY KEY ((workspace, id), linked))",
-        // One cell per trait; the latest event wins through write timestamps.
-        "CREATE TABLE IF NOT EXISTS traits (
+            // One cell per trait; the latest event wins through write timestamps.
+            "CREATE TABLE IF NOT EXISTS traits (
             workspace text,
             id text,
             name text,
             value blob,
             PRIMARY KEY ((workspace, id), name))",
-        // Read-modify-write by the one projector that owns the identifier's
-        // partition; `applied` (partition -> next position) makes it idempotent.
-        "CREATE TABLE IF NOT EXISTS stats (
+            // Read-modify-write by the one projector that owns the identifier's
+            // partition; `applied` (partition -> next position) makes it idempotent.
+            "CREATE TABLE IF NOT EXISTS stats (
             workspace text,
             id text,
             first_seen bigint,
@@ -77,12 +78,12 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             counts frozen<map<text, bigint>>,
             applied frozen<map<int, bigint>>,
             PRIMARY KEY ((workspace, id)))",
-        "CREATE TABLE IF NOT EXISTS timeline_buckets (
+            "CREATE TABLE IF NOT EXISTS timeline_buckets (
             workspace text,
             id text,
             bucket bigint,
             PRIMARY KEY ((workspace, id), bucket))",
-        "CREATE TABLE IF NOT EXISTS timeline (
+            "CREATE TABLE IF NOT EXISTS timeline (
             workspace text,
             id text,
             bucket bigint,
@@ -92,8 +93,44 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             body text,
             PRIMARY KEY ((workspace, id, bucket), time, message_id))
             WITH CLUSTERING ORDER BY (time ASC, message_id ASC)",
-    ],
-}];
+        ],
+    },
+    Migration {
+        version: 2,
+        description: "identity as evidence decided on read: identities, identity_evidence, profile_ids",
+        statements: &[
+            // What the events that named an identifier say of it, each cell
+            // kept by its write timestamp: `created` the minimum event time,
+            // `last_seen`/`last_message_id` the maximum (the larger
+            // messageId on a tie), and `first_received`/`first` (the inverted
+            // messageId and the source) the smallest canonical key.
+            "CREATE TABLE IF NOT EXISTS identities (
+                workspace text,
+                id text,
+                created bigint,
+                last_seen bigint,
+                last_message_id text,
+                first_received bigint,
+                first blob,
+                PRIMARY KEY ((workspace, id)))",
+            // One piece of evidence per slot, under each identifier of it
+            // that is not blocked; the smallest key wins by write timestamp,
+            // then by the larger (inverted messageId) value.
+            "CREATE TABLE IF NOT EXISTS identity_evidence (
+                workspace text,
+                id text,
+                slot blob,
+                value blob,
+                PRIMARY KEY ((workspace, id), slot))",
+            "CREATE TABLE IF NOT EXISTS profile_ids (
+                workspace text,
+                profile_id uuid,
+                id text,
+                PRIMARY KEY ((workspace, profile_id)))",
+            "DROP TABLE IF EXISTS identity_links",
+        ],
+    },
+];
 
 /// The schema version this build reads and writes.
 pub fn current_version() -> i32 {
@@ -108,7 +145,9 @@ pub const KEPT_TABLES: &[&str] = &["schema_migrations", "workspaces", "credentia
 pub const PROJECTION_TABLES: &[&str] = &[
     "checkpoints",
     "dedup",
-    "identity_links",
+    "identities",
+    "identity_evidence",
+    "profile_ids",
     "traits",
     "stats",
     "timeline_buckets",
@@ -124,7 +163,10 @@ mod tests {
         for (i, m) in MIGRATIONS.iter().enumerate() {
             assert_eq!(m.version, i as i32 + 1);
             for s in m.statements {
-                assert!(s.contains("IF NOT EXISTS"), "{s}");
+                assert!(
+                    s.contains("IF NOT EXISTS") || s.contains("IF EXISTS"),
+                    "{s}"
+                );
             }
         }
         assert_eq!(current_version(), MIGRATIONS.len() as i32);
@@ -137,9 +179,18 @@ mod tests {
             .iter()
             .flat_map(|m| m.statements)
             .chain(std::iter::once(&MIGRATIONS_TABLE));
+        let name = |s: &'static str, verb: &str| {
+            s.split(verb)
+                .nth(1)
+                .map(|rest| rest.split([' ', '(']).next().unwrap_or(""))
+        };
+        let dropped: Vec<&str> = statements
+            .clone()
+            .filter_map(|s| name(s, "DROP TABLE IF EXISTS "))
+            .collect();
         let mut created: Vec<&str> = statements
-            .filter_map(|s| s.split("CREATE TABLE IF NOT EXISTS ").nth(1))
-            .map(|rest| rest.split([' ', '(']).next().unwrap_or(""))
+            .filter_map(|s| name(s, "CREATE TABLE IF NOT EXISTS "))
+            .filter(|t| !dropped.contains(t))
             .collect();
         created.sort_unstable();
         let mut listed: Vec<&str> = KEPT_TABLES

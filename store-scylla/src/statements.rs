@@ -5,8 +5,14 @@ use super::*;
 
 /// The prepared statements, each with the configured consistency.
 pub(crate) struct Statements {
-    pub(crate) insert_link: PreparedStatement,
-    pub(crate) first_seen: PreparedStatement,
+    pub(crate) named_created: PreparedStatement,
+    pub(crate) named_last: PreparedStatement,
+    pub(crate) named_first: PreparedStatement,
+    pub(crate) upsert_evidence: PreparedStatement,
+    pub(crate) insert_profile_id: PreparedStatement,
+    pub(crate) select_identity: PreparedStatement,
+    pub(crate) select_evidence: PreparedStatement,
+    pub(crate) select_profile_id: PreparedStatement,
     pub(crate) upsert_trait: PreparedStatement,
     pub(crate) insert_timeline: PreparedStatement,
     pub(crate) insert_bucket: PreparedStatement,
@@ -16,7 +22,6 @@ pub(crate) struct Statements {
     pub(crate) insert_dedup: PreparedStatement,
     pub(crate) upsert_checkpoint: PreparedStatement,
     pub(crate) select_checkpoints: PreparedStatement,
-    pub(crate) select_links: PreparedStatement,
     pub(crate) select_traits: PreparedStatement,
     pub(crate) buckets_asc: PreparedStatement,
     pub(crate) buckets_desc: PreparedStatement,
@@ -45,8 +50,15 @@ impl Statements {
         };
         let tl = |rest: &str| format!("{TIMELINE_COLUMNS} {rest}");
         Ok(Self {
-            insert_link: p("INSERT INTO identity_links (workspace, id, linked) VALUES (?, ?, ?)".into()).await?,
-            first_seen: p("UPDATE identity_links USING TIMESTAMP ? SET first_seen = ? WHERE workspace = ? AND id = ?".into()).await?,
+            named_created: p("UPDATE identities USING TIMESTAMP ? SET created = ? WHERE workspace = ? AND id = ?".into()).await?,
+            named_last: p("UPDATE identities USING TIMESTAMP ? SET last_seen = ?, last_message_id = ? WHERE workspace = ? AND id = ?".into()).await?,
+            named_first: p("UPDATE identities USING TIMESTAMP ? SET first_received = ?, first = ? WHERE workspace = ? AND id = ?".into()).await?,
+            upsert_evidence: p("UPDATE identity_evidence USING TIMESTAMP ? SET value = ? WHERE workspace = ? AND id = ? AND slot = ?".into()).await?,
+            insert_profile_id: p("INSERT INTO profile_ids (workspace, profile_id, id) VALUES (?, ?, ?)".into()).await?,
+            select_identity: p("SELECT created, last_seen, last_message_id, first_received, first FROM identities WHERE workspace = ? AND id = ?".into()).await?,
+            // One more than an identifier may carry tells it is too many.
+            select_evidence: p(format!("SELECT value FROM identity_evidence WHERE workspace = ? AND id = ? LIMIT {}", MAX_ID_EVIDENCE + 1)).await?,
+            select_profile_id: p("SELECT id FROM profile_ids WHERE workspace = ? AND profile_id = ?".into()).await?,
             upsert_trait: p("UPDATE traits USING TIMESTAMP ? SET value = ? WHERE workspace = ? AND id = ? AND name = ?".into()).await?,
             insert_timeline: p("INSERT INTO timeline (workspace, id, bucket, time, message_id, counter, body) VALUES (?, ?, ?, ?, ?, ?, ?)".into()).await?,
             insert_bucket: p("INSERT INTO timeline_buckets (workspace, id, bucket) VALUES (?, ?, ?)".into()).await?,
@@ -56,8 +68,6 @@ impl Statements {
             insert_dedup: p("INSERT INTO dedup (workspace, message_id, received_at) VALUES (?, ?, ?) USING TTL ?".into()).await?,
             upsert_checkpoint: p("INSERT INTO checkpoints (consumer, partition, position) VALUES (?, ?, ?) USING TIMESTAMP ?".into()).await?,
             select_checkpoints: p("SELECT partition, position FROM checkpoints WHERE consumer = ?".into()).await?,
-            // One more than a profile may hold tells it is too many.
-            select_links: p(format!("SELECT linked, first_seen FROM identity_links WHERE workspace = ? AND id = ? LIMIT {}", MAX_PROFILE_IDENTIFIERS + 1)).await?,
             select_traits: p("SELECT name, value FROM traits WHERE workspace = ? AND id = ?".into()).await?,
             buckets_asc: p("SELECT bucket FROM timeline_buckets WHERE workspace = ? AND id = ? AND bucket >= ? AND bucket <= ? ORDER BY bucket ASC".into()).await?,
             buckets_desc: p("SELECT bucket FROM timeline_buckets WHERE workspace = ? AND id = ? AND bucket >= ? AND bucket <= ? ORDER BY bucket DESC".into()).await?,

@@ -22,12 +22,14 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use serde_json::value::RawValue;
-use trailmark_domain::profile::TraitValue;
+use trailmark_domain::identity::{Decision, Outcome};
+use trailmark_domain::profile::{Named, TraitValue};
 use trailmark_domain::{Event, Identifier};
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod embedded;
+pub mod identity;
 
 pub use trailmark_domain::profile::MAX_PROFILE_IDENTIFIERS;
 
@@ -106,14 +108,31 @@ pub struct ApplyOutcome {
     pub duplicates: usize,
 }
 
-/// A resolved profile: its root identifier and every linked identifier with
-/// the earliest event time it was seen at.
+/// A resolved profile: who names it, and its members.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProfileRef {
-    /// The smallest identifier of the profile; names it.
-    pub root: Identifier,
-    /// Every linked identifier and when it was first seen.
-    pub identifiers: BTreeMap<Identifier, i64>,
+    /// The member named first ([`trailmark_domain::identity::holder`]).
+    pub holder: Identifier,
+    /// The profile's stable id: [`trailmark_domain::identity::profile_id`]
+    /// of the holder.
+    pub profile_id: uuid::Uuid,
+    /// Every member, with what its events said of it.
+    pub identifiers: BTreeMap<Identifier, Named>,
+    /// The identity decisions that concern the members, in canonical order:
+    /// accepted links with their evidence, refusals with the rule, splits.
+    /// The explain API shows them.
+    pub decisions: Vec<Decision>,
+}
+
+impl ProfileRef {
+    /// The first accepted link that joined `id` to another member, if any:
+    /// how it came to be in the profile.
+    pub fn linked_by(&self, id: &Identifier) -> Option<&Decision> {
+        self.decisions.iter().find(|d| match &d.outcome {
+            Outcome::Linked(ids) => ids.contains(id),
+            _ => false,
+        })
+    }
 }
 
 /// First and last seen and event counts of a profile.
@@ -187,6 +206,14 @@ pub trait ProfileWriter: Send + Sync + 'static {
 pub trait ProfileReader: Send + Sync + 'static {
     /// The profile `id` belongs to in `workspace`, if any event named it.
     async fn resolve(&self, workspace: &str, id: &Identifier) -> Result<Option<ProfileRef>>;
+
+    /// The identifier whose [`ProfileRef::profile_id`] `profile_id` is (or
+    /// was, before its profile merged into another), if any.
+    async fn identifier_of(
+        &self,
+        workspace: &str,
+        profile_id: uuid::Uuid,
+    ) -> Result<Option<Identifier>>;
 
     /// The winning value of each trait of a profile.
     async fn traits(

@@ -6,19 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Map, Value};
 
 use super::context::{ContextView, email_of};
-use super::{FoldError, TraitValue, counter_name};
+use super::{FoldError, Named, TraitValue, counter_name};
 use crate::event::{Event, EventType, IdKind, Identifier};
-
-/// The event a fact comes from, as a link records it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Evidence {
-    /// Its `messageId`.
-    pub message_id: String,
-    /// Its event time.
-    pub time: i64,
-    /// When ingest received it.
-    pub received_at: i64,
-}
+use crate::identity::{Action, Evidence, Key};
 
 /// One thing an event says about profiles. Each variant names the
 /// identifier it is kept under and the rule by which it merges with what is
@@ -29,26 +19,20 @@ pub struct Evidence {
 /// variant fails to compile until each of them says how it keeps it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fact {
-    /// `id` was named at `time`. Merge: the earliest time is kept (the
-    /// identifier's `created_at`).
+    /// The event named `id`. Merge: [`Named::include`] (earliest and latest
+    /// time, first canonical key).
     Named {
         /// The identifier.
         id: Identifier,
-        /// The event time.
-        time: i64,
+        /// What the event says about it.
+        named: Named,
     },
-    /// `id` and `other` are one person, on the event's evidence. Merge: links
-    /// only accumulate; linked identifiers form one profile, unless the
-    /// linked component exceeds [`super::MAX_PROFILE_IDENTIFIERS`], when each
-    /// of its identifiers stands alone. Both ends are also [`Fact::Named`].
-    Linked {
-        /// The event's primary identifier.
-        id: Identifier,
-        /// Another identifier the event carries.
-        other: Identifier,
-        /// The event that links them.
-        evidence: Evidence,
-    },
+    /// The event is evidence that its identifiers are one person. Merge:
+    /// one piece per [`Evidence::slot`], the one with the smallest key, kept
+    /// under each identifier of it that is not blocked; profiles are decided
+    /// from the evidence on read ([`crate::identity::Walk`]). Every
+    /// identifier of it is also [`Fact::Named`].
+    Linked(Evidence),
     /// A trait of `id`. Merge: the value with the latest `(time, messageId)`
     /// wins ([`TraitValue::supersedes`]).
     Trait {
@@ -90,8 +74,8 @@ pub struct Projection {
     /// partition key of its log record.
     pub primary: Identifier,
     /// Its facts, in the order a store applies them: every identifier
-    /// named, then the links, the traits (by name), the count, and the
-    /// timeline entry.
+    /// named, then the evidence linking them, the traits (by name), the
+    /// count, and the timeline entry.
     pub facts: Vec<Fact>,
 }
 
@@ -153,24 +137,24 @@ pub fn project(ev: &Event) -> Result<Projection, FoldError> {
     ids.retain(|i| Identifier::check_value(&i.value).is_ok());
 
     let time = ev.timestamp;
-    let mut facts = Vec::with_capacity(2 * ids.len() + traits.len() + 2);
+    let key = Key {
+        received_at: ev.received_at,
+        message_id: ev.message_id.clone(),
+    };
+    let mut facts = Vec::with_capacity(ids.len() + traits.len() + 3);
+    let named = Named::once(time, key.clone(), ev.source_id.as_str());
     facts.extend(ids.iter().map(|id| Fact::Named {
         id: id.clone(),
-        time,
+        named: named.clone(),
     }));
-    facts.extend(
-        ids.into_iter()
-            .filter(|id| *id != primary)
-            .map(|other| Fact::Linked {
-                id: primary.clone(),
-                other,
-                evidence: Evidence {
-                    message_id: ev.message_id.clone(),
-                    time,
-                    received_at: ev.received_at,
-                },
-            }),
-    );
+    if ids.len() > 1 {
+        let action = if ev.kind == EventType::Alias {
+            Action::Alias
+        } else {
+            Action::Event
+        };
+        facts.push(Fact::Linked(Evidence { key, action, ids }));
+    }
     facts.extend(traits.into_iter().map(|(name, value)| Fact::Trait {
         id: primary.clone(),
         name,

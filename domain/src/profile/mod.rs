@@ -35,13 +35,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::event::{Event, EventType};
+use crate::identity::Key;
 
 mod context;
 mod fact;
 mod model;
 
 pub(crate) use context::ContextView;
-pub use fact::{Evidence, Fact, Projection, project};
+pub use fact::{Fact, Projection, project};
 pub use model::{ProfileModel, ProfileView};
 
 /// A trait value with the event that set it.
@@ -78,13 +79,13 @@ pub fn merge_trait(
     }
 }
 
-/// The most identifiers one profile links. A connected component of linked
-/// identifiers larger than this (a shared device, a hard-coded `userId:
-/// "null"`, or a hostile client linking thousands of ids) is not merged at
-/// all: each of its identifiers stands alone, as if never linked. The rule
-/// looks only at the component, which is the same whatever order its links
-/// arrived in, and a store can decide it by walking at most this many
-/// identifiers.
+/// The most identifiers one profile links. A component of identifiers
+/// joined by evidence larger than this (a shared device, a hard-coded
+/// `userId` that is not blocked, or a hostile client linking thousands of
+/// ids) is not merged at all: each of its identifiers stands alone (see
+/// [`crate::identity::Walk`]). The rule looks only at stored evidence, which
+/// is the same whatever order it arrived in, and a store decides it by
+/// walking at most this many identifiers.
 pub const MAX_PROFILE_IDENTIFIERS: usize = 1_000;
 
 /// Whether an event received at `received_at` duplicates one with the same
@@ -120,6 +121,52 @@ impl FoldError {
         Self {
             field: field.into(),
             message: message.into(),
+        }
+    }
+}
+
+/// What the events that named one identifier say about it. Every field
+/// merges commutatively ([`Named::include`]), so a store keeps it without
+/// caring about order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named {
+    /// The earliest event time (the identifier's `created_at`).
+    pub created: i64,
+    /// The latest event time.
+    pub last_seen: i64,
+    /// The `messageId` of the event at `last_seen` (on a tie, the larger).
+    pub last_message_id: String,
+    /// The canonical key of the first event that named it: its
+    /// `first_message_id`, and what makes it its profile's holder (see
+    /// [`crate::identity::holder`]).
+    pub first: Key,
+    /// The source of that first event.
+    pub source_id: String,
+}
+
+impl Named {
+    /// What one event at `time`, with `key`, from `source_id`, says.
+    pub fn once(time: i64, key: Key, source_id: impl Into<String>) -> Self {
+        Self {
+            created: time,
+            last_seen: time,
+            last_message_id: key.message_id.clone(),
+            first: key,
+            source_id: source_id.into(),
+        }
+    }
+
+    /// Merges what another event says: the earliest and latest times, and
+    /// the first key with its source.
+    pub fn include(&mut self, other: &Named) {
+        self.created = self.created.min(other.created);
+        if (other.last_seen, &other.last_message_id) > (self.last_seen, &self.last_message_id) {
+            self.last_seen = other.last_seen;
+            self.last_message_id = other.last_message_id.clone();
+        }
+        if other.first < self.first {
+            self.first = other.first.clone();
+            self.source_id = other.source_id.clone();
         }
     }
 }

@@ -3,16 +3,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{
-    Fact, FoldError, MAX_PROFILE_IDENTIFIERS, Seen, TraitValue, is_duplicate, merge_trait, project,
-};
+use super::{Fact, FoldError, Named, Seen, TraitValue, is_duplicate, merge_trait, project};
 use crate::event::{Event, Identifier};
+use crate::identity::{Decision, Evidence, MAX_ID_EVIDENCE, Resolved, Rules, Walk, holder};
 
 /// A profile as the query API shows it: the union of its identifiers' data.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProfileView {
-    /// The linked identifiers, with the earliest event time each was seen at.
-    pub identifiers: BTreeMap<Identifier, i64>,
+    /// The member that names the profile ([`crate::identity::holder`]).
+    pub holder: Identifier,
+    /// The members, with what their events said of each.
+    pub identifiers: BTreeMap<Identifier, Named>,
     /// The winning value of each trait.
     pub traits: BTreeMap<String, TraitValue>,
     /// Event counts by [`counter_name`].
@@ -35,8 +36,10 @@ impl ProfileView {
 #[derive(Debug, Clone, Default)]
 pub struct ProfileModel {
     window_micros: i64,
-    root: BTreeMap<Identifier, Identifier>,
-    created: BTreeMap<Identifier, i64>,
+    rules: Rules,
+    named: BTreeMap<Identifier, Named>,
+    /// Evidence by each identifier it is kept under, then by slot.
+    evidence: BTreeMap<Identifier, BTreeMap<Vec<u8>, Evidence>>,
     traits: BTreeMap<Identifier, BTreeMap<String, TraitValue>>,
     counts: BTreeMap<Identifier, BTreeMap<String, u64>>,
     seen: BTreeMap<Identifier, Seen>,
@@ -45,12 +48,24 @@ pub struct ProfileModel {
 }
 
 impl ProfileModel {
-    /// An empty model with a de-duplication window in microseconds.
+    /// An empty model with a de-duplication window in microseconds and the
+    /// default identity rules.
     pub fn new(window_micros: i64) -> Self {
+        Self::with_rules(window_micros, Rules::default())
+    }
+
+    /// An empty model with a de-duplication window and identity rules.
+    pub fn with_rules(window_micros: i64, rules: Rules) -> Self {
         Self {
             window_micros,
+            rules,
             ..Self::default()
         }
+    }
+
+    /// The identity rules.
+    pub fn rules(&self) -> &Rules {
+        &self.rules
     }
 
     /// Folds one event. Returns false when it was dropped as a duplicate,
@@ -64,16 +79,27 @@ impl ProfileModel {
         self.dedup.insert(ev.message_id.clone(), ev.received_at);
         for fact in p.facts {
             match fact {
-                Fact::Named { id, time } => {
-                    let c = self.created.entry(id.clone()).or_insert(time);
-                    *c = (*c).min(time);
-                    self.root.entry(id.clone()).or_insert(id);
+                Fact::Named { id, named } => match self.named.get_mut(&id) {
+                    Some(n) => n.include(&named),
+                    None => {
+                        self.named.insert(id, named);
+                    }
+                },
+                Fact::Linked(evidence) => {
+                    let slot = evidence.slot(&self.rules);
+                    for id in &evidence.ids {
+                        if self.rules.is_blocked(id) {
+                            continue;
+                        }
+                        let kept = self.evidence.entry(id.clone()).or_default();
+                        match kept.get(&slot) {
+                            Some(e) if e.key <= evidence.key => {}
+                            _ => {
+                                kept.insert(slot.clone(), evidence.clone());
+                            }
+                        }
+                    }
                 }
-                Fact::Linked {
-                    id,
-                    other,
-                    evidence: _,
-                } => self.link(&id, &other),
                 Fact::Trait { id, name, value } => {
                     merge_trait(self.traits.entry(id).or_default(), name, value);
                 }
@@ -106,53 +132,57 @@ impl ProfileModel {
         Ok(true)
     }
 
-    fn link(&mut self, a: &Identifier, b: &Identifier) {
-        let ra = self.root[a].clone();
-        let rb = self.root[b].clone();
-        if ra == rb {
-            return;
-        }
-        let (keep, gone) = if ra < rb { (ra, rb) } else { (rb, ra) };
-        for r in self.root.values_mut() {
-            if *r == gone {
-                *r = keep.clone();
+    /// The walk from `id` over the evidence, finished.
+    pub fn resolve(&self, id: &Identifier) -> Option<Resolved<'_>> {
+        self.named.get(id)?;
+        let mut walk = Walk::new(&self.rules, id.clone());
+        loop {
+            let next = walk.wanted();
+            if next.is_empty() {
+                break;
+            }
+            for i in next {
+                let kept = self.evidence.get(&i).into_iter().flat_map(|m| m.values());
+                walk.add(kept.take(MAX_ID_EVIDENCE + 1).cloned().collect());
             }
         }
+        Some(walk.finish())
     }
 
-    /// The identifiers of the profile `id` belongs to (see
-    /// [`MAX_PROFILE_IDENTIFIERS`]), if any event named it.
-    pub fn members(&self, id: &Identifier) -> Option<Vec<&Identifier>> {
-        let root = self.root.get(id)?;
-        let members: Vec<&Identifier> = self
-            .root
-            .iter()
-            .filter(|(_, r)| *r == root)
-            .map(|(m, _)| m)
-            .collect();
-        if members.len() > MAX_PROFILE_IDENTIFIERS {
-            let (own, _) = self.root.get_key_value(id)?;
-            return Some(vec![own]);
-        }
-        Some(members)
+    /// The identifiers of the profile `id` belongs to, sorted, if any event
+    /// named it.
+    pub fn members(&self, id: &Identifier) -> Option<Vec<Identifier>> {
+        Some(self.resolve(id)?.members)
     }
 
-    /// The root identifier of the profile `id` belongs to: its smallest.
-    pub fn root_of(&self, id: &Identifier) -> Option<&Identifier> {
-        self.members(id)?.into_iter().min()
+    /// The identity decisions that concern the members of `id`'s profile,
+    /// in canonical order (what a store's `ProfileRef` carries).
+    pub fn decisions(&self, id: &Identifier) -> Option<Vec<Decision>> {
+        let resolved = self.resolve(id)?;
+        let members: BTreeSet<Identifier> = resolved.members.iter().cloned().collect();
+        Some(resolved.graph.decisions_about(&members).cloned().collect())
+    }
+
+    /// The holder of the profile `id` belongs to.
+    pub fn holder_of(&self, id: &Identifier) -> Option<Identifier> {
+        let members = self.members(id)?;
+        holder(members.iter().map(|m| (m, &self.named[m].first))).cloned()
     }
 
     /// The profile that `id` belongs to, if any event named it.
     pub fn profile(&self, id: &Identifier) -> Option<ProfileView> {
         let members = self.members(id)?;
         let mut view = ProfileView {
+            holder: holder(members.iter().map(|m| (m, &self.named[m].first)))?.clone(),
+            identifiers: BTreeMap::new(),
+            traits: BTreeMap::new(),
+            counts: BTreeMap::new(),
             first_seen: i64::MAX,
             last_seen: i64::MIN,
-            ..ProfileView::default()
         };
-        for member in members {
+        for member in &members {
             view.identifiers
-                .insert(member.clone(), self.created[member]);
+                .insert(member.clone(), self.named[member].clone());
             for (name, t) in self.traits.get(member).into_iter().flatten() {
                 merge_trait(&mut view.traits, name.clone(), t.clone());
             }
@@ -179,7 +209,7 @@ impl ProfileModel {
             return Vec::new();
         };
         let mut all: Vec<(&(i64, String), &Event)> = members
-            .into_iter()
+            .iter()
             .filter_map(|m| self.timeline.get(m))
             .flatten()
             .collect();
@@ -189,12 +219,15 @@ impl ProfileModel {
 
     /// Every identifier any event named.
     pub fn identifiers(&self) -> impl Iterator<Item = &Identifier> {
-        self.root.keys()
+        self.named.keys()
     }
 
-    /// Every root identifier, one per profile.
-    pub fn roots(&self) -> BTreeSet<&Identifier> {
-        self.root.values().collect()
+    /// The profiles, each as its sorted members, one per profile.
+    pub fn profiles(&self) -> BTreeSet<Vec<Identifier>> {
+        self.named
+            .keys()
+            .filter_map(|id| self.members(id))
+            .collect()
     }
 }
 

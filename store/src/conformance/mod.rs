@@ -155,8 +155,26 @@ pub async fn assert_matches_model_in(
             .await
             .expect("resolve")
             .expect("store knows the id");
-        assert_eq!(&got.root, model.root_of(id).expect("root"), "root of {id}");
+        assert_eq!(got.holder, want.holder, "holder of {id}");
+        assert_eq!(
+            got.profile_id,
+            trailmark_domain::identity::profile_id(ws, &want.holder),
+            "profile id of {id}"
+        );
+        assert_eq!(
+            store
+                .identifier_of(ws, got.profile_id)
+                .await
+                .expect("identifier_of"),
+            Some(got.holder.clone()),
+            "the profile id of {id} finds its holder"
+        );
         assert_eq!(got.identifiers, want.identifiers, "identifiers of {id}");
+        assert_eq!(
+            Some(got.decisions.clone()),
+            model.decisions(id),
+            "identity decisions about {id}"
+        );
         let traits = store.traits(ws, &got).await.expect("traits");
         assert_eq!(traits, want.traits, "traits of {id}");
         let meta = store.metadata(ws, &got).await.expect("metadata");
@@ -675,7 +693,11 @@ pub async fn oversized_profiles_stand_alone(factory: &impl StoreFactory, at: &Pa
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(fit.identifiers.len(), MAX_PROFILE_IDENTIFIERS);
+    // A component within the bound is decided by the rules (device ids are
+    // limited to 5 by default), not left alone.
+    let merged = model.members(&anon("fits")).expect("named");
+    assert!(merged.len() > 1, "{merged:?}");
+    assert_eq!(fit.identifiers.len(), merged.len());
     let big = store
         .resolve(WORKSPACE, &anon("big"))
         .await

@@ -123,7 +123,11 @@ fn events(ws: &str, ops: &[Op]) -> Vec<Event> {
                 second,
             } => {
                 let anon = format!("a{anon}");
-                let user = user.map(|u| format!("u{u}"));
+                // `null` is blocked by default: it must link nothing.
+                let user = user.map(|u| match u {
+                    0 => "null".to_owned(),
+                    u => format!("u{u}"),
+                });
                 let plan = ["free", "pro", "team"][*plan as usize];
                 let mut b = match (kind, &user) {
                     (0, _) => EventBuilder::track("Clicked"),

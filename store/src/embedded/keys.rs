@@ -22,7 +22,8 @@ fn corrupt(what: &str) -> StoreError {
 /// The version of this layout. A store written with another is emptied of
 /// projections on open and rebuilt from the log (see `EmbeddedStore::open`).
 /// Version 3: emails are stored trimmed and lower-cased (issue 10).
-pub const LAYOUT_VERSION: u32 = 3;
+/// Version 4: identity kept as evidence, decided on read (issue 10).
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Appends one terminated, escaped component.
 pub fn push_component(key: &mut Vec<u8>, part: &[u8]) {

@@ -15,8 +15,9 @@
 //! | `checkpoints`| consumer partition (BE u32)           | position (BE u64)          |
 //! | `dedup`      | ws messageId                          | receivedAt (BE)            |
 //! | `dedup_time` | receivedAt (BE) ws messageId          | empty (purge index)        |
-//! | `identity`   | ws id                                 | created, standing ([`fold`])|
-//! | `members`    | ws root-id id                         | created (BE)               |
+//! | `identity`   | ws id                                 | [`Named`] record ([`fold`])|
+//! | `evidence`   | ws id slot digest (16)                | identity evidence ([`fold`])|
+//! | `profile_ids`| ws profile id (16)                    | id                         |
 //! | `traits`     | ws id trait-name                      | [`TraitValue`] JSON        |
 //! | `stats`      | ws id                                 | first, last, counts by name|
 //! | `timeline`   | ws id time (BE) messageId             | counter len, counter, JSON |
@@ -26,8 +27,9 @@
 //! log, as `trailmark rebuild` would.
 //!
 //! Facts are kept per identifier and merged on read (see the domain's
-//! profile module), so linking two profiles only rewrites the small
-//! `identity`/`members` index, never traits or timelines.
+//! profile module); which identifiers form a profile is decided on read from
+//! the evidence ([`trailmark_domain::identity::Walk`]), so linking two
+//! profiles rewrites nothing.
 //!
 //! # Atomicity
 //! [`ProfileWriter::apply`] gathers a batch's writes in an overlay and commits
@@ -53,9 +55,11 @@ use async_trait::async_trait;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use serde_json::value::RawValue;
-use trailmark_domain::profile::{Seen, TraitValue, merge_trait};
+use trailmark_domain::identity::{MAX_ID_EVIDENCE, Rules, Walk};
+use trailmark_domain::profile::{Named, Seen, TraitValue, merge_trait};
 use trailmark_domain::{Event, Identifier};
 
+use crate::identity::{decode_evidence, decode_named, profile_ref};
 use crate::{
     ApplyBatch, ApplyOutcome, CreatedWorkspace, ProfileMetadata, ProfileReader, ProfileRef,
     ProfileWriter, ReadGrant, Result, StoreError, TimelineEntry, TimelinePage, TimelineQuery,
@@ -65,7 +69,6 @@ use crate::{
 mod fold;
 pub mod keys;
 
-use fold::{Standing, decode_identity};
 use keys::{LAYOUT_VERSION, take_id, time_bytes, time_from, ws_id_key, ws_key};
 
 /// How far past the de-duplication window an entry is kept before it is
@@ -81,7 +84,8 @@ enum Ks {
     Dedup,
     DedupTime,
     Identity,
-    Members,
+    Evidence,
+    ProfileIds,
     Traits,
     Stats,
     Timeline,
@@ -93,12 +97,13 @@ enum Ks {
 const KEPT_KEYSPACES: [&str; 3] = ["meta", "workspaces", "credentials"];
 
 impl Ks {
-    const PROJECTIONS: [Ks; 8] = [
+    const PROJECTIONS: [Ks; 9] = [
         Ks::Checkpoints,
         Ks::Dedup,
         Ks::DedupTime,
         Ks::Identity,
-        Ks::Members,
+        Ks::Evidence,
+        Ks::ProfileIds,
         Ks::Traits,
         Ks::Stats,
         Ks::Timeline,
@@ -111,7 +116,8 @@ impl Ks {
             Ks::Dedup => "dedup",
             Ks::DedupTime => "dedup_time",
             Ks::Identity => "identity",
-            Ks::Members => "members",
+            Ks::Evidence => "evidence",
+            Ks::ProfileIds => "profile_ids",
             Ks::Traits => "traits",
             Ks::Stats => "stats",
             Ks::Timeline => "timeline",
@@ -120,7 +126,7 @@ impl Ks {
 
     /// Rows the fold reads again and again, worth caching across batches.
     fn cached(self) -> bool {
-        matches!(self, Ks::Identity | Ks::Stats | Ks::Traits)
+        matches!(self, Ks::Identity | Ks::Evidence | Ks::Stats | Ks::Traits)
     }
 }
 
@@ -132,7 +138,8 @@ struct Keyspaces {
     dedup: Keyspace,
     dedup_time: Keyspace,
     identity: Keyspace,
-    members: Keyspace,
+    evidence: Keyspace,
+    profile_ids: Keyspace,
     traits: Keyspace,
     stats: Keyspace,
     timeline: Keyspace,
@@ -145,7 +152,8 @@ impl Keyspaces {
             Ks::Dedup => &self.dedup,
             Ks::DedupTime => &self.dedup_time,
             Ks::Identity => &self.identity,
-            Ks::Members => &self.members,
+            Ks::Evidence => &self.evidence,
+            Ks::ProfileIds => &self.profile_ids,
             Ks::Traits => &self.traits,
             Ks::Stats => &self.stats,
             Ks::Timeline => &self.timeline,
@@ -160,6 +168,8 @@ struct Inner {
     /// writers must not interleave. (A std mutex: it is only held inside
     /// blocking tasks, never across an await.)
     writer: Mutex<WriterState>,
+    /// The identity rules; every workspace has the defaults for now.
+    rules: Rules,
 }
 
 /// Settings of the embedded store.
@@ -343,7 +353,8 @@ impl EmbeddedStore {
             dedup: open(Ks::Dedup.name())?,
             dedup_time: open(Ks::DedupTime.name())?,
             identity: open(Ks::Identity.name())?,
-            members: open(Ks::Members.name())?,
+            evidence: open(Ks::Evidence.name())?,
+            profile_ids: open(Ks::ProfileIds.name())?,
             traits: open(Ks::Traits.name())?,
             stats: open(Ks::Stats.name())?,
             timeline: open(Ks::Timeline.name())?,
@@ -355,6 +366,7 @@ impl EmbeddedStore {
                 cache_limit: options.cache_bytes,
                 ..WriterState::default()
             }),
+            rules: Rules::default(),
         };
         inner.upgrade_layout()?;
         Ok(Self {
@@ -385,45 +397,55 @@ impl EmbeddedStore {
 impl Inner {
     // ---- reads ----------------------------------------------------------
 
+    /// The identity rules of a workspace.
+    fn rules(&self, _ws: &str) -> &Rules {
+        &self.rules
+    }
+
     fn resolve(&self, ws: &str, id: &Identifier) -> Result<Option<ProfileRef>> {
         let ks = &self.ks;
         let snap = self.db.snapshot();
-        let Some(v) = snap
-            .get(&ks.identity, ws_id_key(ws, id))
-            .map_err(unavailable)?
-        else {
+        let named = |id: &Identifier| -> Result<Option<Named>> {
+            snap.get(&ks.identity, ws_id_key(ws, id))
+                .map_err(unavailable)?
+                .map(|v| decode_named(&v))
+                .transpose()
+        };
+        if named(id)?.is_none() {
             return Ok(None);
-        };
-        let (created, standing) = decode_identity(&v)?;
-        let root = match standing {
-            Standing::Alone => {
-                return Ok(Some(ProfileRef {
-                    root: id.clone(),
-                    identifiers: BTreeMap::from([(id.clone(), created)]),
-                }));
-            }
-            Standing::Root { .. } => id.clone(),
-            Standing::Member(root) => root,
-        };
-        let prefix = ws_id_key(ws, &root);
-        let mut identifiers = BTreeMap::new();
-        // A profile holds at most MAX_PROFILE_IDENTIFIERS members (see
-        // `fold`); the bound keeps a corrupt index from making a read large.
-        for kv in snap
-            .prefix(&ks.members, &prefix)
-            .take(trailmark_domain::profile::MAX_PROFILE_IDENTIFIERS)
-        {
-            let (k, v) = kv.into_inner().map_err(unavailable)?;
-            identifiers.insert(take_id(&k[prefix.len()..])?.0, time_from(&v)?);
         }
-        // The profile is named by its smallest identifier, as in the model.
-        let Some(name) = identifiers.keys().next().cloned() else {
-            return Err(corrupt("a profile root without members"));
-        };
-        Ok(Some(ProfileRef {
-            root: name,
-            identifiers,
-        }))
+        let mut walk = Walk::new(self.rules(ws), id.clone());
+        loop {
+            let next = walk.wanted();
+            if next.is_empty() {
+                break;
+            }
+            for i in next {
+                let evidence = snap
+                    .prefix(&ks.evidence, ws_id_key(ws, &i))
+                    .take(MAX_ID_EVIDENCE + 1)
+                    .map(|kv| decode_evidence(&kv.value().map_err(unavailable)?))
+                    .collect::<Result<Vec<_>>>()?;
+                walk.add(evidence);
+            }
+        }
+        let resolved = walk.finish();
+        let mut records = BTreeMap::new();
+        for m in &resolved.members {
+            if let Some(n) = named(m)? {
+                records.insert(m.clone(), n);
+            }
+        }
+        profile_ref(ws, resolved, records).map(Some)
+    }
+
+    fn identifier_of(&self, ws: &str, profile_id: uuid::Uuid) -> Result<Option<Identifier>> {
+        let mut key = ws_key(ws);
+        key.extend_from_slice(profile_id.as_bytes());
+        match self.ks.profile_ids.get(key).map_err(unavailable)? {
+            Some(v) => Ok(Some(take_id(&v)?.0)),
+            None => Ok(None),
+        }
     }
 
     /// Drops projections written with another key layout, so that the
@@ -678,6 +700,14 @@ impl ProfileWriter for EmbeddedStore {
 impl ProfileReader for EmbeddedStore {
     async fn resolve(&self, workspace: &str, id: &Identifier) -> Result<Option<ProfileRef>> {
         self.inner.resolve(workspace, id)
+    }
+
+    async fn identifier_of(
+        &self,
+        workspace: &str,
+        profile_id: uuid::Uuid,
+    ) -> Result<Option<Identifier>> {
+        self.inner.identifier_of(workspace, profile_id)
     }
 
     async fn traits(

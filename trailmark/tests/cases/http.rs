@@ -883,3 +883,214 @@ async fn cursor_urls_lead_to_the_next_page() {
     assert_eq!(ids["cursor"]["has_more"], false);
     s.stop().await;
 }
+
+/// The identifiers of a profile, as `type:id`, sorted.
+async fn identifiers_of(s: &TestServer, id: &str) -> Vec<String> {
+    let (status, body) = s.get(&format!("/v1/profiles/{id}/external_ids")).await;
+    assert_eq!(status, 200, "{id}: {body}");
+    let mut ids: Vec<String> = body["data"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|x| format!("{}:{}", x["type"].as_str().unwrap(), x["id"].as_str().unwrap()))
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+/// Issue 10: two people on one laptop stay two people. The second `userId`
+/// is refused the device (a profile holds one `user_id`), and `/merges`
+/// names the rule. Whoever ingest received first keeps the device, whatever
+/// the event times say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_people_on_one_device_stay_two() {
+    let s = TestServer::start().await;
+    for second_sent_first in [false, true] {
+        let (a, ann, bob) = (uid(), uid(), uid());
+        let ann_id = json!({"userId": ann, "anonymousId": a, "timestamp": "2024-01-01T00:00:00Z"});
+        // Bob's identify carries a later time; in the variant it arrives first.
+        let bob_id = json!({"userId": bob, "anonymousId": a, "timestamp": "2024-01-02T00:00:00Z"});
+        let (first, second) = if second_sent_first {
+            (&bob_id, &ann_id)
+        } else {
+            (&ann_id, &bob_id)
+        };
+        assert_eq!(s.post("/v1/identify", first).await.0, 200);
+        assert_eq!(s.post("/v1/identify", second).await.0, 200);
+        s.wait_for_events(&format!("user_id:{ann}"), 1).await;
+        s.wait_for_events(&format!("user_id:{bob}"), 1).await;
+        let (keeper, other) = if second_sent_first {
+            (&bob, &ann)
+        } else {
+            (&ann, &bob)
+        };
+        assert_eq!(
+            identifiers_of(&s, &format!("user_id:{keeper}")).await,
+            sorted(vec![format!("anonymous_id:{a}"), format!("user_id:{keeper}")]),
+            "the first received keeps the device"
+        );
+        assert_eq!(
+            identifiers_of(&s, &format!("user_id:{other}")).await,
+            [format!("user_id:{other}")]
+        );
+        let (status, why) = s.get(&format!("/v1/profiles/user_id:{other}/merges")).await;
+        assert_eq!(status, 200, "{why}");
+        let refused = &why["refused"][0];
+        assert_eq!(refused["refused"], format!("anonymous_id:{a}"), "{why}");
+        assert_eq!(refused["rule"], "limit user_id 1 ever", "{why}");
+    }
+    s.stop().await;
+}
+
+/// Issue 10: anonymous browsing, then sign-up on a second device, then an
+/// identify that arrives after later tracks: one person, whose profile id
+/// is that of the identifier named first, and whose absorbed ids resolve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_person_across_devices_keeps_one_stable_profile_id() {
+    let s = TestServer::start().await;
+    let (laptop, phone, u) = (uid(), uid(), uid());
+    let track = |anon: &str, t: &str| {
+        json!({"anonymousId": anon, "event": "Viewed", "timestamp": t})
+    };
+    assert_eq!(s.post("/v1/track", &track(&laptop, "2024-03-05T00:00:00Z")).await.0, 200);
+    s.wait_for_events(&format!("anonymous_id:{laptop}"), 1).await;
+    let (_, before) = s.get(&format!("/v1/profiles/anonymous_id:{laptop}/metadata")).await;
+    let laptop_pid = before["metadata"]["profile_id"].as_str().expect("profile id").to_owned();
+    assert_eq!(s.post("/v1/track", &track(&phone, "2024-03-06T00:00:00Z")).await.0, 200);
+    s.wait_for_events(&format!("anonymous_id:{phone}"), 1).await;
+    let (_, phone_meta) = s.get(&format!("/v1/profiles/anonymous_id:{phone}/metadata")).await;
+    let phone_pid = phone_meta["metadata"]["profile_id"].as_str().expect("profile id").to_owned();
+    assert_ne!(laptop_pid, phone_pid);
+    // The identifies carry times before the tracks: identity does not care.
+    for anon in [&laptop, &phone] {
+        let id = json!({"userId": u, "anonymousId": anon, "traits": {"plan": "pro"}, "timestamp": "2024-03-01T00:00:00Z"});
+        assert_eq!(s.post("/v1/identify", &id).await.0, 200);
+    }
+    let all = s.wait_for_events(&format!("user_id:{u}"), 4).await;
+    assert_eq!(all.len(), 4);
+    let (status, meta) = s.get(&format!("/v1/profiles/profile_id:{phone_pid}/metadata")).await;
+    assert_eq!(status, 200, "an absorbed profile id still resolves: {meta}");
+    let m = &meta["metadata"];
+    assert_eq!(m["profile_id"], laptop_pid.as_str(), "the earliest side's id: {meta}");
+    assert_eq!(m["holder"], format!("anonymous_id:{laptop}"));
+    assert_eq!(m["identifiers"], 3);
+    assert_eq!(m["created_at"], "2024-03-01T00:00:00.000Z");
+    assert!(m["first_message_id"].is_string() && m["last_message_id"].is_string(), "{meta}");
+    // Explain: the path from the phone to the laptop goes through the user.
+    let (status, why) = s
+        .get(&format!("/v1/profiles/anonymous_id:{phone}/merges?to=anonymous_id:{laptop}"))
+        .await;
+    assert_eq!(status, 200, "{why}");
+    assert_eq!(why["path"].as_array().map(Vec::len), Some(2), "{why}");
+    // external_ids says how each identifier joined.
+    let (_, ext) = s.get(&format!("/v1/profiles/user_id:{u}/external_ids")).await;
+    for x in ext["data"].as_array().expect("list") {
+        assert_eq!(x["linked"]["rule"], "event", "{x}");
+        assert!(x["first_message_id"].is_string() && x["last_seen"].is_string(), "{x}");
+    }
+    let (status, body) = s.get("/v1/profiles/profile_id:not-a-uuid/metadata").await;
+    assert_eq!((status, body["error"]["field"].as_str()), (400, Some("id")));
+    s.stop().await;
+}
+
+/// Issue 10: an email shared in different case, and an alias chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_email_does_not_fuse_users_and_alias_chains_join() {
+    let s = TestServer::start().await;
+    let (u1, u2, team) = (uid(), uid(), uid());
+    let id1 = json!({"userId": u1, "traits": {"email": format!("{team}@Shop.io")}});
+    let id2 = json!({"userId": u2, "traits": {"email": format!("{team}@shop.IO")}});
+    assert_eq!(s.post("/v1/identify", &id1).await.0, 200);
+    assert_eq!(s.post("/v1/identify", &id2).await.0, 200);
+    s.wait_for_events(&format!("user_id:{u2}"), 1).await;
+    assert_eq!(
+        identifiers_of(&s, &format!("email:{team}@shop.io")).await,
+        sorted(vec![format!("email:{team}@shop.io"), format!("user_id:{u1}")]),
+    );
+    assert_eq!(identifiers_of(&s, &format!("user_id:{u2}")).await, [format!("user_id:{u2}")]);
+
+    // A user renamed twice: u1 → n1 → n2.
+    let (n1, n2) = (uid(), uid());
+    assert_eq!(s.post("/v1/alias", &json!({"userId": n1, "previousId": u1})).await.0, 200);
+    assert_eq!(s.post("/v1/alias", &json!({"userId": n2, "previousId": n1})).await.0, 200);
+    let events = s.wait_for_events(&format!("user_id:{n2}"), 3).await;
+    assert_eq!(events.len(), 3, "u1's identify and both aliases");
+    let ids = identifiers_of(&s, &format!("user_id:{u1}")).await;
+    for want in [&u1, &n1, &n2] {
+        assert!(ids.contains(&format!("user_id:{want}")), "{ids:?}");
+    }
+    s.stop().await;
+}
+
+/// Issue 10: `null` and the like are blocked values: devices that sent
+/// `userId: "null"` are not fused through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_user_id_links_nothing() {
+    let s = TestServer::start().await;
+    let (a1, a2) = (uid(), uid());
+    for a in [&a1, &a2] {
+        let body = json!({"userId": "null", "anonymousId": a, "event": "Opened"});
+        assert_eq!(s.post("/v1/track", &body).await.0, 200);
+    }
+    s.wait_for_events("user_id:null", 2).await;
+    assert_eq!(identifiers_of(&s, &format!("anonymous_id:{a1}")).await, [format!("anonymous_id:{a1}")]);
+    assert_eq!(identifiers_of(&s, "user_id:null").await, ["user_id:null"]);
+    s.stop().await;
+}
+
+/// Issue 10: Segment's Profile API paths answer like Trailmark's; the space
+/// is the workspace, and only the users collection exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_profile_api_paths_work_by_changing_the_host() {
+    let s = TestServer::start().await;
+    let other = s.create_workspace("segment-paths").await;
+    let u = uid();
+    let client = reqwest::Client::new();
+    let send = client
+        .post(s.url("/v1/identify"))
+        .basic_auth(&other.write_key, Some(""))
+        .json(&json!({"userId": u, "traits": {"plan": "pro"}}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(send.status(), 200);
+    let get = |path: String| {
+        let client = client.clone();
+        let url = s.url(&path);
+        let token = other.token.clone();
+        async move { read(client.get(url).bearer_auth(token).send().await.expect("get")).await }
+    };
+    let ours = format!("/v1/profiles/user_id:{u}/traits");
+    let theirs = format!(
+        "/v1/spaces/{}/collections/users/profiles/user_id:{u}/traits",
+        other.workspace_id
+    );
+    let mut body = json!(null);
+    for _ in 0..200 {
+        let (status, b) = get(theirs.clone()).await;
+        if status == 200 {
+            body = b;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(body["traits"]["plan"], "pro", "{body}");
+    assert_eq!(get(ours).await.1["traits"], body["traits"]);
+    assert!(
+        body["cursor"]["url"].as_str().unwrap().starts_with("/v1/spaces/"),
+        "{body}"
+    );
+    let wrong_space = format!("/v1/spaces/ws_other/collections/users/profiles/user_id:{u}/traits");
+    assert_eq!(get(wrong_space).await.0, 404);
+    let accounts = format!(
+        "/v1/spaces/{}/collections/accounts/profiles/user_id:{u}/traits",
+        other.workspace_id
+    );
+    assert_eq!(get(accounts).await.0, 404);
+    s.stop().await;
+}

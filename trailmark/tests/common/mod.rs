@@ -35,6 +35,7 @@ pub struct TestServer {
 
 /// A workspace's credentials.
 pub struct Credentials {
+    pub workspace_id: String,
     pub write_key: String,
     pub token: String,
 }
@@ -268,6 +269,7 @@ impl TestServer {
                 .await
                 .expect("create workspace");
             return Credentials {
+                workspace_id: c.workspace.id,
                 write_key: c.write_key,
                 token: c.token,
             };
@@ -285,7 +287,14 @@ impl TestServer {
                 .trim()
                 .to_owned()
         };
+        let workspace_id = text
+            .lines()
+            .find_map(|l| l.strip_prefix("created workspace "))
+            .and_then(|l| l.rsplit_once('(').map(|(_, id)| id.trim_end_matches(')')))
+            .unwrap_or_else(|| panic!("no workspace id in {text}"))
+            .to_owned();
         Credentials {
+            workspace_id,
             write_key: field("write key:"),
             token: field("secret token:"),
         }
@@ -293,7 +302,7 @@ impl TestServer {
 
     /// The URL of `path`: the query API's routes go to the query role.
     pub fn url(&self, path: &str) -> String {
-        if path.starts_with("/v1/profiles") {
+        if path.starts_with("/v1/profiles") || path.starts_with("/v1/spaces") {
             format!("{}{path}", self.query_base)
         } else {
             format!("{}{path}", self.base)
