@@ -217,6 +217,52 @@ pub fn mixed_json(pool: &UserPool, p: &EventParams<'_>, rng: &mut Rng) -> String
     }
 }
 
+/// Which calls a load sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mix {
+    /// [`mixed_json`]: what a web source sends, every call with both a
+    /// `userId` and an `anonymousId`.
+    Web,
+    /// Only `track` calls naming one identifier (`userId`): no identity
+    /// evidence at all, the baseline of the identity-cost benchmark.
+    TrackOnly,
+    /// 90% of those tracks, 5% `identify` (a new device's `anonymousId`, the
+    /// `userId` and an email) and 5% `alias` (a new former id): identity
+    /// work that always adds evidence.
+    Identity,
+}
+
+/// One call of `mix`.
+pub fn call_json(mix: Mix, pool: &UserPool, p: &EventParams<'_>, rng: &mut Rng) -> String {
+    match mix {
+        Mix::Web => mixed_json(pool, p, rng),
+        Mix::TrackOnly => user_track_json(pool, p, rng),
+        Mix::Identity => match rng.below(20) {
+            0 => {
+                // A new device of the person: fresh evidence every time.
+                let mut s = identify_json(pool, p, rng);
+                let device = format!("dev-{}", p.message_id);
+                s = s.replacen(&pool.anonymous_id(p.user), &device, 1);
+                s
+            }
+            1 => format!(
+                r#"{{"type":"alias","userId":"{}","previousId":"old-{}","messageId":"{}","originalTimestamp":"{}"}}"#,
+                pool.user_id(p.user),
+                p.message_id,
+                p.message_id,
+                p.time
+            ),
+            _ => user_track_json(pool, p, rng),
+        },
+    }
+}
+
+/// A `track` call naming only its `userId`.
+fn user_track_json(pool: &UserPool, p: &EventParams<'_>, rng: &mut Rng) -> String {
+    let anon = format!(r#","anonymousId":"{}""#, pool.anonymous_id(p.user));
+    track_json(pool, p, rng).replacen(&anon, "", 1)
+}
+
 /// A `/v1/batch` body `{"batch":[...],"sentAt":...}` from item JSON texts.
 pub fn batch_body<S: AsRef<str>>(items: &[S], sent_at: &str) -> String {
     let len: usize = items.iter().map(|i| i.as_ref().len() + 1).sum();

@@ -7,7 +7,8 @@ use serde_json::Value;
 
 use crate::time::format_micros;
 
-/// The six Segment call types. A closed set: every `match` on it is exhaustive.
+/// The six Segment call types, and the log's control records. A closed set:
+/// every `match` on it is exhaustive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventType {
@@ -23,10 +24,14 @@ pub enum EventType {
     Group,
     /// Two user identities are the same person (`previousId` → `userId`).
     Alias,
+    /// An admin's identity instruction ([`Event::control`]): appended to the
+    /// log by the admin API, never sent by a client ([`EventType::from_wire`]
+    /// does not know it).
+    Control,
 }
 
 impl EventType {
-    /// Every event type, in a fixed order.
+    /// Every type a client may send, in a fixed order.
     pub const ALL: [EventType; 6] = [
         EventType::Track,
         EventType::Identify,
@@ -45,6 +50,7 @@ impl EventType {
             EventType::Screen => "screen",
             EventType::Group => "group",
             EventType::Alias => "alias",
+            EventType::Control => "control",
         }
     }
 
@@ -252,28 +258,94 @@ pub struct Event {
     /// The client address ingest saw (schema v2; `None` in v1 records).
     #[serde(default)]
     pub request_ip: Option<String>,
+    /// The identifiers of `userId` and `anonymousId` that ingest found
+    /// blocked by the workspace's identity rules, as `{id_type}:{id}`
+    /// (schema v3). They stay in the payload but never name the event's
+    /// profile: [`Event::primary_identifier`] skips them, so the events of
+    /// `userId: "null"` stay with their anonymous profile. Recorded at
+    /// ingest, so the partition key and the fold agree whatever the rules
+    /// say later.
+    #[serde(default)]
+    pub blocked_ids: Vec<String>,
+    /// For a [`EventType::Control`] record: the admin's instruction (schema
+    /// v3).
+    #[serde(default)]
+    pub control: Option<Control>,
+}
+
+/// An admin's identity instruction, carried by a control record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Control {
+    /// What to do.
+    pub action: ControlAction,
+    /// The identifiers, as `{id_type}:{id}`: merged into one profile, or
+    /// each detached from its profile.
+    pub identifiers: Vec<String>,
+}
+
+/// What a control record does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlAction {
+    /// Force the identifiers into one profile, exempt from limits.
+    Merge,
+    /// Detach each identifier from its profile, for good.
+    Split,
 }
 
 impl Event {
     /// The identifier under which this event's timeline entry, traits and
-    /// counts are stored: `userId` when present, else `anonymousId`.
+    /// counts are stored: `userId` when present and not blocked, else
+    /// `anonymousId` (a blocked `userId` is used only when there is nothing
+    /// else). A control record's is its first identifier.
     pub fn primary_identifier(&self) -> Identifier {
-        match (&self.user_id, &self.anonymous_id) {
-            (Some(u), _) => Identifier::new(IdKind::UserId, u.clone()),
-            (None, Some(a)) => Identifier::new(IdKind::AnonymousId, a.clone()),
+        if let Some(c) = &self.control {
+            return c
+                .identifiers
+                .first()
+                .and_then(|i| Identifier::parse(i))
+                .unwrap_or_else(|| Identifier::new(IdKind::AnonymousId, String::new()));
+        }
+        let (kind, value) = self.primary_value();
+        Identifier::new(kind, value)
+    }
+
+    /// The kind and value of [`Event::primary_identifier`] of an event that
+    /// is not a control record, without allocating.
+    fn primary_value(&self) -> (IdKind, &str) {
+        let blocked = |kind: &str, value: &str| {
+            self.blocked_ids.iter().any(|b| {
+                b.strip_prefix(kind)
+                    .and_then(|rest| rest.strip_prefix(':'))
+                    .is_some_and(|v| v == value)
+            })
+        };
+        match (self.user_id.as_deref(), self.anonymous_id.as_deref()) {
+            (Some(u), Some(a))
+                if !self.blocked_ids.is_empty()
+                    && blocked("user_id", u)
+                    && !blocked("anonymous_id", a) =>
+            {
+                (IdKind::AnonymousId, a)
+            }
+            (Some(u), _) => (IdKind::UserId, u),
+            (None, Some(a)) => (IdKind::AnonymousId, a),
             // Ingest rejects events with neither; keep the fold total anyway.
-            (None, None) => Identifier::new(IdKind::AnonymousId, String::new()),
+            (None, None) => (IdKind::AnonymousId, ""),
         }
     }
 
-    /// The log partition key: workspace plus the primary identity, so that one
-    /// person's events stay in order within a partition.
+    /// The log partition key: workspace plus the primary identifier's value,
+    /// so that one person's events stay in order within a partition.
     pub fn partition_key(&self) -> Vec<u8> {
-        let id = self
-            .user_id
-            .as_deref()
-            .or(self.anonymous_id.as_deref())
-            .unwrap_or("");
+        let id = match &self.control {
+            Some(c) => c
+                .identifiers
+                .first()
+                .and_then(|i| i.split_once(':'))
+                .map_or("", |(_, v)| v),
+            None => self.primary_value().1,
+        };
         let mut key = Vec::with_capacity(self.workspace_id.len() + id.len() + 1);
         key.extend_from_slice(self.workspace_id.as_bytes());
         key.push(0);
@@ -347,6 +419,18 @@ impl Event {
                 string(out, self.previous_id.as_deref());
             }
             EventType::Identify => {}
+            EventType::Control => {
+                if let Some(c) = &self.control {
+                    key(out, f, "action");
+                    string(
+                        out,
+                        Some(match c.action {
+                            ControlAction::Merge => "merge",
+                            ControlAction::Split => "split",
+                        }),
+                    );
+                }
+            }
         }
         match self.kind {
             EventType::Track | EventType::Page | EventType::Screen => {
@@ -357,7 +441,7 @@ impl Event {
                 key(out, f, "traits");
                 object(out, self.traits.as_deref());
             }
-            EventType::Alias => {}
+            EventType::Alias | EventType::Control => {}
         }
         key(out, f, "context");
         object(out, self.context.as_deref());
@@ -401,6 +485,8 @@ mod tests {
                 context: None,
                 integrations: None,
                 request_ip: None,
+                blocked_ids: Vec::new(),
+                control: None,
             };
             let v = ev.to_api_json();
             assert_eq!(v["message_id"], "m\"1");
@@ -416,8 +502,50 @@ mod tests {
                 EventType::Identify | EventType::Group => assert_eq!(v["traits"]["email"], "x@y"),
                 EventType::Page | EventType::Screen => assert_eq!(v["name"], "Home"),
                 EventType::Alias => assert_eq!(v["previous_id"], "p"),
+                EventType::Control => unreachable!("not a client type"),
             }
         }
+    }
+
+    #[test]
+    fn a_blocked_user_id_leaves_the_event_with_its_anonymous_id() {
+        let mut ev = Event {
+            workspace_id: "ws".into(),
+            source_id: "src".into(),
+            message_id: "m1".into(),
+            kind: EventType::Track,
+            user_id: Some("null".into()),
+            anonymous_id: Some("a1".into()),
+            event: Some("Opened".into()),
+            name: None,
+            category: None,
+            group_id: None,
+            previous_id: None,
+            timestamp: 1,
+            original_timestamp: None,
+            sent_at: None,
+            received_at: 1,
+            properties: None,
+            traits: None,
+            context: None,
+            integrations: None,
+            request_ip: None,
+            blocked_ids: Vec::new(),
+            control: None,
+        };
+        assert_eq!(ev.primary_identifier().to_string(), "user_id:null");
+        ev.blocked_ids = vec!["user_id:null".into()];
+        assert_eq!(ev.primary_identifier().to_string(), "anonymous_id:a1");
+        assert_eq!(ev.partition_key(), b"ws\0a1");
+        // With nothing else to name it, a blocked userId still does.
+        ev.anonymous_id = None;
+        assert_eq!(ev.primary_identifier().to_string(), "user_id:null");
+        ev.control = Some(Control {
+            action: ControlAction::Merge,
+            identifiers: vec!["email:a@b.c".into(), "user_id:u".into()],
+        });
+        assert_eq!(ev.primary_identifier().to_string(), "email:a@b.c");
+        assert_eq!(ev.partition_key(), b"ws\0a@b.c");
     }
 
     #[test]

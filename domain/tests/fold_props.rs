@@ -171,6 +171,8 @@ fn build(i: usize, s: &Spec) -> Event {
         context: object(context),
         integrations: None,
         request_ip: None,
+        blocked_ids: Vec::new(),
+        control: None,
     }
 }
 

@@ -472,6 +472,7 @@ fn good_item() -> impl Strategy<Value = Value> {
                     m.insert("previousId".into(), json!("old-id"));
                 }
                 EventType::Identify => {}
+                EventType::Control => unreachable!("not a client type"),
             }
             if let Some(t) = ts {
                 m.insert("timestamp".into(), json!(t));

@@ -6,7 +6,10 @@
 //!   cannot set headers). It is public by design: it ships in web pages.
 //! - A **secret token** reads a workspace. It comes as `Authorization: Bearer
 //!   <token>` or as the Basic user name. A write key offered where a token is
-//!   needed is refused with 403, an unknown one with 401.
+//!   needed is refused with 403, an unknown one with 401. The token a
+//!   workspace is created with is an **admin** token ([`Admin`]): it also
+//!   changes identity rules, merges and splits profiles, and creates
+//!   read-only tokens, which get 403 there.
 //!
 //! The workspace always comes from the credential, never from the payload.
 
@@ -21,7 +24,10 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use trailmark_store::{ReadGrant, WriteGrant};
+use std::sync::Arc;
+
+use trailmark_domain::identity::Rules;
+use trailmark_store::{ReadGrant, Scope, WorkspaceDirectory, WriteGrant};
 
 use crate::{ApiError, AppState};
 
@@ -217,6 +223,77 @@ impl FromRequestParts<AppState> for Reader {
             ));
         }
         Err(ApiError::Unauthorized("unknown token".into()))
+    }
+}
+
+/// An administrator of one workspace: a secret token of [`Scope::Admin`].
+/// A read-only token or a write key gets 403.
+#[derive(Debug, Clone)]
+pub struct Admin(pub ReadGrant);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Reader(grant) = Reader::from_request_parts(parts, state).await?;
+        match grant.scope {
+            Scope::Admin => Ok(Admin(grant)),
+            Scope::Read => Err(ApiError::Forbidden(
+                "this token can only read; administration needs the workspace's admin token".into(),
+            )),
+        }
+    }
+}
+
+/// Workspaces' identity rules as ingest applies them (blocked values), each
+/// read from the directory at most every [`RULES_TTL`]: a change applies to
+/// new events within that long. While the directory cannot answer, the last
+/// rules read (or the defaults) stay in force, so ingest keeps accepting.
+#[derive(Default)]
+pub struct RulesCache {
+    entries: RwLock<HashMap<String, (Arc<Rules>, Instant)>>,
+}
+
+/// How long ingest trusts the identity rules it read.
+pub const RULES_TTL: Duration = Duration::from_secs(10);
+
+impl RulesCache {
+    /// The rules of `workspace`.
+    pub async fn get(&self, directory: &dyn WorkspaceDirectory, workspace: &str) -> Arc<Rules> {
+        let cached = self
+            .entries
+            .read()
+            .expect("rules cache lock")
+            .get(workspace)
+            .cloned();
+        if let Some((r, at)) = &cached
+            && at.elapsed() < RULES_TTL
+        {
+            return r.clone();
+        }
+        let rules = match directory.identity_rules(workspace).await {
+            Ok(Some(s)) => Rules::from_settings(&s).unwrap_or_default(),
+            Ok(None) => Rules::default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read identity rules; keeping the last known");
+                return cached.map_or_else(|| Arc::new(Rules::default()), |(r, _)| r);
+            }
+        };
+        let rules = Arc::new(rules);
+        let mut entries = self.entries.write().expect("rules cache lock");
+        if entries.len() >= 10_000 {
+            entries.clear();
+        }
+        entries.insert(workspace.to_owned(), (rules.clone(), Instant::now()));
+        rules
+    }
+
+    /// Forgets a workspace's rules, after this process changed them.
+    pub fn forget(&self, workspace: &str) {
+        self.entries
+            .write()
+            .expect("rules cache lock")
+            .remove(workspace);
     }
 }
 

@@ -58,6 +58,8 @@ pub struct AppState {
     pub append_timeout: Duration,
     /// Recently resolved write keys and tokens.
     pub credentials: Arc<auth::CredentialCache>,
+    /// Workspaces' identity rules, as ingest applies them.
+    pub identity_rules: Arc<auth::RulesCache>,
     /// Which backends `/readyz` requires.
     pub readiness: Readiness,
 }
@@ -158,6 +160,7 @@ impl AppStateBuilder {
             limits: self.limits,
             append_timeout: self.append_timeout,
             credentials: Arc::new(auth::CredentialCache::default()),
+            identity_rules: Arc::new(auth::RulesCache::default()),
             readiness: self.readiness,
         })
     }

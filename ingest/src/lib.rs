@@ -266,9 +266,14 @@ async fn single(
     };
     let raw = raw.inspect_err(|_| reject(&state))?;
     let meta = caller.meta(&state, &grant);
-    let event = raw
+    let mut event = raw
         .normalise(kind, &meta, &mut new_message_id)
         .inspect_err(|_| reject(&state))?;
+    state
+        .identity_rules
+        .get(&*state.directory, &grant.workspace_id)
+        .await
+        .mark_blocked(&mut event);
     append(&state, std::slice::from_ref(&event)).await?;
     Ok(Json(json!({"success": true})).into_response())
 }
@@ -290,7 +295,14 @@ async fn batch(
     let grant = caller.authorize(&state, body_key).await?;
     let raw = raw?;
     let meta = caller.meta(&state, &grant);
-    let parsed = raw.normalise(&meta, &state.limits, &mut new_message_id);
+    let mut parsed = raw.normalise(&meta, &state.limits, &mut new_message_id);
+    let rules = state
+        .identity_rules
+        .get(&*state.directory, &grant.workspace_id)
+        .await;
+    for ev in &mut parsed.events {
+        rules.mark_blocked(ev);
+    }
     let rejected: Vec<_> = parsed
         .rejected
         .iter()

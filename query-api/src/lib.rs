@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -35,6 +35,8 @@ use trailmark_domain::time::{format_micros, parse_micros};
 use trailmark_http::auth::Reader;
 use trailmark_http::{ApiError, AppState};
 use trailmark_store::{ProfileRef, TimelineQuery};
+
+pub mod admin;
 
 /// The largest page.
 pub const MAX_LIMIT: usize = 200;
@@ -53,6 +55,13 @@ pub fn routes() -> Router<AppState> {
         .route(&format!("{SEGMENT}/external_ids"), get(external_ids))
         .route(&format!("{SEGMENT}/metadata"), get(metadata))
         .route(&format!("{SEGMENT}/merges"), get(merges))
+        .route(
+            "/v1/admin/identity-rules",
+            get(admin::get_rules).put(admin::put_rules),
+        )
+        .route("/v1/admin/tokens", post(admin::create_token))
+        .route("/v1/profiles/merge", post(admin::merge))
+        .route("/v1/profiles/{id}/split", post(admin::split))
 }
 
 /// A profile route's path: Trailmark's (`/v1/profiles/{id}/…`) or

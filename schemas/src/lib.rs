@@ -26,9 +26,10 @@ use apache_avro::writer::datum::GenericDatumWriter;
 use trailmark_domain::Event;
 
 /// The schema files, oldest first. The last one is written.
-pub const EVENT_SCHEMAS: [&str; 2] = [
+pub const EVENT_SCHEMAS: [&str; 3] = [
     include_str!("../event.v1.avsc"),
     include_str!("../event.v2.avsc"),
+    include_str!("../event.v3.avsc"),
 ];
 
 /// The two marker bytes that open an Avro single-object encoded record.
@@ -189,7 +190,53 @@ mod tests {
             context: Some(r#"{"ip":"1.2.3.4"}"#.into()),
             integrations: None,
             request_ip: Some("127.0.0.1".into()),
+            blocked_ids: vec!["user_id:null".into()],
+            control: None,
         }
+    }
+
+    /// Writes `record` as an older Trailmark would have, with schema
+    /// `version` (1-based), dropping the fields it did not have.
+    fn written_by(version: usize, record: &Event, newer: &[&str]) -> Vec<u8> {
+        let schema = &SCHEMAS.all[version - 1];
+        let value = apache_avro::to_value(record).unwrap();
+        let Value::Record(mut fields) = value else {
+            panic!("record")
+        };
+        fields.retain(|(name, _)| !newer.contains(&name.as_str()));
+        let value = Value::Record(fields).resolve(schema).unwrap();
+        let mut bytes = Vec::new();
+        GenericSingleObjectWriter::new_with_capacity(schema, 512)
+            .unwrap()
+            .write_value_ref(&value, &mut bytes)
+            .unwrap();
+        assert_eq!(&bytes[2..10], &SCHEMAS.fingerprints[version - 1]);
+        bytes
+    }
+
+    #[test]
+    fn a_v2_record_is_read_by_the_current_reader() {
+        let mut record = sample();
+        record.blocked_ids.clear();
+        let bytes = written_by(2, &record, &["blocked_ids", "control"]);
+        let decoded = EventCodec::new().unwrap().decode(&bytes).unwrap();
+        assert_eq!(decoded, record);
+        assert!(decoded.blocked_ids.is_empty() && decoded.control.is_none());
+    }
+
+    #[test]
+    fn a_control_record_round_trips() {
+        let mut record = sample();
+        record.kind = EventType::Control;
+        record.control = Some(trailmark_domain::event::Control {
+            action: trailmark_domain::event::ControlAction::Split,
+            identifiers: vec!["user_id:u1".into()],
+        });
+        let codec = EventCodec::new().unwrap();
+        assert_eq!(
+            codec.decode(&codec.encode(&record).unwrap()).unwrap(),
+            record
+        );
     }
 
     #[test]
@@ -228,21 +275,10 @@ mod tests {
     #[test]
     fn a_v1_record_is_read_by_the_current_reader() {
         // Write a record exactly as a v1 Trailmark would have, with v1's schema.
-        let v1 = &SCHEMAS.all[0];
         let mut record = sample();
         record.request_ip = None;
-        let value = apache_avro::to_value(&record).unwrap();
-        let Value::Record(mut fields) = value else {
-            panic!("record")
-        };
-        fields.retain(|(name, _)| name != "request_ip");
-        let value = Value::Record(fields).resolve(v1).unwrap();
-        let mut bytes = Vec::new();
-        GenericSingleObjectWriter::new_with_capacity(v1, 512)
-            .unwrap()
-            .write_value_ref(&value, &mut bytes)
-            .unwrap();
-        assert_eq!(&bytes[2..10], &SCHEMAS.fingerprints[0]);
+        record.blocked_ids.clear();
+        let bytes = written_by(1, &record, &["request_ip", "blocked_ids", "control"]);
         let codec = EventCodec::new().unwrap();
         let decoded = codec.decode(&bytes).unwrap();
         assert_eq!(decoded, record);

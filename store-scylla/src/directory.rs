@@ -18,7 +18,7 @@ impl WorkspaceDirectory for ScyllaStore {
         // commands that supply one run alone.
         let credentials = [
             format!("w:{}", created.write_key),
-            format!("t:{}", token_digest(&created.token)),
+            token_key(Scope::Admin, &created.token),
         ];
         if self.workspaces().await?.iter().any(|w| w.name == name) {
             return Err(StoreError::Conflict(format!("a workspace named {name:?}")));
@@ -78,15 +78,47 @@ impl WorkspaceDirectory for ScyllaStore {
     }
 
     async fn resolve_token(&self, token: &str) -> Result<Option<ReadGrant>> {
-        let rows: Vec<(String, String)> = self
-            .rows(
-                &self.st.select_credential,
-                (format!("t:{}", token_digest(token)),),
-            )
-            .await?;
-        Ok(rows
-            .into_iter()
-            .next()
-            .map(|(workspace_id, _)| ReadGrant { workspace_id }))
+        for scope in [Scope::Admin, Scope::Read] {
+            let rows: Vec<(String, Option<String>)> = self
+                .rows(&self.st.select_credential, (token_key(scope, token),))
+                .await?;
+            if let Some((workspace_id, _)) = rows.into_iter().next() {
+                return Ok(Some(ReadGrant {
+                    workspace_id,
+                    scope,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn create_read_token(&self, workspace_id: &str) -> Result<String> {
+        let token = new_secret("tmr_");
+        self.write(
+            &self.st.insert_credential,
+            (token_key(Scope::Read, &token), workspace_id, ""),
+        )
+        .await?;
+        Ok(token)
+    }
+
+    async fn identity_rules(&self, workspace_id: &str) -> Result<Option<RuleSettings>> {
+        self.stored_rules(workspace_id).await
+    }
+
+    async fn set_identity_rules(&self, workspace_id: &str, rules: &RuleSettings) -> Result<()> {
+        let checked =
+            Rules::from_settings(rules).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let value = serde_json::to_string(rules).expect("settings serialise");
+        self.write(
+            &self.st.insert_setting,
+            (workspace_id, "identity_rules", value),
+        )
+        .await?;
+        self.rules.lock().expect("rules lock").insert(
+            workspace_id.to_owned(),
+            (std::time::Instant::now(), Arc::new(checked)),
+        );
+        Ok(())
     }
 }

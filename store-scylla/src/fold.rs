@@ -248,6 +248,18 @@ impl ScyllaStore {
         Ok(())
     }
 
+    /// The identity rules of every workspace among `events`.
+    async fn rules_for(&self, events: &[&LoggedEvent]) -> Result<RulesByWorkspace> {
+        let mut out = RulesByWorkspace::new();
+        for le in events {
+            let ws = &le.event.workspace_id;
+            if !out.contains_key(ws) {
+                out.insert(ws.clone(), self.rules(ws).await?);
+            }
+        }
+        Ok(out)
+    }
+
     /// An identifier's record, if any event named it.
     pub(crate) async fn named(&self, ws: &str, id: &Identifier) -> Result<Option<Named>> {
         type Row = (
@@ -310,7 +322,10 @@ struct Plan {
 /// time)` of each new event, in log order.
 type CountsByPrimary = BTreeMap<(String, String), Vec<(u32, u64, String, i64)>>;
 
-fn plan(events: &[&LoggedEvent]) -> Result<Plan> {
+/// The identity rules of each workspace a batch touches.
+type RulesByWorkspace = HashMap<String, Arc<Rules>>;
+
+fn plan(events: &[&LoggedEvent], rules: &RulesByWorkspace) -> Result<Plan> {
     let mut writes = Vec::with_capacity(events.len() * 2);
     let mut by_primary = CountsByPrimary::new();
     let mut named: HashMap<(String, Identifier), Named> = HashMap::new();
@@ -329,7 +344,9 @@ fn plan(events: &[&LoggedEvent]) -> Result<Plan> {
                     }
                 },
                 Fact::Linked(e) => {
-                    let rules = rules(ws);
+                    let rules = rules
+                        .get(ws)
+                        .ok_or_else(|| StoreError::Invalid(format!("no rules for {ws}")))?;
                     let slot = slot_digest(&e.slot(rules));
                     for id in e.ids.iter().filter(|i| !rules.is_blocked(i)) {
                         // One piece per slot: the smallest key.
@@ -426,10 +443,11 @@ impl ScyllaStore {
     #[doc(hidden)]
     pub async fn write_rows_blind_for_baseline(&self, events: &[LoggedEvent]) -> Result<()> {
         let refs: Vec<&LoggedEvent> = events.iter().collect();
+        let rules = self.rules_for(&refs).await?;
         let Plan {
             mut writes,
             by_primary,
-        } = plan(&refs)?;
+        } = plan(&refs, &rules)?;
         for ((ws, id), evs) in by_primary {
             let mut row = StatsRow::default();
             for (partition, position, counter, time) in evs {
@@ -479,7 +497,8 @@ impl ProfileWriter for ScyllaStore {
         outcome.applied = fresh.len();
 
         // 2. Their effects: blind writes, and counts folded per identifier.
-        let Plan { writes, by_primary } = plan(&fresh)?;
+        let rules = self.rules_for(&fresh).await?;
+        let Plan { writes, by_primary } = plan(&fresh, &rules)?;
         let mut folds = Vec::with_capacity(by_primary.len());
         for ((ws, id), events) in by_primary {
             folds.push(async move {

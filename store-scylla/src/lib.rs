@@ -78,7 +78,9 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::unprepared::Statement;
 use serde_json::value::RawValue;
-use trailmark_domain::identity::{Evidence, Key, MAX_ID_EVIDENCE, Rules, Walk, profile_id};
+use trailmark_domain::identity::{
+    Evidence, Key, MAX_ID_EVIDENCE, RuleSettings, Rules, Walk, profile_id,
+};
 use trailmark_domain::profile::{
     Fact, Named, Seen, TraitValue, is_duplicate, merge_trait, project,
 };
@@ -88,8 +90,8 @@ use trailmark_store::identity::{
 };
 use trailmark_store::{
     ApplyBatch, ApplyOutcome, CreatedWorkspace, LoggedEvent, ProfileMetadata, ProfileReader,
-    ProfileRef, ProfileWriter, ReadGrant, Result, StoreError, TimelineEntry, TimelinePage,
-    TimelineQuery, Workspace, WorkspaceDirectory, WriteGrant, token_digest,
+    ProfileRef, ProfileWriter, ReadGrant, Result, Scope, StoreError, TimelineEntry, TimelinePage,
+    TimelineQuery, Workspace, WorkspaceDirectory, WriteGrant, new_secret, token_key,
 };
 
 mod config;
@@ -120,13 +122,6 @@ fn trait_timestamp(time: i64) -> i64 {
 /// The write timestamp of a first-seen cell: earlier events win.
 fn first_seen_timestamp(time: i64) -> i64 {
     -TIMESTAMP_SHIFT - time
-}
-
-/// The identity rules of a workspace: the defaults for every workspace, for
-/// now.
-fn rules(_workspace: &str) -> &'static Rules {
-    static DEFAULT: std::sync::OnceLock<Rules> = std::sync::OnceLock::new();
-    DEFAULT.get_or_init(Rules::default)
 }
 
 /// Requests in flight per apply or read.
@@ -232,7 +227,17 @@ pub struct ScyllaStore {
     session: Arc<Session>,
     st: Arc<Statements>,
     keyspace: Arc<str>,
+    /// Workspaces' identity rules, each read at most every
+    /// [`RULES_TTL`]: another process may change them.
+    rules: Arc<std::sync::Mutex<RulesCache>>,
 }
+
+/// Identity rules by workspace, with when each was read.
+type RulesCache = HashMap<String, (std::time::Instant, Arc<Rules>)>;
+
+/// How long a process trusts the identity rules it read: a change made
+/// through another process applies to new data within this long.
+pub const RULES_TTL: Duration = Duration::from_secs(10);
 
 async fn open_session(config: &ScyllaConfig, keyspace: Option<&str>) -> Result<Session> {
     let profile = ExecutionProfile::builder()
@@ -294,6 +299,36 @@ async fn schema_version(session: &Session, keyspace: &str) -> Result<i32> {
 }
 
 impl ScyllaStore {
+    /// A workspace's identity rules: its settings, else the defaults.
+    pub(crate) async fn rules(&self, workspace: &str) -> Result<Arc<Rules>> {
+        if let Some((at, r)) = self.rules.lock().expect("rules lock").get(workspace)
+            && at.elapsed() < RULES_TTL
+        {
+            return Ok(r.clone());
+        }
+        let rules = match self.stored_rules(workspace).await? {
+            Some(s) => Rules::from_settings(&s)
+                .map_err(|e| StoreError::Corrupt(format!("identity rules: {e}")))?,
+            None => Rules::default(),
+        };
+        let rules = Arc::new(rules);
+        self.rules.lock().expect("rules lock").insert(
+            workspace.to_owned(),
+            (std::time::Instant::now(), rules.clone()),
+        );
+        Ok(rules)
+    }
+
+    pub(crate) async fn stored_rules(&self, workspace: &str) -> Result<Option<RuleSettings>> {
+        let rows: Vec<(String,)> = self
+            .rows(&self.st.select_setting, (workspace, "identity_rules"))
+            .await?;
+        rows.into_iter()
+            .next()
+            .map(|(v,)| serde_json::from_str(&v).map_err(|_| corrupt("identity rules")))
+            .transpose()
+    }
+
     /// Connects to the keyspace and checks that its schema is the one this
     /// build expects (`trailmark migrate` brings it there).
     pub async fn connect(config: &ScyllaConfig) -> Result<Self> {
@@ -332,6 +367,7 @@ impl ScyllaStore {
             session: Arc::new(session),
             st: Arc::new(st),
             keyspace: config.keyspace.as_str().into(),
+            rules: Default::default(),
         })
     }
 

@@ -124,7 +124,8 @@ impl ProfileReader for ScyllaStore {
         }
         // The walk asks for a wave of identifiers at a time; each wave is
         // read concurrently.
-        let mut walk = Walk::new(rules(workspace), id.clone());
+        let rules = self.rules(workspace).await?;
+        let mut walk = Walk::new(&rules, id.clone());
         loop {
             let next = walk.wanted();
             if next.is_empty() {

@@ -128,6 +128,12 @@ pub const MIGRATIONS: &[Migration] = &[
                 id text,
                 PRIMARY KEY ((workspace, profile_id)))",
             "DROP TABLE IF EXISTS identity_links",
+            // A workspace's settings as JSON, such as `identity_rules`.
+            "CREATE TABLE IF NOT EXISTS workspace_settings (
+                workspace text,
+                name text,
+                value text,
+                PRIMARY KEY ((workspace), name))",
         ],
     },
 ];
@@ -139,7 +145,12 @@ pub fn current_version() -> i32 {
 
 /// The tables a rebuild keeps: tenants, their credentials, and the schema's
 /// own history. Every other table is in [`PROJECTION_TABLES`] (a test checks).
-pub const KEPT_TABLES: &[&str] = &["schema_migrations", "workspaces", "credentials"];
+pub const KEPT_TABLES: &[&str] = &[
+    "schema_migrations",
+    "workspaces",
+    "credentials",
+    "workspace_settings",
+];
 
 /// The tables that hold projections, emptied by a rebuild.
 pub const PROJECTION_TABLES: &[&str] = &[

@@ -34,6 +34,8 @@ pub(crate) struct Statements {
     pub(crate) insert_credential: PreparedStatement,
     pub(crate) select_credential: PreparedStatement,
     pub(crate) ready: PreparedStatement,
+    pub(crate) insert_setting: PreparedStatement,
+    pub(crate) select_setting: PreparedStatement,
 }
 
 const TIMELINE_COLUMNS: &str = "SELECT time, message_id, counter, body FROM timeline WHERE workspace = ? AND id = ? AND bucket = ?";
@@ -80,6 +82,8 @@ impl Statements {
             insert_credential: p("INSERT INTO credentials (credential, workspace_id, source_id) VALUES (?, ?, ?)".into()).await?,
             select_credential: p("SELECT workspace_id, source_id FROM credentials WHERE credential = ?".into()).await?,
             ready: p("SELECT version FROM schema_migrations WHERE version = ?".into()).await?,
+            insert_setting: p("INSERT INTO workspace_settings (workspace, name, value) VALUES (?, ?, ?)".into()).await?,
+            select_setting: p("SELECT value FROM workspace_settings WHERE workspace = ? AND name = ?".into()).await?,
         })
     }
 }

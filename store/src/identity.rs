@@ -187,9 +187,9 @@ pub fn decode_named(b: &[u8]) -> Result<Named> {
 }
 
 /// The profile a walk found: its holder and `profile_id`, each member's
-/// record, and the decisions about them. Every member has a record (the
-/// event that links an identifier also names it); a missing one is
-/// corruption.
+/// record, and the decisions about them. A member without a record (one
+/// only an admin's instruction named, whose events are not folded yet) is
+/// left out until one comes.
 pub fn profile_ref(
     workspace: &str,
     resolved: Resolved<'_>,
@@ -199,10 +199,9 @@ pub fn profile_ref(
     let decisions = resolved.graph.decisions_about(&members).cloned().collect();
     let mut identifiers = BTreeMap::new();
     for m in members {
-        let n = named
-            .remove(&m)
-            .ok_or_else(|| corrupt("a linked identifier without its record"))?;
-        identifiers.insert(m, n);
+        if let Some(n) = named.remove(&m) {
+            identifiers.insert(m, n);
+        }
     }
     let holder = holder(identifiers.iter().map(|(id, n)| (id, &n.first)))
         .ok_or_else(|| corrupt("a profile without members"))?

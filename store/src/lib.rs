@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use serde_json::value::RawValue;
-use trailmark_domain::identity::{Decision, Outcome};
+use trailmark_domain::identity::{Decision, Outcome, RuleSettings};
 use trailmark_domain::profile::{Named, TraitValue};
 use trailmark_domain::{Event, Identifier};
 
@@ -277,11 +277,29 @@ pub struct WriteGrant {
     pub source_id: String,
 }
 
-/// What a secret token grants: reading one workspace.
+/// What a secret token grants: reading one workspace, and administering it
+/// if its scope is [`Scope::Admin`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ReadGrant {
     /// The workspace.
     pub workspace_id: String,
+    /// What the token may do.
+    #[serde(default)]
+    pub scope: Scope,
+}
+
+/// What a secret token may do.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Read and administer (identity rules, merges and splits, tokens): the
+    /// token a workspace is created with.
+    #[default]
+    Admin,
+    /// Read profiles only.
+    Read,
 }
 
 /// Tenants and their credentials.
@@ -304,6 +322,27 @@ pub trait WorkspaceDirectory: Send + Sync + 'static {
 
     /// What a secret token grants, if it is one.
     async fn resolve_token(&self, token: &str) -> Result<Option<ReadGrant>>;
+
+    /// Creates a read-only token for a workspace and returns it (shown once;
+    /// only its digest is stored).
+    async fn create_read_token(&self, workspace_id: &str) -> Result<String>;
+
+    /// A workspace's identity rules as last set, if ever.
+    async fn identity_rules(&self, workspace_id: &str) -> Result<Option<RuleSettings>>;
+
+    /// Sets a workspace's identity rules (already checked by
+    /// [`trailmark_domain::identity::Rules::from_settings`]).
+    async fn set_identity_rules(&self, workspace_id: &str, rules: &RuleSettings) -> Result<()>;
+}
+
+/// The credential key of a token: `t:` and its digest for an admin token,
+/// `r:` for a read-only one. Both stores spell keys this way.
+pub fn token_key(scope: Scope, token: &str) -> String {
+    let prefix = match scope {
+        Scope::Admin => "t",
+        Scope::Read => "r",
+    };
+    format!("{prefix}:{}", token_digest(token))
 }
 
 impl CreatedWorkspace {

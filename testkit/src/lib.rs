@@ -57,6 +57,8 @@ impl EventBuilder {
                 context: None,
                 integrations: None,
                 request_ip: None,
+                blocked_ids: Vec::new(),
+                control: None,
             },
         }
     }

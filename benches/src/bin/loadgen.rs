@@ -45,7 +45,7 @@ use reqwest::{Client, StatusCode, Url};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
-use trailmark_benches::{EventParams, Rng, UserPool, batch_body, identify_json, mixed_json};
+use trailmark_benches::{EventParams, Mix, Rng, UserPool, batch_body, call_json, identify_json};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -110,6 +110,12 @@ struct LoadArgs {
     /// Seed of the event generator.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Which calls: `web` (track, page and identify, each with a userId and
+    /// an anonymousId), `track` (tracks naming only a userId: no identity
+    /// work) or `identity` (those tracks, with 5% identify from a new
+    /// device and 5% alias).
+    #[arg(long, default_value = "web", value_parser = ["web", "track", "identity"])]
+    mix: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -164,6 +170,10 @@ struct LookupArgs {
     /// Seed of the choice of people.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Name each profile by `user_id`, by `email` (as --populate's identify
+    /// sets it) or by `profile_id` (read from each profile's metadata first).
+    #[arg(long, default_value = "user_id", value_parser = ["user_id", "email", "profile_id"])]
+    by: String,
 }
 
 /// Latency histograms in microseconds, from 1 µs to 5 minutes.
@@ -433,6 +443,11 @@ async fn ingest_worker(ctx: Arc<Ingest>, worker: u64) -> Stats {
     let mut stats = Stats::new();
     let pool = UserPool::new(ctx.args.users);
     let mut rng = Rng::new(ctx.args.seed.wrapping_mul(0x9E37_79B9).wrapping_add(worker));
+    let mix = match ctx.args.mix.as_str() {
+        "track" => Mix::TrackOnly,
+        "identity" => Mix::Identity,
+        _ => Mix::Web,
+    };
     while let Some((n, due)) = ctx.pace.next().await {
         let now = now_rfc3339();
         let mut first: Option<(String, String)> = None;
@@ -440,7 +455,8 @@ async fn ingest_worker(ctx: Arc<Ingest>, worker: u64) -> Stats {
             .map(|_| {
                 let user = pool.any(&mut rng);
                 let message_id = uuid::Uuid::new_v4().to_string();
-                let json = mixed_json(
+                let json = call_json(
+                    mix,
                     &pool,
                     &EventParams {
                         user,
@@ -808,6 +824,32 @@ async fn run_lookup(cli: &Cli, args: LookupArgs) -> Result<Value> {
         populate(&base, &client, &args, Duration::from_secs(60)).await?;
     }
     let auth = bearer(&args.token)?;
+    let pool = UserPool::new(args.users);
+    let mut names = Vec::with_capacity(args.users as usize);
+    for i in 0..args.users {
+        let user = pool.user_id(i);
+        names.push(match args.by.as_str() {
+            "email" => format!("email:{user}@example.com"),
+            "profile_id" => {
+                let url = format!("{base}/v1/profiles/user_id:{user}/metadata");
+                let meta: Value = client
+                    .get(&url)
+                    .header(AUTHORIZATION, auth.clone())
+                    .send()
+                    .await
+                    .context("reading a profile id")?
+                    .json()
+                    .await
+                    .context("reading a profile id")?;
+                let pid = meta["metadata"]["profile_id"]
+                    .as_str()
+                    .with_context(|| format!("no profile id for {user}: {meta}"))?;
+                format!("profile_id:{pid}")
+            }
+            _ => format!("user_id:{user}"),
+        });
+    }
+    let names = Arc::new(names);
     let pace = Arc::new(Pace::new(
         args.rate as f64,
         Duration::from_secs(args.duration),
@@ -815,15 +857,20 @@ async fn run_lookup(cli: &Cli, args: LookupArgs) -> Result<Value> {
     ));
     let workers: Vec<_> = (0..args.concurrency as u64)
         .map(|w| {
-            let (client, auth, pace, base) =
-                (client.clone(), auth.clone(), pace.clone(), base.clone());
+            let (client, auth, pace, base, names) = (
+                client.clone(),
+                auth.clone(),
+                pace.clone(),
+                base.clone(),
+                names.clone(),
+            );
             let pool = UserPool::new(args.users);
             let mut rng = Rng::new(args.seed.wrapping_mul(0x85EB_CA6B).wrapping_add(w));
             tokio::spawn(async move {
                 let mut stats = Stats::new();
                 while let Some((_, due)) = pace.next().await {
-                    let user = pool.user_id(pool.any(&mut rng));
-                    let url = format!("{base}/v1/profiles/user_id:{user}/traits");
+                    let name = &names[pool.any(&mut rng) as usize];
+                    let url = format!("{base}/v1/profiles/{name}/traits");
                     stats.requests += 1;
                     let sent = Instant::now();
                     let outcome = match client
@@ -858,8 +905,8 @@ async fn run_lookup(cli: &Cli, args: LookupArgs) -> Result<Value> {
     let elapsed = pace.start.elapsed().as_secs_f64();
     let achieved = stats.ok as f64 / elapsed;
     println!(
-        "lookup: {base}/v1/profiles/user_id:{{id}}/traits for {elapsed:.1} s, target {} /s, concurrency {}, {} people",
-        args.rate, args.concurrency, args.users
+        "lookup: {base}/v1/profiles/{}:{{id}}/traits for {elapsed:.1} s, target {} /s, concurrency {}, {} people",
+        args.by, args.rate, args.concurrency, args.users
     );
     println!(
         "  requests   {} sent, {} ok, achieved {achieved:.0}/s of {} /s",
@@ -870,7 +917,7 @@ async fn run_lookup(cli: &Cli, args: LookupArgs) -> Result<Value> {
     println!("  from schedule {}", describe_latency(&stats.from_schedule));
     let summary = json!({
         "mode": "lookup",
-        "url": format!("{base}/v1/profiles/user_id:{{id}}/traits"),
+        "url": format!("{base}/v1/profiles/{}:{{id}}/traits", args.by),
         "elapsed_s": elapsed,
         "target_per_s": args.rate,
         "achieved_per_s": achieved,

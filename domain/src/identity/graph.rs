@@ -59,7 +59,8 @@ pub struct Decision {
     pub key: Key,
     /// What the evidence said.
     pub action: Action,
-    /// Every identifier the evidence named, blocked ones included.
+    /// Every identifier the evidence named, blocked ones included (for a
+    /// split: the identifier and the members it left).
     pub evidence: Vec<Identifier>,
     /// What was decided.
     pub outcome: Outcome,
@@ -141,8 +142,17 @@ impl<'r> Graph<'r> {
         };
         if e.action == Action::Split {
             for id in &e.ids {
+                // The decision names the members the identifier left too,
+                // so that their profile's explanation shows the split.
+                let left: Vec<Identifier> = self.profiles[self.profile_of[id]]
+                    .0
+                    .keys()
+                    .cloned()
+                    .collect();
                 if self.detach(id) {
-                    self.decisions.push(decided(Outcome::Detached(id.clone())));
+                    let mut d = decided(Outcome::Detached(id.clone()));
+                    d.evidence = left;
+                    self.decisions.push(d);
                 }
             }
             return;

@@ -138,6 +138,13 @@ impl Evidence {
         let mut out = Vec::with_capacity(64);
         out.extend_from_slice(self.action.as_str().as_bytes());
         out.push(0);
+        // An admin's instructions are each their own: a split, a merge and
+        // a split again of one identifier are three decisions. A retry of
+        // one instruction carries its messageId, so it still shares a slot.
+        if matches!(self.action, Action::Merge | Action::Split) {
+            out.extend_from_slice(self.key.message_id.as_bytes());
+            out.push(0);
+        }
         out.extend_from_slice(&self.bucket(rules).to_be_bytes());
         for id in &self.ids {
             out.extend_from_slice(id.kind.as_str().as_bytes());

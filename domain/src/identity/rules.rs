@@ -139,6 +139,29 @@ impl PartialEq for Rules {
 }
 
 impl Rules {
+    /// The default rules, built once.
+    pub fn defaults() -> &'static Rules {
+        static DEFAULT: std::sync::OnceLock<Rules> = std::sync::OnceLock::new();
+        DEFAULT.get_or_init(Rules::default)
+    }
+
+    /// Records on `ev` which of its `userId` and `anonymousId` are blocked
+    /// ([`crate::Event::blocked_ids`]), so its primary identifier skips them.
+    /// Ingest calls this before the event gets its partition key.
+    pub fn mark_blocked(&self, ev: &mut crate::Event) {
+        ev.blocked_ids.clear();
+        if let Some(u) = &ev.user_id
+            && self.is_blocked_value(u)
+        {
+            ev.blocked_ids.push(format!("user_id:{u}"));
+        }
+        if let Some(a) = &ev.anonymous_id
+            && self.is_blocked_value(a)
+        {
+            ev.blocked_ids.push(format!("anonymous_id:{a}"));
+        }
+    }
+
     /// The limit for identifiers of `kind`.
     pub fn limit(&self, kind: &IdKind) -> Limit {
         self.limits

@@ -506,6 +506,14 @@ impl<'a> RawMessage<'a> {
                 }
             }
             EventType::Identify => {}
+            // `from_wire` never yields it; refused all the same.
+            EventType::Control => {
+                return Err(ValidationError::field(
+                    "invalid_field",
+                    "type",
+                    "control records are not sent by clients",
+                ));
+            }
         }
         let properties = match kind {
             EventType::Track | EventType::Page | EventType::Screen => {
@@ -574,6 +582,8 @@ impl<'a> RawMessage<'a> {
             context,
             integrations,
             request_ip: meta.request_ip.map(str::to_owned),
+            blocked_ids: Vec::new(),
+            control: None,
         })
     }
 }

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use super::context::{ContextView, email_of};
 use super::{FoldError, Named, TraitValue, counter_name};
-use crate::event::{Event, EventType, IdKind, Identifier};
+use crate::event::{Control, ControlAction, Event, EventType, IdKind, Identifier};
 use crate::identity::{Action, Evidence, Key};
 
 /// One thing an event says about profiles. Each variant names the
@@ -93,6 +93,9 @@ impl Projection {
 /// ingest would have refused (see [`FoldError`]).
 pub fn project(ev: &Event) -> Result<Projection, FoldError> {
     let primary = ev.primary_identifier();
+    if let Some(control) = &ev.control {
+        return project_control(ev, control, primary);
+    }
     let mut ids = BTreeSet::new();
     ids.insert(primary.clone());
     if let Some(u) = &ev.user_id {
@@ -177,4 +180,38 @@ pub fn project(ev: &Event) -> Result<Projection, FoldError> {
         counter,
     });
     Ok(Projection { primary, facts })
+}
+
+/// A control record's one fact: the admin's instruction, as evidence. It
+/// names no identifier (the admin API accepts only identifiers events have
+/// named), counts nothing and has no timeline entry.
+fn project_control(
+    ev: &Event,
+    control: &Control,
+    primary: Identifier,
+) -> Result<Projection, FoldError> {
+    let mut ids = BTreeSet::new();
+    for (i, text) in control.identifiers.iter().enumerate() {
+        let id = Identifier::parse(text)
+            .filter(|id| Identifier::check_value(&id.value).is_ok())
+            .ok_or_else(|| {
+                FoldError::new(format!("control.identifiers[{i}]"), "not {id_type}:{id}")
+            })?;
+        ids.insert(id);
+    }
+    if ids.is_empty() {
+        return Err(FoldError::new("control.identifiers", "names no identifier"));
+    }
+    let action = match control.action {
+        ControlAction::Merge => Action::Merge,
+        ControlAction::Split => Action::Split,
+    };
+    let key = Key {
+        received_at: ev.received_at,
+        message_id: ev.message_id.clone(),
+    };
+    Ok(Projection {
+        primary,
+        facts: vec![Fact::Linked(Evidence { key, action, ids })],
+    })
 }

@@ -150,9 +150,12 @@ impl ProfileModel {
     }
 
     /// The identifiers of the profile `id` belongs to, sorted, if any event
-    /// named it.
+    /// named it: those an event named (an admin's instruction alone does not
+    /// show an identifier).
     pub fn members(&self, id: &Identifier) -> Option<Vec<Identifier>> {
-        Some(self.resolve(id)?.members)
+        let mut members = self.resolve(id)?.members;
+        members.retain(|m| self.named.contains_key(m));
+        Some(members)
     }
 
     /// The identity decisions that concern the members of `id`'s profile,
@@ -265,6 +268,8 @@ mod tests {
             context: None,
             integrations: None,
             request_ip: None,
+            blocked_ids: Vec::new(),
+            control: None,
         }
     }
 

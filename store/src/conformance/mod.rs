@@ -634,6 +634,41 @@ pub async fn workspace_credentials(factory: &impl StoreFactory, at: &Path) {
         Err(StoreError::Conflict(_))
     ));
     assert_eq!(dir.workspaces().await.expect("list").len(), 2);
+
+    // The token a workspace comes with administers it; others only read.
+    assert_eq!(r.scope, crate::Scope::Admin);
+    let read = dir
+        .create_read_token(&one.workspace.id)
+        .await
+        .expect("read token");
+    let g = dir
+        .resolve_token(&read)
+        .await
+        .expect("token")
+        .expect("grant");
+    assert_eq!(
+        (g.workspace_id.as_str(), g.scope),
+        (one.workspace.id.as_str(), crate::Scope::Read)
+    );
+
+    // Identity rules: none until set, then per workspace.
+    assert_eq!(
+        dir.identity_rules(&one.workspace.id).await.expect("rules"),
+        None
+    );
+    let mut settings = trailmark_domain::identity::RuleSettings::default();
+    settings.limits.insert("user_id".into(), "2 ever".into());
+    dir.set_identity_rules(&one.workspace.id, &settings)
+        .await
+        .expect("set rules");
+    assert_eq!(
+        dir.identity_rules(&one.workspace.id).await.expect("rules"),
+        Some(settings)
+    );
+    assert_eq!(
+        dir.identity_rules(&two.workspace.id).await.expect("rules"),
+        None
+    );
 }
 
 /// `anon`'s event linking `n` new device ids named after `tag`.

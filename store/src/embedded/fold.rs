@@ -214,8 +214,8 @@ fn fold(w: &mut Overlay<'_>, ev: &Event) -> Result<()> {
         match fact {
             Fact::Named { id, named } => name(w, ws, &id, &named)?,
             Fact::Linked(evidence) => {
-                let rules = w.inner.rules(ws);
-                let digest = slot_digest(&evidence.slot(rules));
+                let rules = w.inner.rules(ws)?;
+                let digest = slot_digest(&evidence.slot(&rules));
                 let value = encode_evidence(&evidence);
                 for id in evidence.ids.iter().filter(|i| !rules.is_blocked(i)) {
                     let mut key = ws_id_key(ws, id);

@@ -11,7 +11,8 @@
 //! |--------------|---------------------------------------|----------------------------|
 //! | `meta`       | `projection_layout`                   | layout version (BE u32)    |
 //! | `workspaces` | workspace id                          | [`Workspace`] JSON         |
-//! | `credentials`| `w` NUL write key / `t` NUL digest     | grant JSON                 |
+//! | `credentials`| `w`/`t`/`r` NUL write key or digest    | grant JSON                 |
+//! | `settings`   | ws name (`identity_rules`)            | settings JSON              |
 //! | `checkpoints`| consumer partition (BE u32)           | position (BE u64)          |
 //! | `dedup`      | ws messageId                          | receivedAt (BE)            |
 //! | `dedup_time` | receivedAt (BE) ws messageId          | empty (purge index)        |
@@ -55,15 +56,15 @@ use async_trait::async_trait;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use serde_json::value::RawValue;
-use trailmark_domain::identity::{MAX_ID_EVIDENCE, Rules, Walk};
+use trailmark_domain::identity::{MAX_ID_EVIDENCE, RuleSettings, Rules, Walk};
 use trailmark_domain::profile::{Named, Seen, TraitValue, merge_trait};
 use trailmark_domain::{Event, Identifier};
 
 use crate::identity::{decode_evidence, decode_named, profile_ref};
 use crate::{
     ApplyBatch, ApplyOutcome, CreatedWorkspace, ProfileMetadata, ProfileReader, ProfileRef,
-    ProfileWriter, ReadGrant, Result, StoreError, TimelineEntry, TimelinePage, TimelineQuery,
-    Workspace, WorkspaceDirectory, WriteGrant, token_digest,
+    ProfileWriter, ReadGrant, Result, Scope, StoreError, TimelineEntry, TimelinePage,
+    TimelineQuery, Workspace, WorkspaceDirectory, WriteGrant, new_secret, token_digest,
 };
 
 mod fold;
@@ -94,7 +95,7 @@ enum Ks {
 /// The keyspaces a rebuild keeps: the layout version, and tenants with their
 /// credentials. Every other keyspace is one of [`Ks::PROJECTIONS`] (a test
 /// checks the database holds no other).
-const KEPT_KEYSPACES: [&str; 3] = ["meta", "workspaces", "credentials"];
+const KEPT_KEYSPACES: [&str; 4] = ["meta", "workspaces", "credentials", "settings"];
 
 impl Ks {
     const PROJECTIONS: [Ks; 9] = [
@@ -134,6 +135,7 @@ struct Keyspaces {
     meta: Keyspace,
     workspaces: Keyspace,
     credentials: Keyspace,
+    settings: Keyspace,
     checkpoints: Keyspace,
     dedup: Keyspace,
     dedup_time: Keyspace,
@@ -168,8 +170,9 @@ struct Inner {
     /// writers must not interleave. (A std mutex: it is only held inside
     /// blocking tasks, never across an await.)
     writer: Mutex<WriterState>,
-    /// The identity rules; every workspace has the defaults for now.
-    rules: Rules,
+    /// Each workspace's identity rules, read once from `settings` (only this
+    /// process writes them, so the copy is exact).
+    rules: std::sync::RwLock<HashMap<String, Arc<Rules>>>,
 }
 
 /// Settings of the embedded store.
@@ -349,6 +352,7 @@ impl EmbeddedStore {
             meta: open(KEPT_KEYSPACES[0])?,
             workspaces: open(KEPT_KEYSPACES[1])?,
             credentials: open(KEPT_KEYSPACES[2])?,
+            settings: open(KEPT_KEYSPACES[3])?,
             checkpoints: open(Ks::Checkpoints.name())?,
             dedup: open(Ks::Dedup.name())?,
             dedup_time: open(Ks::DedupTime.name())?,
@@ -366,7 +370,7 @@ impl EmbeddedStore {
                 cache_limit: options.cache_bytes,
                 ..WriterState::default()
             }),
-            rules: Rules::default(),
+            rules: Default::default(),
         };
         inner.upgrade_layout()?;
         Ok(Self {
@@ -397,9 +401,35 @@ impl EmbeddedStore {
 impl Inner {
     // ---- reads ----------------------------------------------------------
 
-    /// The identity rules of a workspace.
-    fn rules(&self, _ws: &str) -> &Rules {
-        &self.rules
+    /// The identity rules of a workspace: its settings, else the defaults.
+    fn rules(&self, ws: &str) -> Result<Arc<Rules>> {
+        if let Some(r) = self.rules.read().expect("rules lock").get(ws) {
+            return Ok(r.clone());
+        }
+        let rules = match self.stored_rules(ws)? {
+            Some(s) => {
+                Rules::from_settings(&s).map_err(|e| corrupt(&format!("identity rules: {e}")))?
+            }
+            None => Rules::default(),
+        };
+        let rules = Arc::new(rules);
+        self.rules
+            .write()
+            .expect("rules lock")
+            .insert(ws.to_owned(), rules.clone());
+        Ok(rules)
+    }
+
+    fn stored_rules(&self, ws: &str) -> Result<Option<RuleSettings>> {
+        match self
+            .ks
+            .settings
+            .get(settings_key(ws, "identity_rules"))
+            .map_err(unavailable)?
+        {
+            Some(v) => Ok(Some(from_json(&v, "identity rules")?)),
+            None => Ok(None),
+        }
     }
 
     fn resolve(&self, ws: &str, id: &Identifier) -> Result<Option<ProfileRef>> {
@@ -414,7 +444,8 @@ impl Inner {
         if named(id)?.is_none() {
             return Ok(None);
         }
-        let mut walk = Walk::new(self.rules(ws), id.clone());
+        let rules = self.rules(ws)?;
+        let mut walk = Walk::new(&rules, id.clone());
         loop {
             let next = walk.wanted();
             if next.is_empty() {
@@ -758,7 +789,7 @@ impl WorkspaceDirectory for EmbeddedStore {
         let (workspace, source_id) = (&created.workspace, &created.source_id);
         let (write_key, token) = (&created.write_key, &created.token);
         let wkey = [b"w\0".as_slice(), write_key.as_bytes()].concat();
-        let tkey = [b"t\0".as_slice(), token_digest(token).as_bytes()].concat();
+        let tkey = token_row(Scope::Admin, token);
         let _writer = self.inner.writer.lock().expect("writer lock");
         for kv in ks.workspaces.iter() {
             let (_, v) = kv.into_inner().map_err(unavailable)?;
@@ -787,6 +818,7 @@ impl WorkspaceDirectory for EmbeddedStore {
             tkey,
             json(&ReadGrant {
                 workspace_id: workspace.id.clone(),
+                scope: Scope::Admin,
             }),
         );
         tx.commit().map_err(unavailable)?;
@@ -813,12 +845,68 @@ impl WorkspaceDirectory for EmbeddedStore {
     }
 
     async fn resolve_token(&self, token: &str) -> Result<Option<ReadGrant>> {
-        let key = [b"t\0".as_slice(), token_digest(token).as_bytes()].concat();
-        match self.inner.ks.credentials.get(key).map_err(unavailable)? {
-            Some(v) => Ok(Some(from_json(&v, "read grant")?)),
-            None => Ok(None),
+        for scope in [Scope::Admin, Scope::Read] {
+            let key = token_row(scope, token);
+            if let Some(v) = self.inner.ks.credentials.get(key).map_err(unavailable)? {
+                let mut grant: ReadGrant = from_json(&v, "read grant")?;
+                grant.scope = scope;
+                return Ok(Some(grant));
+            }
         }
+        Ok(None)
     }
+
+    async fn create_read_token(&self, workspace_id: &str) -> Result<String> {
+        let token = new_secret("tmr_");
+        let grant = ReadGrant {
+            workspace_id: workspace_id.to_owned(),
+            scope: Scope::Read,
+        };
+        self.inner
+            .ks
+            .credentials
+            .insert(token_row(Scope::Read, &token), json(&grant))
+            .map_err(unavailable)?;
+        self.persist()?;
+        Ok(token)
+    }
+
+    async fn identity_rules(&self, workspace_id: &str) -> Result<Option<RuleSettings>> {
+        self.inner.stored_rules(workspace_id)
+    }
+
+    async fn set_identity_rules(&self, workspace_id: &str, rules: &RuleSettings) -> Result<()> {
+        let checked =
+            Rules::from_settings(rules).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        self.inner
+            .ks
+            .settings
+            .insert(settings_key(workspace_id, "identity_rules"), json(rules))
+            .map_err(unavailable)?;
+        self.persist()?;
+        self.inner
+            .rules
+            .write()
+            .expect("rules lock")
+            .insert(workspace_id.to_owned(), Arc::new(checked));
+        Ok(())
+    }
+}
+
+/// A token's `credentials` key: `t` (admin, as since the first layout) or
+/// `r` (read only), NUL, its digest.
+fn token_row(scope: Scope, token: &str) -> Vec<u8> {
+    let prefix: &[u8] = match scope {
+        Scope::Admin => b"t\0",
+        Scope::Read => b"r\0",
+    };
+    [prefix, token_digest(token).as_bytes()].concat()
+}
+
+fn settings_key(workspace_id: &str, name: &str) -> Vec<u8> {
+    let mut key = ws_key(workspace_id);
+    key.extend_from_slice(name.as_bytes());
+    key
 }
 
 #[cfg(test)]

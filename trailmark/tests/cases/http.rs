@@ -1028,7 +1028,8 @@ async fn a_shared_email_does_not_fuse_users_and_alias_chains_join() {
 }
 
 /// Issue 10: `null` and the like are blocked values: devices that sent
-/// `userId: "null"` are not fused through it.
+/// `userId: "null"` are not fused through it, and their events stay with
+/// their anonymous profiles. The value stays in the payload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_user_id_links_nothing() {
     let s = TestServer::start().await;
@@ -1037,9 +1038,15 @@ async fn a_blocked_user_id_links_nothing() {
         let body = json!({"userId": "null", "anonymousId": a, "event": "Opened"});
         assert_eq!(s.post("/v1/track", &body).await.0, 200);
     }
-    s.wait_for_events("user_id:null", 2).await;
-    assert_eq!(identifiers_of(&s, &format!("anonymous_id:{a1}")).await, [format!("anonymous_id:{a1}")]);
-    assert_eq!(identifiers_of(&s, "user_id:null").await, ["user_id:null"]);
+    for a in [&a1, &a2] {
+        let events = s.wait_for_events(&format!("anonymous_id:{a}"), 1).await;
+        assert_eq!(events.len(), 1, "the event stays with {a}");
+        assert_eq!(events[0]["user_id"], "null", "the value stays in the payload");
+        assert_eq!(identifiers_of(&s, &format!("anonymous_id:{a}")).await, [format!("anonymous_id:{a}")]);
+    }
+    let (status, body) = s.get("/v1/profiles/user_id:null/events").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"], json!([]), "nothing is kept under the blocked value");
     s.stop().await;
 }
 
@@ -1092,5 +1099,148 @@ async fn segment_profile_api_paths_work_by_changing_the_host() {
         other.workspace_id
     );
     assert_eq!(get(accounts).await.0, 404);
+    s.stop().await;
+}
+
+/// Issue 10: identity rules are a workspace's to set, with its admin token
+/// only; a change applies to new data at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_rules_are_set_by_admins_and_apply_to_new_data() {
+    use reqwest::Method;
+    let s = TestServer::start().await;
+    let (status, body) = s.admin(Method::GET, "/v1/admin/identity-rules", &json!(null)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["rules"]["limits"]["user_id"], "1 ever");
+    assert_eq!(body["rules"]["priority"], json!(["user_id", "email"]));
+
+    // A read token and a write key may not administer.
+    let (status, body) = s
+        .admin(Method::POST, "/v1/admin/tokens", &json!({"scope": "read"}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let read_token = body["token"].as_str().expect("token").to_owned();
+    let client = reqwest::Client::new();
+    let rules_url = s.url("/v1/admin/identity-rules");
+    let with_read = client
+        .put(&rules_url)
+        .bearer_auth(&read_token)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(with_read.status(), 403);
+    let with_key = client
+        .put(&rules_url)
+        .bearer_auth(WRITE_KEY)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(with_key.status(), 403);
+    // ...but the read token reads profiles.
+    let (status, _) = read(
+        client
+            .get(s.url("/v1/profiles/user_id:nobody/traits"))
+            .bearer_auth(&read_token)
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(status, 404, "authorised, and no such profile");
+
+    // Bad rules name the field.
+    let (status, body) = s
+        .admin(Method::PUT, "/v1/admin/identity-rules", &json!({"limits": {"email": "five weekly"}}))
+        .await;
+    assert_eq!((status, body["error"]["field"].as_str()), (400, Some("limits.email")), "{body}");
+    let (status, body) = s
+        .admin(Method::PUT, "/v1/admin/identity-rules", &json!({"limit": {}}))
+        .await;
+    assert_eq!(status, 400, "unknown fields are refused: {body}");
+
+    // A family laptop: two user ids may share a profile, and "guest" is blocked.
+    let (status, body) = s
+        .admin(
+            Method::PUT,
+            "/v1/admin/identity-rules",
+            &json!({"limits": {"user_id": "2 ever"}, "blocked_values": ["guest"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["rules"]["limits"]["user_id"], "2 ever");
+    let (a, u1, u2) = (uid(), uid(), uid());
+    for u in [&u1, &u2] {
+        let id = json!({"userId": u, "anonymousId": a});
+        assert_eq!(s.post("/v1/identify", &id).await.0, 200);
+    }
+    let guest = json!({"userId": "Guest", "anonymousId": a, "event": "Opened"});
+    assert_eq!(s.post("/v1/track", &guest).await.0, 200);
+    s.wait_for_events(&format!("anonymous_id:{a}"), 3).await;
+    assert_eq!(
+        identifiers_of(&s, &format!("user_id:{u1}")).await,
+        sorted(vec![
+            format!("anonymous_id:{a}"),
+            format!("user_id:{u1}"),
+            format!("user_id:{u2}")
+        ]),
+        "two user ids are allowed now; the blocked guest is not linked"
+    );
+    s.stop().await;
+}
+
+/// Issue 10: an admin forces a merge the rules refused, then splits one
+/// identifier off again; both are control records in the log, so a rebuild
+/// would reproduce them, and a retried request counts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_merge_then_a_split() {
+    use reqwest::Method;
+    let s = TestServer::start().await;
+    let (u1, u2) = (uid(), uid());
+    for u in [&u1, &u2] {
+        assert_eq!(s.post("/v1/track", &json!({"userId": u, "event": "Paid"})).await.0, 200);
+    }
+    s.wait_for_events(&format!("user_id:{u2}"), 1).await;
+    s.wait_for_events(&format!("user_id:{u1}"), 1).await;
+
+    let unknown = json!({"identifiers": [format!("user_id:{u1}"), "user_id:nobody-ever"]});
+    assert_eq!(s.admin(Method::POST, "/v1/profiles/merge", &unknown).await.0, 404);
+    let blocked = json!({"identifiers": [format!("user_id:{u1}"), "user_id:null"]});
+    let (status, body) = s.admin(Method::POST, "/v1/profiles/merge", &blocked).await;
+    assert_eq!((status, body["error"]["field"].as_str()), (400, Some("identifiers[1]")), "{body}");
+
+    let merge = json!({"identifiers": [format!("user_id:{u1}"), format!("user_id:{u2}")], "messageId": format!("merge-{u1}")});
+    let (status, body) = s.admin(Method::POST, "/v1/profiles/merge", &merge).await;
+    assert_eq!(status, 202, "{body}");
+    // A retry of the same request changes nothing.
+    assert_eq!(s.admin(Method::POST, "/v1/profiles/merge", &merge).await.0, 202);
+    let both = s.wait_for_events(&format!("user_id:{u1}"), 2).await;
+    assert_eq!(both.len(), 2, "the forced merge joins two user ids");
+    let (_, why) = s.get(&format!("/v1/profiles/user_id:{u1}/merges")).await;
+    let accepted = why["accepted"].as_array().expect("accepted");
+    assert_eq!(accepted.len(), 1, "{why}");
+    assert_eq!(accepted[0]["action"], "admin_merge");
+
+    let (status, body) = s
+        .admin(Method::POST, &format!("/v1/profiles/user_id:{u2}/split"), &json!({}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let mut apart = false;
+    for _ in 0..200 {
+        if identifiers_of(&s, &format!("user_id:{u1}")).await == [format!("user_id:{u1}")] {
+            apart = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(apart, "the split detaches u2");
+    assert_eq!(s.wait_for_events(&format!("user_id:{u2}"), 1).await.len(), 1, "with its events");
+    assert_eq!(s.wait_for_events(&format!("user_id:{u1}"), 1).await.len(), 1);
+    let (_, why) = s.get(&format!("/v1/profiles/user_id:{u1}/merges")).await;
+    let refused = why["refused"].as_array().expect("refused");
+    assert!(
+        refused.iter().any(|d| d["detached"] == format!("user_id:{u2}") && d["action"] == "admin_split"),
+        "{why}"
+    );
     s.stop().await;
 }

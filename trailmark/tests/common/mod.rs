@@ -302,7 +302,10 @@ impl TestServer {
 
     /// The URL of `path`: the query API's routes go to the query role.
     pub fn url(&self, path: &str) -> String {
-        if path.starts_with("/v1/profiles") || path.starts_with("/v1/spaces") {
+        if ["/v1/profiles", "/v1/spaces", "/v1/admin"]
+            .iter()
+            .any(|p| path.starts_with(p))
+        {
             format!("{}{path}", self.query_base)
         } else {
             format!("{}{path}", self.base)
@@ -330,6 +333,20 @@ impl TestServer {
             .post(self.url(path))
             .basic_auth(WRITE_KEY, Some(""))
             .body(body.into())
+            .send()
+            .await
+            .expect("request");
+        read(resp).await
+    }
+
+    /// Sends `body` with `method` and the secret token as a Bearer token:
+    /// the admin API.
+    pub async fn admin(&self, method: reqwest::Method, path: &str, body: &Value) -> (u16, Value) {
+        let resp = self
+            .client
+            .request(method, self.url(path))
+            .bearer_auth(TOKEN)
+            .json(body)
             .send()
             .await
             .expect("request");
