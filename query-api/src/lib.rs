@@ -454,19 +454,30 @@ async fn metadata(
     let total: u64 = meta.counts.values().sum();
     let counts: BTreeMap<&String, u64> = meta.counts.iter().map(|(k, v)| (k, *v)).collect();
     let created = profile.identifiers.values().map(|n| n.created).min();
-    let updated = profile
-        .identifiers
-        .values()
-        .max_by(|a, b| (a.last_seen, &a.last_message_id).cmp(&(b.last_seen, &b.last_message_id)));
     let first = &profile.identifiers[&profile.holder].first;
+    // The newest event: one entry of the timeline, newest first.
+    let newest = state
+        .store
+        .timeline(
+            &reader.0.workspace_id,
+            &profile,
+            &TimelineQuery {
+                descending: true,
+                limit: 1,
+                ..TimelineQuery::default()
+            },
+        )
+        .await?;
+    let last_message_id = newest.entries.first().map(|e| e.message_id.clone());
+    let has_events = !meta.counts.is_empty();
     Ok(Json(json!({
         "metadata": {
             "profile_id": profile.profile_id.to_string(),
             "holder": profile.holder.to_string(),
             "created_at": created.map(format_micros),
-            "updated_at": updated.map(|n| format_micros(n.last_seen)),
+            "updated_at": has_events.then(|| format_micros(meta.last_seen)),
             "first_message_id": first.message_id,
-            "last_message_id": updated.map(|n| n.last_message_id.as_str()),
+            "last_message_id": last_message_id,
             "first_seen": format_micros(meta.first_seen),
             "last_seen": format_micros(meta.last_seen),
             "total_events": total,

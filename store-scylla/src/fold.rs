@@ -113,7 +113,6 @@ impl ScyllaStore {
                         (
                             trait_timestamp(named.last_seen),
                             named.last_seen,
-                            &named.last_message_id,
                             &ws,
                             &text,
                         ),
@@ -262,23 +261,12 @@ impl ScyllaStore {
 
     /// An identifier's record, if any event named it.
     pub(crate) async fn named(&self, ws: &str, id: &Identifier) -> Result<Option<Named>> {
-        type Row = (
-            Option<i64>,
-            Option<i64>,
-            Option<String>,
-            Option<i64>,
-            Option<Vec<u8>>,
-        );
+        type Row = (Option<i64>, Option<i64>, Option<i64>, Option<Vec<u8>>);
         let rows: Vec<Row> = self
             .rows(&self.st.select_identity, (ws, id_text(id)))
             .await?;
-        let Some((
-            Some(created),
-            Some(last_seen),
-            Some(last_message_id),
-            Some(received_at),
-            Some(first),
-        )) = rows.into_iter().next()
+        let Some((Some(created), Some(last_seen), Some(received_at), Some(first))) =
+            rows.into_iter().next()
         else {
             return Ok(None);
         };
@@ -286,7 +274,6 @@ impl ScyllaStore {
         Ok(Some(Named {
             created,
             last_seen,
-            last_message_id,
             first: Key {
                 received_at,
                 message_id,

@@ -101,15 +101,14 @@ pub const MIGRATIONS: &[Migration] = &[
         statements: &[
             // What the events that named an identifier say of it, each cell
             // kept by its write timestamp: `created` the minimum event time,
-            // `last_seen`/`last_message_id` the maximum (the larger
-            // messageId on a tie), and `first_received`/`first` (the inverted
-            // messageId and the source) the smallest canonical key.
+            // `last_seen` the maximum (to the minute), and
+            // `first_received`/`first` (the inverted messageId and the
+            // source) the smallest canonical key.
             "CREATE TABLE IF NOT EXISTS identities (
                 workspace text,
                 id text,
                 created bigint,
                 last_seen bigint,
-                last_message_id text,
                 first_received bigint,
                 first blob,
                 PRIMARY KEY ((workspace, id)))",

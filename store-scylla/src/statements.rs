@@ -53,11 +53,11 @@ impl Statements {
         let tl = |rest: &str| format!("{TIMELINE_COLUMNS} {rest}");
         Ok(Self {
             named_created: p("UPDATE identities USING TIMESTAMP ? SET created = ? WHERE workspace = ? AND id = ?".into()).await?,
-            named_last: p("UPDATE identities USING TIMESTAMP ? SET last_seen = ?, last_message_id = ? WHERE workspace = ? AND id = ?".into()).await?,
+            named_last: p("UPDATE identities USING TIMESTAMP ? SET last_seen = ? WHERE workspace = ? AND id = ?".into()).await?,
             named_first: p("UPDATE identities USING TIMESTAMP ? SET first_received = ?, first = ? WHERE workspace = ? AND id = ?".into()).await?,
             upsert_evidence: p("UPDATE identity_evidence USING TIMESTAMP ? SET value = ? WHERE workspace = ? AND id = ? AND slot = ?".into()).await?,
             insert_profile_id: p("INSERT INTO profile_ids (workspace, profile_id, id) VALUES (?, ?, ?)".into()).await?,
-            select_identity: p("SELECT created, last_seen, last_message_id, first_received, first FROM identities WHERE workspace = ? AND id = ?".into()).await?,
+            select_identity: p("SELECT created, last_seen, first_received, first FROM identities WHERE workspace = ? AND id = ?".into()).await?,
             // One more than an identifier may carry tells it is too many.
             select_evidence: p(format!("SELECT value FROM identity_evidence WHERE workspace = ? AND id = ? LIMIT {}", MAX_ID_EVIDENCE + 1)).await?,
             select_profile_id: p("SELECT id FROM profile_ids WHERE workspace = ? AND profile_id = ?".into()).await?,

@@ -97,6 +97,17 @@ pub fn encode_evidence(e: &Evidence) -> Vec<u8> {
     out
 }
 
+/// Reads only the key of an [`encode_evidence`] value, to compare it with
+/// another without decoding the identifiers.
+pub fn evidence_key(b: &[u8]) -> Result<Key> {
+    let (message_id, rest) = take_inverted(b)?;
+    let (received_at, _) = take_i64(rest)?;
+    Ok(Key {
+        received_at,
+        message_id,
+    })
+}
+
 /// Reads back [`encode_evidence`].
 pub fn decode_evidence(b: &[u8]) -> Result<Evidence> {
     let (message_id, rest) = take_inverted(b)?;
@@ -153,15 +164,11 @@ pub fn decode_first(b: &[u8]) -> Result<(String, String)> {
 }
 
 /// A whole [`Named`] record, as the embedded store keeps it: `created ‖
-/// last seen ‖ last messageId (u16-prefixed) ‖ first receivedAt ‖`
-/// [`encode_first`].
+/// last seen ‖ first receivedAt ‖` [`encode_first`].
 pub fn encode_named(n: &Named) -> Vec<u8> {
-    let mut out = Vec::with_capacity(
-        26 + n.last_message_id.len() + n.first.message_id.len() + n.source_id.len() + 1,
-    );
+    let mut out = Vec::with_capacity(24 + n.first.message_id.len() + n.source_id.len() + 1);
     out.extend_from_slice(&n.created.to_be_bytes());
     out.extend_from_slice(&n.last_seen.to_be_bytes());
-    push_str16(&mut out, &n.last_message_id);
     out.extend_from_slice(&n.first.received_at.to_be_bytes());
     out.extend_from_slice(&encode_first(n));
     out
@@ -171,13 +178,11 @@ pub fn encode_named(n: &Named) -> Vec<u8> {
 pub fn decode_named(b: &[u8]) -> Result<Named> {
     let (created, rest) = take_i64(b)?;
     let (last_seen, rest) = take_i64(rest)?;
-    let (last_message_id, rest) = take_str16(rest)?;
     let (received_at, rest) = take_i64(rest)?;
     let (message_id, source_id) = decode_first(rest)?;
     Ok(Named {
         created,
         last_seen,
-        last_message_id,
         first: Key {
             received_at,
             message_id,
@@ -236,10 +241,10 @@ mod tests {
                 .collect(),
         };
         assert_eq!(decode_evidence(&encode_evidence(&e)).unwrap(), e);
+        assert_eq!(evidence_key(&encode_evidence(&e)).unwrap(), e.key);
         let n = Named {
             created: 1,
             last_seen: 9,
-            last_message_id: "m9".into(),
             first: e.key.clone(),
             source_id: "src_1".into(),
         };
@@ -254,7 +259,6 @@ mod tests {
             let cell = |m: &str| encode_first(&Named {
                 created: 0,
                 last_seen: 0,
-                last_message_id: String::new(),
                 first: Key { received_at: 0, message_id: m.to_owned() },
                 source_id: s.clone(),
             });

@@ -132,10 +132,11 @@ impl FoldError {
 pub struct Named {
     /// The earliest event time (the identifier's `created_at`).
     pub created: i64,
-    /// The latest event time.
+    /// The latest event time, to the minute (floored): exact, it would
+    /// rewrite the record on every event, which costs the fold more than
+    /// anything else it does; to the minute, a busy identifier's record is
+    /// rewritten at most once a minute.
     pub last_seen: i64,
-    /// The `messageId` of the event at `last_seen` (on a tie, the larger).
-    pub last_message_id: String,
     /// The canonical key of the first event that named it: its
     /// `first_message_id`, and what makes it its profile's holder (see
     /// [`crate::identity::holder`]).
@@ -149,8 +150,7 @@ impl Named {
     pub fn once(time: i64, key: Key, source_id: impl Into<String>) -> Self {
         Self {
             created: time,
-            last_seen: time,
-            last_message_id: key.message_id.clone(),
+            last_seen: time.div_euclid(MINUTE_MICROS) * MINUTE_MICROS,
             first: key,
             source_id: source_id.into(),
         }
@@ -160,16 +160,16 @@ impl Named {
     /// the first key with its source.
     pub fn include(&mut self, other: &Named) {
         self.created = self.created.min(other.created);
-        if (other.last_seen, &other.last_message_id) > (self.last_seen, &self.last_message_id) {
-            self.last_seen = other.last_seen;
-            self.last_message_id = other.last_message_id.clone();
-        }
+        self.last_seen = self.last_seen.max(other.last_seen);
         if other.first < self.first {
             self.first = other.first.clone();
             self.source_id = other.source_id.clone();
         }
     }
 }
+
+/// A minute, in microseconds: the granularity of [`Named::last_seen`].
+pub const MINUTE_MICROS: i64 = 60_000_000;
 
 /// First and last event time of one identifier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

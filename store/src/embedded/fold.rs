@@ -31,7 +31,7 @@ use super::{
     DEDUP_PURGE_SLACK_MICROS, Inner, Ks, WriterState, decode_stats, encode_stats,
     encode_timeline_value, from_json, json, unavailable,
 };
-use crate::identity::{decode_evidence, decode_named, encode_evidence, encode_named, slot_digest};
+use crate::identity::{decode_named, encode_evidence, encode_named, evidence_key, slot_digest};
 use crate::{ApplyBatch, ApplyOutcome, Result};
 
 /// The writes of one batch, applied to the database in one atomic
@@ -222,7 +222,7 @@ fn fold(w: &mut Overlay<'_>, ev: &Event) -> Result<()> {
                     key.extend_from_slice(&digest);
                     // One piece per slot: the smallest key.
                     let kept = match w.get(Ks::Evidence, &key)? {
-                        Some(v) => decode_evidence(&v)?.key <= evidence.key,
+                        Some(v) => evidence_key(&v)? <= evidence.key,
                         None => false,
                     };
                     if !kept {
