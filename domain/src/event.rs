@@ -66,8 +66,9 @@ impl fmt::Display for EventType {
     }
 }
 
-/// The kind of an identifier. The first three are Segment's built-in id types;
-/// any other `context.externalIds[].type` is an external id type.
+/// The kind of an identifier. The first three are Segment's built-in id types
+/// of people; `group_id` names an account, never a person; any other
+/// `context.externalIds[].type` is an external id type of people.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IdKind {
     /// Segment's `anonymous_id`.
@@ -76,6 +77,10 @@ pub enum IdKind {
     Email,
     /// Segment's `user_id`.
     UserId,
+    /// An account's `groupId`: the key of the accounts collection. It is
+    /// never linked to a person's identifiers (see
+    /// [`crate::profile::Fact::Member`]).
+    GroupId,
     /// Any other id type, such as `ga_client_id` or `stripe_customer_id`.
     External(String),
 }
@@ -87,6 +92,7 @@ impl IdKind {
             IdKind::AnonymousId => "anonymous_id",
             IdKind::Email => "email",
             IdKind::UserId => "user_id",
+            IdKind::GroupId => "group_id",
             IdKind::External(s) => s,
         }
     }
@@ -97,6 +103,7 @@ impl IdKind {
             "anonymous_id" => IdKind::AnonymousId,
             "email" => IdKind::Email,
             "user_id" => IdKind::UserId,
+            "group_id" => IdKind::GroupId,
             other => IdKind::External(other.to_owned()),
         }
     }

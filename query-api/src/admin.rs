@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use trailmark_domain::event::{Control, ControlAction};
 use trailmark_domain::identity::{RuleSettings, Rules};
-use trailmark_domain::{Event, EventType, Identifier};
+use trailmark_domain::{Event, EventType, IdKind, Identifier};
 use trailmark_http::auth::Admin;
 use trailmark_http::{ApiError, AppState};
 use trailmark_log::Record;
@@ -168,6 +168,12 @@ async fn known(state: &AppState, ws: &str, raw: &str, field: &str) -> Result<Ide
     let id = Identifier::parse(raw)
         .filter(|i| Identifier::check_value(&i.value).is_ok() && i.kind.as_str() != "profile_id")
         .ok_or_else(|| ApiError::bad_field(field, "an identifier is {id_type}:{id}"))?;
+    if id.kind == IdKind::GroupId {
+        return Err(ApiError::bad_field(
+            field,
+            format!("{id} names an account: accounts are never merged or split"),
+        ));
+    }
     if state
         .identity_rules
         .get(&*state.directory, ws)

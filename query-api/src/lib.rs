@@ -12,6 +12,13 @@
 //!   `event`, `limit` (default 10, at most 200) and `next`.
 //! - `GET /v1/profiles/{id}/external_ids`: the linked identifiers.
 //! - `GET /v1/profiles/{id}/metadata`: first and last seen, event counts.
+//! - `GET /v1/profiles/{id}/merges`: why the profile holds each identifier.
+//! - `GET /v1/profiles/{id}/links`: the accounts the profile belongs to.
+//!
+//! Accounts (`group_id`) are a collection of their own ([`accounts`]):
+//! `/v1/accounts/{group_id}/traits|events|metadata|external_ids|links|users`.
+//! Segment's paths, `/v1/spaces/{space}/collections/{users|accounts}/profiles/{ref}/…`,
+//! serve both collections.
 //!
 //! Cursors are opaque (base64url JSON); they name the last item returned, so
 //! a page is stable while new events arrive. This crate knows only the
@@ -29,13 +36,14 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
-use trailmark_domain::Identifier;
 use trailmark_domain::identity::{Decision, Outcome, path as path_between};
 use trailmark_domain::time::{format_micros, parse_micros};
+use trailmark_domain::{IdKind, Identifier};
 use trailmark_http::auth::Reader;
 use trailmark_http::{ApiError, AppState};
 use trailmark_store::{ProfileRef, TimelineQuery};
 
+mod accounts;
 pub mod admin;
 
 /// The largest page.
@@ -55,6 +63,14 @@ pub fn routes() -> Router<AppState> {
         .route(&format!("{SEGMENT}/external_ids"), get(external_ids))
         .route(&format!("{SEGMENT}/metadata"), get(metadata))
         .route(&format!("{SEGMENT}/merges"), get(merges))
+        .route("/v1/profiles/{id}/links", get(accounts::links))
+        .route(&format!("{SEGMENT}/links"), get(accounts::links))
+        .route("/v1/accounts/{group_id}/traits", get(traits))
+        .route("/v1/accounts/{group_id}/events", get(events))
+        .route("/v1/accounts/{group_id}/metadata", get(metadata))
+        .route("/v1/accounts/{group_id}/external_ids", get(external_ids))
+        .route("/v1/accounts/{group_id}/links", get(accounts::links))
+        .route("/v1/accounts/{group_id}/users", get(accounts::users))
         .route(
             "/v1/admin/identity-rules",
             get(admin::get_rules).put(admin::put_rules),
@@ -64,11 +80,15 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/profiles/{id}/split", post(admin::split))
 }
 
-/// A profile route's path: Trailmark's (`/v1/profiles/{id}/…`) or
-/// Segment's, which also names a space (the workspace) and a collection.
+/// A profile route's path: Trailmark's (`/v1/profiles/{id}/…` or
+/// `/v1/accounts/{group_id}/…`) or Segment's, which also names a space (the
+/// workspace) and a collection.
 #[derive(Debug, Deserialize)]
 struct ProfilePath {
+    #[serde(default)]
     id: String,
+    #[serde(default)]
+    group_id: Option<String>,
     #[serde(default)]
     space_id: Option<String>,
     #[serde(default)]
@@ -78,6 +98,9 @@ struct ProfilePath {
 impl ProfilePath {
     /// The route's path up to the profile, as a cursor URL repeats it.
     fn base(&self) -> String {
+        if let Some(g) = &self.group_id {
+            return format!("/v1/accounts/{}", encode_path_segment(g));
+        }
         let id = encode_path_segment(&self.id);
         match (&self.space_id, &self.collection) {
             (Some(space), Some(collection)) => format!(
@@ -86,6 +109,27 @@ impl ProfilePath {
                 encode_path_segment(collection)
             ),
             _ => format!("/v1/profiles/{id}"),
+        }
+    }
+
+    /// Whether the path names an account rather than a person.
+    fn is_account(&self) -> bool {
+        self.group_id.is_some() || self.collection.as_deref() == Some("accounts")
+    }
+
+    /// The identifier the path names: an account's `group_id` identifier,
+    /// or a person's `{id_type}:{id}` (perhaps `profile_id:`).
+    fn identifier(&self) -> Result<Identifier, ApiError> {
+        if let Some(g) = &self.group_id {
+            Identifier::check_value(g).map_err(|m| ApiError::bad_field("group_id", m))?;
+            return Ok(Identifier::new(IdKind::GroupId, g.clone()));
+        }
+        let id = parse_identifier(&self.id)?;
+        match (self.is_account(), &id.kind) {
+            (true, IdKind::GroupId) | (false, _) => Ok(id),
+            (true, _) => Err(ApiError::NotFound(
+                "an account is named group_id:{group_id}".into(),
+            )),
         }
     }
 }
@@ -115,14 +159,14 @@ async fn resolve(
         ));
     }
     match path.collection.as_deref() {
-        None | Some("users") => {}
+        None | Some("users" | "accounts") => {}
         Some(other) => {
             return Err(ApiError::NotFound(format!(
-                "no collection {other:?}: profiles are in \"users\""
+                "no collection {other:?}: the collections are \"users\" and \"accounts\""
             )));
         }
     }
-    let mut id = parse_identifier(&path.id)?;
+    let mut id = path.identifier()?;
     if id.kind.as_str() == PROFILE_ID {
         let pid = uuid::Uuid::parse_str(&id.value)
             .map_err(|_| ApiError::bad_field("id", "a profile_id is a uuid"))?;
@@ -131,6 +175,11 @@ async fn resolve(
             .identifier_of(ws, pid)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("no profile has the id {pid}")))?;
+    }
+    if !path.is_account() && id.kind == IdKind::GroupId {
+        return Err(ApiError::NotFound(format!(
+            "{id} names an account, not a person: read it at /v1/accounts/{{group_id}}"
+        )));
     }
     state
         .store
@@ -425,7 +474,7 @@ async fn external_ids(
             json!({
                 "id": ident.value,
                 "type": ident.kind.as_str(),
-                "collection": "users",
+                "collection": if ident.kind == IdKind::GroupId { "accounts" } else { "users" },
                 "encoding": "none",
                 "created_at": format_micros(named.created),
                 "last_seen": format_micros(named.last_seen),
@@ -470,16 +519,23 @@ async fn metadata(
         .await?;
     let last_message_id = newest.entries.first().map(|e| e.message_id.clone());
     let has_events = !meta.counts.is_empty();
+    let (first_seen, last_seen) = if path.is_account() {
+        // Accounts keep no counts; their record has the seen times.
+        let named = &profile.identifiers[&profile.holder];
+        (named.created, named.last_seen)
+    } else {
+        (meta.first_seen, meta.last_seen)
+    };
     Ok(Json(json!({
         "metadata": {
             "profile_id": profile.profile_id.to_string(),
             "holder": profile.holder.to_string(),
             "created_at": created.map(format_micros),
-            "updated_at": has_events.then(|| format_micros(meta.last_seen)),
+            "updated_at": (has_events || path.is_account()).then(|| format_micros(last_seen)),
             "first_message_id": first.message_id,
             "last_message_id": last_message_id,
-            "first_seen": format_micros(meta.first_seen),
-            "last_seen": format_micros(meta.last_seen),
+            "first_seen": format_micros(first_seen),
+            "last_seen": format_micros(last_seen),
             "total_events": total,
             "event_counts": counts,
             "identifiers": profile.identifiers.len(),

@@ -43,6 +43,13 @@ enum Write {
         id: String,
         row: StatsRow,
     },
+    /// A membership, under the account and under the member.
+    Member {
+        ws: String,
+        account: String,
+        member: String,
+        named: Named,
+    },
 }
 
 /// A `stats` row: seen times, counts, and how far each partition is included.
@@ -169,6 +176,20 @@ impl ScyllaStore {
                 )
                 .await
             }
+            Write::Member {
+                ws,
+                account,
+                member,
+                named,
+            } => {
+                let [to_members, to_accounts] = &st.memberships;
+                futures_util::future::try_join(
+                    self.write_membership(to_members, &ws, &account, &member, &named),
+                    self.write_membership(to_accounts, &ws, &member, &account, &named),
+                )
+                .await?;
+                Ok(())
+            }
             Write::Bucket { ws, id, bucket } => {
                 self.write(&st.insert_bucket, (ws, id, bucket)).await
             }
@@ -190,6 +211,53 @@ impl ScyllaStore {
                 .await
             }
         }
+    }
+
+    /// One side of a membership: its three cells, each kept by its write
+    /// timestamp as an identifier's are.
+    async fn write_membership(
+        &self,
+        m: &Membership,
+        ws: &str,
+        owner: &str,
+        other: &str,
+        named: &Named,
+    ) -> Result<()> {
+        futures_util::future::try_join3(
+            self.write(
+                &m.created,
+                (
+                    first_seen_timestamp(named.created),
+                    named.created,
+                    ws,
+                    owner,
+                    other,
+                ),
+            ),
+            self.write(
+                &m.last,
+                (
+                    trait_timestamp(named.last_seen),
+                    named.last_seen,
+                    ws,
+                    owner,
+                    other,
+                ),
+            ),
+            self.write(
+                &m.first,
+                (
+                    first_seen_timestamp(named.first.received_at),
+                    named.first.received_at,
+                    encode_first(named),
+                    ws,
+                    owner,
+                    other,
+                ),
+            ),
+        )
+        .await?;
+        Ok(())
     }
 
     async fn run_all(&self, writes: Vec<Write>) -> Result<()> {
@@ -319,6 +387,7 @@ fn plan(events: &[&LoggedEvent], rules: &RulesByWorkspace) -> Result<Plan> {
     let mut evidence: HashMap<(String, String, [u8; 16]), Evidence> = HashMap::new();
     let mut traits: HashMap<(String, String, String), TraitValue> = HashMap::new();
     let mut buckets: HashSet<(String, String, i64)> = HashSet::new();
+    let mut members: HashMap<(String, String, String), Named> = HashMap::new();
     for le in events {
         let ev = &le.event;
         let ws = &ev.workspace_id;
@@ -386,6 +455,16 @@ fn plan(events: &[&LoggedEvent], rules: &RulesByWorkspace) -> Result<Plan> {
                         body: String::from_utf8(body).map_err(corrupt)?,
                     });
                 }
+                Fact::Member {
+                    account,
+                    member,
+                    named: n,
+                } => match members.entry((ws.clone(), id_text(&account), id_text(&member))) {
+                    std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().include(&n),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(n);
+                    }
+                },
             }
         }
     }
@@ -418,6 +497,16 @@ fn plan(events: &[&LoggedEvent], rules: &RulesByWorkspace) -> Result<Plan> {
         buckets
             .into_iter()
             .map(|(ws, id, bucket)| Write::Bucket { ws, id, bucket }),
+    );
+    writes.extend(
+        members
+            .into_iter()
+            .map(|((ws, account, member), named)| Write::Member {
+                ws,
+                account,
+                member,
+                named,
+            }),
     );
     Ok(Plan { writes, by_primary })
 }

@@ -102,7 +102,7 @@ pub mod schema;
 mod statements;
 
 pub use config::ScyllaConfig;
-use statements::Statements;
+use statements::{Membership, Statements};
 
 /// The width of a timeline bucket: seven days, in microseconds. A partition
 /// holds one identifier's events of one week.

@@ -12,6 +12,58 @@ struct Row {
 }
 
 impl ScyllaStore {
+    /// A page of one side of the memberships (`0` an account's members, `1`
+    /// a member's accounts), in clustering order, after `after`.
+    async fn memberships(
+        &self,
+        side: usize,
+        ws: &str,
+        owner: &Identifier,
+        after: Option<&Identifier>,
+        limit: usize,
+    ) -> Result<Vec<(Identifier, Named)>> {
+        type R = (
+            String,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<Vec<u8>>,
+        );
+        // Every stored id holds a NUL, so '' sorts before all of them.
+        let after = after.map(id_text).unwrap_or_default();
+        let n = limit.clamp(1, i32::MAX as usize) as i32;
+        let rows: Vec<R> = self
+            .rows(
+                &self.st.memberships[side].page,
+                (ws, id_text(owner), after, n),
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (other, created, last_seen, received_at, first) in rows {
+            // A row whose cells are not all written yet (a write cut short,
+            // to be completed by the replay) is not shown.
+            let (Some(created), Some(last_seen), Some(received_at), Some(first)) =
+                (created, last_seen, received_at, first)
+            else {
+                continue;
+            };
+            let (message_id, source_id) = decode_first(&first)?;
+            out.push((
+                parse_id(&other)?,
+                Named {
+                    created,
+                    last_seen,
+                    first: Key {
+                        received_at,
+                        message_id,
+                    },
+                    source_id,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
     /// Reads rows of one bucket after `cursor` in the query's direction.
     async fn scan_bucket(
         &self,
@@ -118,6 +170,26 @@ impl ScyllaStore {
 
 #[async_trait]
 impl ProfileReader for ScyllaStore {
+    async fn account_members(
+        &self,
+        workspace: &str,
+        account: &Identifier,
+        after: Option<&Identifier>,
+        limit: usize,
+    ) -> Result<Vec<(Identifier, Named)>> {
+        self.memberships(0, workspace, account, after, limit).await
+    }
+
+    async fn member_accounts(
+        &self,
+        workspace: &str,
+        member: &Identifier,
+        after: Option<&Identifier>,
+        limit: usize,
+    ) -> Result<Vec<(Identifier, Named)>> {
+        self.memberships(1, workspace, member, after, limit).await
+    }
+
     async fn resolve(&self, workspace: &str, id: &Identifier) -> Result<Option<ProfileRef>> {
         if self.named(workspace, id).await?.is_none() {
             return Ok(None);

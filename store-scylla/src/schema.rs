@@ -135,6 +135,34 @@ pub const MIGRATIONS: &[Migration] = &[
                 PRIMARY KEY ((workspace), name))",
         ],
     },
+    Migration {
+        version: 3,
+        description: "accounts: memberships in both directions",
+        statements: &[
+            // What the events that named a membership say of it, each cell
+            // kept by its write timestamp, as in `identities`; written by the
+            // projector of any member's partition, so only cells that merge
+            // by timestamp (no read-modify-write).
+            "CREATE TABLE IF NOT EXISTS account_members (
+                workspace text,
+                account text,
+                member text,
+                created bigint,
+                last_seen bigint,
+                first_received bigint,
+                first blob,
+                PRIMARY KEY ((workspace, account), member))",
+            "CREATE TABLE IF NOT EXISTS member_accounts (
+                workspace text,
+                member text,
+                account text,
+                created bigint,
+                last_seen bigint,
+                first_received bigint,
+                first blob,
+                PRIMARY KEY ((workspace, member), account))",
+        ],
+    },
 ];
 
 /// The schema version this build reads and writes.
@@ -162,6 +190,8 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "stats",
     "timeline_buckets",
     "timeline",
+    "account_members",
+    "member_accounts",
 ];
 
 #[cfg(test)]

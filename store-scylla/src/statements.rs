@@ -36,6 +36,17 @@ pub(crate) struct Statements {
     pub(crate) ready: PreparedStatement,
     pub(crate) insert_setting: PreparedStatement,
     pub(crate) select_setting: PreparedStatement,
+    /// `account_members`, then `member_accounts`.
+    pub(crate) memberships: [Membership; 2],
+}
+
+/// The statements of one side of the memberships: its three cells, as in
+/// `identities`, and a page of rows.
+pub(crate) struct Membership {
+    pub(crate) created: PreparedStatement,
+    pub(crate) last: PreparedStatement,
+    pub(crate) first: PreparedStatement,
+    pub(crate) page: PreparedStatement,
 }
 
 const TIMELINE_COLUMNS: &str = "SELECT time, message_id, counter, body FROM timeline WHERE workspace = ? AND id = ? AND bucket = ?";
@@ -51,6 +62,30 @@ impl Statements {
             Ok::<_, StoreError>(s)
         };
         let tl = |rest: &str| format!("{TIMELINE_COLUMNS} {rest}");
+        let membership = |table: &'static str, owner: &'static str, other: &'static str| {
+            let cell = move |set: &str| {
+                format!(
+                    "UPDATE {table} USING TIMESTAMP ? SET {set} WHERE workspace = ? AND {owner} = ? AND {other} = ?"
+                )
+            };
+            let cql = [
+                cell("created = ?"),
+                cell("last_seen = ?"),
+                cell("first_received = ?, first = ?"),
+                format!(
+                    "SELECT {other}, created, last_seen, first_received, first FROM {table} WHERE workspace = ? AND {owner} = ? AND {other} > ? LIMIT ?"
+                ),
+            ];
+            async move {
+                let [created, last, first, page] = cql;
+                Ok::<_, StoreError>(Membership {
+                    created: p(created).await?,
+                    last: p(last).await?,
+                    first: p(first).await?,
+                    page: p(page).await?,
+                })
+            }
+        };
         Ok(Self {
             named_created: p("UPDATE identities USING TIMESTAMP ? SET created = ? WHERE workspace = ? AND id = ?".into()).await?,
             named_last: p("UPDATE identities USING TIMESTAMP ? SET last_seen = ? WHERE workspace = ? AND id = ?".into()).await?,
@@ -84,6 +119,10 @@ impl Statements {
             ready: p("SELECT version FROM schema_migrations WHERE version = ?".into()).await?,
             insert_setting: p("INSERT INTO workspace_settings (workspace, name, value) VALUES (?, ?, ?)".into()).await?,
             select_setting: p("SELECT value FROM workspace_settings WHERE workspace = ? AND name = ?".into()).await?,
+            memberships: [
+                membership("account_members", "account", "member").await?,
+                membership("member_accounts", "member", "account").await?,
+            ],
         })
     }
 }

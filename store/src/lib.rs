@@ -215,6 +215,28 @@ pub trait ProfileReader: Send + Sync + 'static {
         profile_id: uuid::Uuid,
     ) -> Result<Option<Identifier>>;
 
+    /// A page of an account's members: the identifiers whose events named
+    /// `account` (a `group_id` identifier), each with what they said of the
+    /// membership, in the store's order of identifiers, after `after`, at
+    /// most `limit`.
+    async fn account_members(
+        &self,
+        workspace: &str,
+        account: &Identifier,
+        after: Option<&Identifier>,
+        limit: usize,
+    ) -> Result<Vec<(Identifier, Named)>>;
+
+    /// A page of the accounts `member` named, as
+    /// [`ProfileReader::account_members`] pages.
+    async fn member_accounts(
+        &self,
+        workspace: &str,
+        member: &Identifier,
+        after: Option<&Identifier>,
+        limit: usize,
+    ) -> Result<Vec<(Identifier, Named)>>;
+
     /// The winning value of each trait of a profile.
     async fn traits(
         &self,

@@ -85,6 +85,14 @@ impl EventBuilder {
         b
     }
 
+    /// A `group` call joining account `group_id`, with its `traits`.
+    pub fn group(group_id: &str, traits: Value) -> Self {
+        let mut b = Self::new(EventType::Group);
+        b.event.group_id = Some(group_id.into());
+        b.event.traits = Some(traits.to_string());
+        b
+    }
+
     /// An `alias` of `previous_id` to `user_id`.
     pub fn alias(user_id: &str, previous_id: &str) -> Self {
         let mut b = Self::new(EventType::Alias);

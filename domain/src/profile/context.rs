@@ -1,5 +1,6 @@
 //! Reading the parts of an event's `context` that the fold uses: its
-//! `traits` and `externalIds`, as raw JSON, without building the rest.
+//! `traits`, `externalIds` and `groupId`, as raw JSON, without building the
+//! rest.
 
 use std::borrow::Cow;
 
@@ -16,11 +17,13 @@ use crate::json::last_wins;
 pub(crate) struct ContextView<'a> {
     traits: Option<&'a RawValue>,
     external_ids: Option<&'a RawValue>,
+    group_id: Option<&'a RawValue>,
 }
 
 last_wins!(ContextView {
     "traits" => traits,
     "externalIds" => external_ids,
+    "groupId" => group_id,
 });
 
 /// One entry of `context.externalIds`.
@@ -28,12 +31,26 @@ last_wins!(ContextView {
 struct ExternalIdView<'a> {
     id: Option<&'a RawValue>,
     kind: Option<&'a RawValue>,
+    collection: Option<&'a RawValue>,
 }
 
 last_wins!(ExternalIdView {
     "id" => id,
     "type" => kind,
+    "collection" => collection,
 });
+
+/// The identifiers `context.externalIds` names, by collection.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct ExternalIds {
+    /// Of people (`collection` absent or `users`, and any type but
+    /// `group_id`).
+    pub(crate) users: Vec<Identifier>,
+    /// The accounts: the ids of type `group_id`, whatever their collection.
+    /// Other ids of the `accounts` collection are accepted and dropped:
+    /// accounts are keyed by `group_id` only.
+    pub(crate) accounts: Vec<String>,
+}
 
 impl<'a> ContextView<'a> {
     /// Reads the `context` object's text.
@@ -51,13 +68,28 @@ impl<'a> ContextView<'a> {
         }
     }
 
+    /// `context.groupId`, when it is a string or a number that is a valid
+    /// identifier value: the account a `track` (or any call) is made for, as
+    /// Segment's accounts collection reads it. Anything else names no account
+    /// and stays in the payload, since `context` is free-form.
+    pub(crate) fn group_id(&self) -> Option<String> {
+        let id = match serde_json::from_str::<Value>(self.group_id?.get()).ok()? {
+            Value::String(s) => s,
+            Value::Number(n) => n.to_string(),
+            _ => return None,
+        };
+        Identifier::check_value(&id).is_ok().then_some(id)
+    }
+
     /// The identifiers of `context.externalIds`: a list of at most
     /// [`MAX_EXTERNAL_IDS`] objects, each with a valid `type` (see
-    /// [`IdKind::check`]) and an `id` string or number.
-    pub(crate) fn external_ids(&self) -> Result<Vec<Identifier>, FoldError> {
+    /// [`IdKind::check`]), an `id` string or number, and an optional
+    /// `collection` string.
+    pub(crate) fn external_ids(&self) -> Result<ExternalIds, FoldError> {
         const FIELD: &str = "context.externalIds";
+        let mut out = ExternalIds::default();
         let Some(raw) = self.external_ids.filter(|r| r.get() != "null") else {
-            return Ok(Vec::new());
+            return Ok(out);
         };
         let items: Vec<&RawValue> = serde_json::from_str(raw.get())
             .map_err(|_| FoldError::new(FIELD, "must be a list of {id, type} objects"))?;
@@ -70,7 +102,6 @@ impl<'a> ContextView<'a> {
                 ),
             ));
         }
-        let mut out = Vec::with_capacity(items.len());
         for (i, item) in items.into_iter().enumerate() {
             let at = |part: &str| format!("{FIELD}[{i}]{part}");
             let x: ExternalIdView<'_> = serde_json::from_str(item.get())
@@ -91,7 +122,21 @@ impl<'a> ContextView<'a> {
                 }
             };
             Identifier::check_value(&id).map_err(|m| FoldError::new(at(".id"), m))?;
-            out.push(Identifier::new(IdKind::parse(&kind), id));
+            let collection = match x
+                .collection
+                .map(|c| serde_json::from_str::<Option<Cow<'_, str>>>(c.get()))
+            {
+                None | Some(Ok(None)) => None,
+                Some(Ok(Some(c))) => Some(c),
+                Some(Err(_)) => {
+                    return Err(FoldError::new(at(".collection"), "must be a string"));
+                }
+            };
+            match (IdKind::parse(&kind), collection.as_deref()) {
+                (IdKind::GroupId, _) => out.accounts.push(id),
+                (_, Some("accounts")) => {}
+                (kind, _) => out.users.push(Identifier::new(kind, id)),
+            }
         }
         Ok(out)
     }

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use super::context::{ContextView, email_of};
 use super::{FoldError, Named, TraitValue, counter_name};
 use crate::event::{Control, ControlAction, Event, EventType, IdKind, Identifier};
-use crate::identity::{Action, Evidence, Key};
+use crate::identity::{Action, Evidence, Key, Rules};
 
 /// One thing an event says about profiles. Each variant names the
 /// identifier it is kept under and the rule by which it merges with what is
@@ -45,6 +45,10 @@ pub enum Fact {
     },
     /// The event, counted for `id` under `counter`. Merge: once per event,
     /// counts add; first seen is the earliest time, last seen the latest.
+    /// Kept only under the event's primary identifier, whose partition of
+    /// the log has one projector: a count is a read-modify-write, so it
+    /// needs one writer (accounts, written from every member's partition,
+    /// are not counted).
     Counted {
         /// The identifier it is kept under (the event's primary).
         id: Identifier,
@@ -65,6 +69,20 @@ pub enum Fact {
         /// The name it is counted under, for filtering by event.
         counter: String,
     },
+    /// `member`, the event's primary identifier, belongs to `account` (a
+    /// [`IdKind::GroupId`] identifier): the event was a `group` call or named
+    /// the account in `context.groupId` or `context.externalIds`. Merge:
+    /// [`Named::include`], kept both under the account (its users) and under
+    /// the member (its accounts). Membership is never identity evidence: the
+    /// members of an account stay separate people.
+    Member {
+        /// The account.
+        account: Identifier,
+        /// The person's identifier that named it.
+        member: Identifier,
+        /// What the event says of the membership.
+        named: Named,
+    },
 }
 
 /// What one event contributes to profiles.
@@ -74,13 +92,14 @@ pub struct Projection {
     /// partition key of its log record.
     pub primary: Identifier,
     /// Its facts, in the order a store applies them: every identifier
-    /// named, then the evidence linking them, the traits (by name), the
-    /// count, and the timeline entry.
+    /// named (people, then accounts), then the evidence linking them, the
+    /// traits (by name), the count, the timeline entries, and the
+    /// memberships.
     pub facts: Vec<Fact>,
 }
 
 impl Projection {
-    /// Every identifier the event names, sorted.
+    /// Every identifier the event names: people, sorted, then accounts.
     pub fn identifiers(&self) -> impl Iterator<Item = &Identifier> {
         self.facts.iter().filter_map(|f| match f {
             Fact::Named { id, .. } => Some(id),
@@ -91,6 +110,13 @@ impl Projection {
 
 /// Computes the [`Projection`] of one event. Pure. Fails only for an event
 /// ingest would have refused (see [`FoldError`]).
+///
+/// Accounts: a `group` call's `groupId`, `context.groupId` and the
+/// `group_id` entries of `context.externalIds` name the event's accounts
+/// (values blocked by the built-in defaults of [`Rules::defaults`] name
+/// none). Each account is [`Fact::Named`], gets the event in its timeline,
+/// and [`Fact::Member`] the event's primary; a `group` call's `traits` are
+/// its account's traits. Accounts keep no counts (see [`Fact::Counted`]).
 pub fn project(ev: &Event) -> Result<Projection, FoldError> {
     let primary = ev.primary_identifier();
     if let Some(control) = &ev.control {
@@ -115,8 +141,12 @@ pub fn project(ev: &Event) -> Result<Projection, FoldError> {
     // the identify's value: both carry the same time and messageId, so the
     // fold could not tell them apart.
     let mut traits = BTreeMap::new();
-    // Only `traits` and `externalIds` of the context matter here; the rest is
-    // skipped without building it.
+    let mut accounts = BTreeSet::new();
+    if let (EventType::Group, Some(g)) = (ev.kind, &ev.group_id) {
+        accounts.insert(g.clone());
+    }
+    // Only `traits`, `externalIds` and `groupId` of the context matter here;
+    // the rest is skipped without building it.
     if let Some(text) = ev.context.as_deref() {
         let ctx = ContextView::read(text)?;
         if let Some(ct) = ctx.traits()? {
@@ -125,7 +155,10 @@ pub fn project(ev: &Event) -> Result<Projection, FoldError> {
             }
             traits.extend(ct);
         }
-        ids.extend(ctx.external_ids()?);
+        let external = ctx.external_ids()?;
+        ids.extend(external.users);
+        accounts.extend(external.accounts);
+        accounts.extend(ctx.group_id());
     }
     if ev.kind == EventType::Identify
         && let Some(text) = ev.traits.as_deref()
@@ -138,15 +171,36 @@ pub fn project(ev: &Event) -> Result<Projection, FoldError> {
         traits.extend(t);
     }
     ids.retain(|i| Identifier::check_value(&i.value).is_ok());
+    let blocked = Rules::defaults();
+    let accounts: Vec<Identifier> = accounts
+        .into_iter()
+        .filter(|g| Identifier::check_value(g).is_ok() && !blocked.is_blocked_value(g))
+        .map(|g| Identifier::new(IdKind::GroupId, g))
+        .collect();
+    // A `group` call's traits describe its account, not the person.
+    let mut account_traits = Map::new();
+    if ev.kind == EventType::Group
+        && let Some(text) = ev.traits.as_deref()
+    {
+        account_traits =
+            serde_json::from_str(text).map_err(|e| FoldError::new("traits", format!("{e}")))?;
+    }
+    let group_account = ev
+        .group_id
+        .as_deref()
+        .filter(|_| ev.kind == EventType::Group)
+        .and_then(|g| accounts.iter().find(|a| a.value == g));
 
     let time = ev.timestamp;
     let key = Key {
         received_at: ev.received_at,
         message_id: ev.message_id.clone(),
     };
-    let mut facts = Vec::with_capacity(ids.len() + traits.len() + 3);
+    let mut facts = Vec::with_capacity(
+        ids.len() + traits.len() + 3 + accounts.len() * 3 + account_traits.len(),
+    );
     let named = Named::once(time, key.clone(), ev.source_id.as_str());
-    facts.extend(ids.iter().map(|id| Fact::Named {
+    facts.extend(ids.iter().chain(&accounts).map(|id| Fact::Named {
         id: id.clone(),
         named: named.clone(),
     }));
@@ -167,18 +221,36 @@ pub fn project(ev: &Event) -> Result<Projection, FoldError> {
             message_id: ev.message_id.clone(),
         },
     }));
+    if let Some(account) = group_account {
+        facts.extend(account_traits.into_iter().map(|(name, value)| Fact::Trait {
+            id: account.clone(),
+            name,
+            value: TraitValue {
+                value,
+                updated_at: time,
+                message_id: ev.message_id.clone(),
+            },
+        }));
+    }
     let counter = counter_name(ev);
     facts.push(Fact::Counted {
         id: primary.clone(),
         counter: counter.clone(),
         time,
     });
-    facts.push(Fact::Timeline {
-        id: primary.clone(),
-        time,
-        message_id: ev.message_id.clone(),
-        counter,
-    });
+    for id in std::iter::once(&primary).chain(&accounts) {
+        facts.push(Fact::Timeline {
+            id: id.clone(),
+            time,
+            message_id: ev.message_id.clone(),
+            counter: counter.clone(),
+        });
+    }
+    facts.extend(accounts.into_iter().map(|account| Fact::Member {
+        account,
+        member: primary.clone(),
+        named: named.clone(),
+    }));
     Ok(Projection { primary, facts })
 }
 
@@ -197,6 +269,12 @@ fn project_control(
             .ok_or_else(|| {
                 FoldError::new(format!("control.identifiers[{i}]"), "not {id_type}:{id}")
             })?;
+        if id.kind == IdKind::GroupId {
+            return Err(FoldError::new(
+                format!("control.identifiers[{i}]"),
+                "names an account, which is never merged or split",
+            ));
+        }
         ids.insert(id);
     }
     if ids.is_empty() {

@@ -44,6 +44,8 @@ pub struct ProfileModel {
     counts: BTreeMap<Identifier, BTreeMap<String, u64>>,
     seen: BTreeMap<Identifier, Seen>,
     timeline: BTreeMap<Identifier, BTreeMap<(i64, String), Event>>,
+    /// Memberships by account, then member.
+    members: BTreeMap<Identifier, BTreeMap<Identifier, Named>>,
     dedup: BTreeMap<String, i64>,
 }
 
@@ -127,9 +129,41 @@ impl ProfileModel {
                         .or_default()
                         .insert((time, message_id), ev.clone());
                 }
+                Fact::Member {
+                    account,
+                    member,
+                    named,
+                } => match self.members.entry(account).or_default().entry(member) {
+                    std::collections::btree_map::Entry::Occupied(mut o) => {
+                        o.get_mut().include(&named);
+                    }
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(named);
+                    }
+                },
             }
         }
         Ok(true)
+    }
+
+    /// The members of an account (a [`crate::IdKind::GroupId`] identifier):
+    /// the identifiers that named it, each with what their events said of
+    /// the membership.
+    pub fn account_members(&self, account: &Identifier) -> BTreeMap<Identifier, Named> {
+        self.members.get(account).cloned().unwrap_or_default()
+    }
+
+    /// The accounts `member` named, with what its events said of each.
+    pub fn member_accounts(&self, member: &Identifier) -> BTreeMap<Identifier, Named> {
+        self.members
+            .iter()
+            .filter_map(|(account, m)| Some((account.clone(), m.get(member)?.clone())))
+            .collect()
+    }
+
+    /// Every account any event named.
+    pub fn accounts(&self) -> impl Iterator<Item = &Identifier> {
+        self.members.keys()
     }
 
     /// The walk from `id` over the evidence, finished.
@@ -220,15 +254,17 @@ impl ProfileModel {
         all.into_iter().map(|(_, e)| e).collect()
     }
 
-    /// Every identifier any event named.
+    /// Every identifier any event named, accounts' included.
     pub fn identifiers(&self) -> impl Iterator<Item = &Identifier> {
         self.named.keys()
     }
 
-    /// The profiles, each as its sorted members, one per profile.
+    /// The people's profiles, each as its sorted members, one per profile
+    /// (accounts are not people's profiles).
     pub fn profiles(&self) -> BTreeSet<Vec<Identifier>> {
         self.named
             .keys()
+            .filter(|id| id.kind != crate::IdKind::GroupId)
             .filter_map(|id| self.members(id))
             .collect()
     }
@@ -389,6 +425,65 @@ mod tests {
             project(&e).unwrap_err().field,
             "context.externalIds[0].type"
         );
+    }
+
+    #[test]
+    fn accounts_keep_group_traits_and_members_apart_from_people() {
+        let mut m = ProfileModel::new(i64::MAX);
+        let acme = Identifier::new(IdKind::GroupId, "acme");
+        let mut g1 = ev(EventType::Group, "m1", Some("u1"), None, 10);
+        g1.group_id = Some("acme".into());
+        g1.traits = Some(r#"{"name":"Acme","email":"billing@acme.test"}"#.into());
+        let mut g2 = ev(EventType::Group, "m2", Some("u2"), None, 20);
+        g2.group_id = Some("acme".into());
+        g2.traits = Some(r#"{"plan":"enterprise"}"#.into());
+        let mut t = ev(EventType::Track, "m3", None, Some("a3"), 30);
+        t.context = Some(
+            r#"{"groupId":"acme","externalIds":[{"type":"group_id","id":"beta","collection":"accounts"},{"type":"sfdc","id":"x","collection":"accounts"}]}"#
+                .into(),
+        );
+        let mut blocked = ev(EventType::Group, "m4", Some("u1"), None, 40);
+        blocked.group_id = Some("null".into());
+        blocked.traits = Some(r#"{"name":"nobody"}"#.into());
+        for e in [&g1, &g2, &t, &blocked] {
+            m.apply(e).unwrap();
+        }
+        // Two members of one account stay two people.
+        let u1 = Identifier::new(IdKind::UserId, "u1");
+        assert_eq!(m.members(&u1).unwrap(), vec![u1.clone()]);
+        // The group's traits are the account's, not the person's (and its
+        // email links no one).
+        assert!(m.profile(&u1).unwrap().traits.is_empty());
+        let account = m.profile(&acme).unwrap();
+        assert_eq!(account.traits["name"].value, "Acme");
+        assert_eq!(account.traits["plan"].value, "enterprise");
+        assert!(account.counts.is_empty(), "accounts keep no counts");
+        let events: Vec<&str> = m
+            .timeline(&acme)
+            .iter()
+            .map(|e| e.message_id.as_str())
+            .collect();
+        assert_eq!(events, ["m1", "m2", "m3"]);
+        let members: Vec<String> = m
+            .account_members(&acme)
+            .keys()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(members, ["anonymous_id:a3", "user_id:u1", "user_id:u2"]);
+        let of_a3: Vec<String> = m
+            .member_accounts(&Identifier::new(IdKind::AnonymousId, "a3"))
+            .keys()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(of_a3, ["group_id:acme", "group_id:beta"]);
+        // A blocked groupId names no account; `sfdc` of the accounts
+        // collection is not a person's identifier.
+        assert!(
+            m.profile(&Identifier::new(IdKind::GroupId, "null"))
+                .is_none()
+        );
+        assert!(m.profile(&Identifier::parse("sfdc:x").unwrap()).is_none());
+        assert_eq!(m.member_accounts(&u1).len(), 1);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! opens the store at a location (a directory for the embedded store; a
 //! Cassandra backend derives its keyspace from it).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -202,6 +203,49 @@ pub async fn assert_matches_model_in(
             .map(|e| e.message_id.clone())
             .collect();
         assert_eq!(got_ids, want_ids, "timeline of {id}");
+        let (got, want) = if id.kind == IdKind::GroupId {
+            (
+                all_memberships(store, ws, id, true).await,
+                model.account_members(id),
+            )
+        } else {
+            (
+                all_memberships(store, ws, id, false).await,
+                model.member_accounts(id),
+            )
+        };
+        assert_eq!(got, want, "memberships of {id}");
+    }
+}
+
+/// Every membership of `id` (as an account, or as a member), read two at a
+/// time so that paging is exercised.
+async fn all_memberships(
+    store: &dyn ProfileStore,
+    ws: &str,
+    id: &Identifier,
+    account: bool,
+) -> BTreeMap<Identifier, trailmark_domain::profile::Named> {
+    let mut out = BTreeMap::new();
+    let mut after: Option<Identifier> = None;
+    loop {
+        let page = if account {
+            store.account_members(ws, id, after.as_ref(), 2).await
+        } else {
+            store.member_accounts(ws, id, after.as_ref(), 2).await
+        }
+        .expect("memberships");
+        let n = page.len();
+        after = page.last().map(|(i, _)| i.clone());
+        for (other, named) in page {
+            assert!(
+                out.insert(other, named).is_none(),
+                "a page repeats a membership"
+            );
+        }
+        if n < 2 {
+            return out;
+        }
     }
 }
 

@@ -4,8 +4,11 @@
 //! Each case is a random stream over a small pool of people (so that links,
 //! merges, trait conflicts and time ties are common): `track`, `page`,
 //! `identify` with an email (in two spellings), `alias`, `context.externalIds`,
-//! a blocked `userId`, admins' forced merges and splits (control records),
-//! and exact duplicates of earlier messages. It is then delivered the way the log
+//! a blocked `userId`, accounts (`group` calls with traits, `context.groupId`,
+//! a blocked `groupId`), admins' forced merges and splits (control records),
+//! and exact duplicates of earlier messages. Half the cases run under
+//! windowed limits (`anonymous_id` "2 daily", `email` "1 weekly"), so
+//! decisions depend on the time between links. It is then delivered the way the log
 //! would: split into 1–3 partitions by primary identifier (a partition keeps
 //! its order), cut into batches of random sizes, with some batches delivered
 //! twice (a projector that crashed before its checkpoint), and the
@@ -25,6 +28,7 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde_json::json;
+use trailmark_domain::identity::{RuleSettings, Rules};
 use trailmark_domain::profile::ProfileModel;
 use trailmark_domain::{Event, Identifier};
 use trailmark_testkit::EventBuilder;
@@ -42,8 +46,9 @@ enum Op {
         anon: u8,
         email: Option<u8>,
         external: Option<u8>,
+        account: Option<u8>,
         plan: u8,
-        second: u8,
+        second: u32,
     },
     /// A copy of an earlier message (by index, modulo), received later.
     Duplicate(usize),
@@ -55,23 +60,28 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (
-            0u8..4,
+            0u8..5,
             proptest::option::weighted(0.5, 0u8..3),
             0u8..5,
             proptest::option::weighted(0.3, 0u8..3),
             proptest::option::weighted(0.15, 0u8..2),
+            proptest::option::weighted(0.3, 0u8..3),
             0u8..3,
-            0u8..30,
+            // Event times: ties are common, and some are days apart.
+            prop_oneof![0u32..30, 0u32..259_200],
         )
-            .prop_map(|(kind, user, anon, email, external, plan, second)| Op::Event {
-                kind,
-                user,
-                anon,
-                email,
-                external,
-                plan,
-                second,
-            }),
+            .prop_map(
+                |(kind, user, anon, email, external, account, plan, second)| Op::Event {
+                    kind,
+                    user,
+                    anon,
+                    email,
+                    external,
+                    account,
+                    plan,
+                    second,
+                },
+            ),
         1 => any::<usize>().prop_map(Op::Duplicate),
         1 => (any::<bool>(), 0u8..5, 1u8..3)
             .prop_map(|(merge, anon, user)| Op::Control { merge, anon, user }),
@@ -109,13 +119,18 @@ fn delivery() -> impl Strategy<Value = Delivery> {
 
 /// The events of a stream, in the order they were sent.
 fn events(ws: &str, ops: &[Op]) -> Vec<Event> {
+    // Ingest's clock: two hours and a microsecond per message, so a stream
+    // spans days (windowed limits see links fall out of them) and no two
+    // messages tie.
+    let received = |i: usize| trailmark_testkit::T0 + i as i64 * (2 * 3_600 * 1_000_000 + 1);
     let mut out: Vec<Event> = Vec::with_capacity(ops.len());
     for (i, op) in ops.iter().enumerate() {
         let ev = match op {
             Op::Duplicate(of) if !out.is_empty() => {
                 let mut copy = out[of % out.len()].clone();
-                // A retry: the same message, received a little later.
-                copy.received_at += 1_000 * (i as i64 + 1);
+                // A retry: the same message, received again now (more than
+                // the window later, it is a new event, in the model too).
+                copy.received_at = received(i);
                 copy
             }
             Op::Duplicate(_) => continue,
@@ -129,7 +144,7 @@ fn events(ws: &str, ops: &[Op]) -> Vec<Event> {
                 ev.kind = trailmark_domain::EventType::Control;
                 ev.event = None;
                 ev.anonymous_id = None;
-                ev.received_at += i as i64;
+                ev.received_at = received(i);
                 let mut identifiers = vec![format!("anonymous_id:a{anon}")];
                 if *merge {
                     identifiers.push(format!("user_id:u{user}"));
@@ -150,10 +165,16 @@ fn events(ws: &str, ops: &[Op]) -> Vec<Event> {
                 anon,
                 email,
                 external,
+                account,
                 plan,
                 second,
             } => {
                 let anon = format!("a{anon}");
+                // `null` is blocked by default: it names no account.
+                let account = account.map(|g| match g {
+                    0 => "null".to_owned(),
+                    g => format!("g{g}"),
+                });
                 // `null` is blocked by default: it must link nothing.
                 let user = user.map(|u| match u {
                     0 => "null".to_owned(),
@@ -175,6 +196,10 @@ fn events(ws: &str, ops: &[Op]) -> Vec<Event> {
                         }
                         EventBuilder::identify(traits)
                     }
+                    (4, _) => EventBuilder::group(
+                        account.as_deref().unwrap_or("g1"),
+                        json!({ "tier": plan, "name": format!("Account {i}") }),
+                    ),
                     (_, Some(u)) => EventBuilder::alias(u, &anon),
                     (_, None) => EventBuilder::track("Signed Up"),
                 }
@@ -190,8 +215,19 @@ fn events(ws: &str, ops: &[Op]) -> Vec<Event> {
                     context["externalIds"] =
                         json!([{ "type": "crm_id", "id": format!("c{x}"), "collection": "users" }]);
                 }
+                if let (Some(g), true) = (&account, *kind != 4) {
+                    // Half by `context.groupId`, half by an account external id.
+                    if second % 2 == 0 {
+                        context["groupId"] = json!(g);
+                    } else {
+                        context["externalIds"] = json!([
+                            { "type": "group_id", "id": g, "collection": "accounts" },
+                            { "type": "sfdc_account", "id": g, "collection": "accounts" }
+                        ]);
+                    }
+                }
                 let mut ev = b.context(context).build();
-                ev.received_at += i as i64;
+                ev.received_at = received(i);
                 // As ingest does: a blocked userId does not name the event.
                 trailmark_domain::identity::Rules::defaults().mark_blocked(&mut ev);
                 ev
@@ -287,7 +323,7 @@ async fn deliver(store: &Arc<dyn ProfileStore>, per: Vec<Vec<ApplyBatch>>, d: &D
 /// Generated streams, delivered in any order, with replays, duplicates and
 /// concurrent partitions, fold to what the model folds.
 pub async fn generated_streams_fold_like_the_model(factory: &impl StoreFactory, at: &Path) {
-    let (store, _) = factory(at);
+    let (store, directory) = factory(at);
     let cases: usize = std::env::var("TRAILMARK_STORE_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -315,7 +351,20 @@ pub async fn generated_streams_fold_like_the_model(factory: &impl StoreFactory, 
             // Only copies of messages never sent.
             continue;
         }
-        let mut model = ProfileModel::new(DAY);
+        let rules = if case % 2 == 1 {
+            let settings: RuleSettings = serde_json::from_value(json!({
+                "limits": { "user_id": "1 ever", "anonymous_id": "2 daily", "email": "1 weekly" }
+            }))
+            .expect("rule settings");
+            directory
+                .set_identity_rules(&ws, &settings)
+                .await
+                .expect("set rules");
+            Rules::from_settings(&settings).expect("valid rules")
+        } else {
+            Rules::default()
+        };
+        let mut model = ProfileModel::with_rules(DAY, rules);
         for ev in &events {
             model.apply(ev).expect("generated events fold");
         }

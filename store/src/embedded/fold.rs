@@ -136,8 +136,12 @@ impl Inner {
         let mut state = self.writer.lock().expect("writer lock");
         let mut w = Overlay::new(self, &mut state);
         let mut outcome = ApplyOutcome::default();
-        let mut max_received = i64::MIN;
-        for ev in batch.events.iter().map(|e| &e.event) {
+        // The latest `receivedAt` of each partition in the batch: the
+        // de-duplication rows of a partition are purged by its own
+        // progress, since every copy of a message is in one partition.
+        let mut max_received: BTreeMap<u32, i64> = BTreeMap::new();
+        for le in &batch.events {
+            let ev = &le.event;
             let mut dkey = Vec::with_capacity(ev.workspace_id.len() + ev.message_id.len() + 2);
             push_component(&mut dkey, ev.workspace_id.as_bytes());
             dkey.extend_from_slice(ev.message_id.as_bytes());
@@ -150,15 +154,13 @@ impl Inner {
                 continue;
             }
             if let Some(prev) = previous {
-                let mut old = time_bytes(prev).to_vec();
-                old.extend_from_slice(&dkey);
-                w.delete(Ks::DedupTime, old);
+                w.delete(Ks::DedupTime, dedup_time_key(le.partition, prev, &dkey));
             }
-            let mut tkey = time_bytes(ev.received_at).to_vec();
-            tkey.extend_from_slice(&dkey);
+            let tkey = dedup_time_key(le.partition, ev.received_at, &dkey);
             w.put(Ks::Dedup, dkey, time_bytes(ev.received_at).to_vec());
             w.put(Ks::DedupTime, tkey, Vec::new());
-            max_received = max_received.max(ev.received_at);
+            let max = max_received.entry(le.partition).or_insert(i64::MIN);
+            *max = (*max).max(ev.received_at);
 
             fold(&mut w, ev)?;
             outcome.applied += 1;
@@ -170,41 +172,59 @@ impl Inner {
                 position.to_be_bytes().to_vec(),
             );
         }
-        if max_received > i64::MIN {
-            let horizon = max_received
+        for (partition, max) in max_received {
+            let horizon = max
                 .saturating_sub(batch.dedup_window_micros)
                 .saturating_sub(DEDUP_PURGE_SLACK_MICROS);
-            self.purge_dedup(&mut w, horizon)?;
+            self.purge_dedup(&mut w, partition, horizon)?;
         }
         w.commit()?;
         Ok(outcome)
     }
 
-    fn purge_dedup(&self, w: &mut Overlay<'_>, horizon: i64) -> Result<()> {
-        let end = time_bytes(horizon).to_vec();
-        if w.state.purge_from >= end {
+    /// Forgets the messages of `partition` received before `horizon`, at
+    /// most 10,000 a batch.
+    fn purge_dedup(&self, w: &mut Overlay<'_>, partition: u32, horizon: i64) -> Result<()> {
+        let end = dedup_time_key(partition, horizon, &[]);
+        let from = w
+            .state
+            .purge_from
+            .get(&partition)
+            .cloned()
+            .unwrap_or_else(|| partition.to_be_bytes().to_vec());
+        if from >= end {
             return Ok(());
         }
         let old: Vec<Vec<u8>> = self
             .ks
             .dedup_time
-            .range(w.state.purge_from.clone()..end)
+            .range(from..end)
             .take(10_000)
             .map(|kv| kv.key().map(|k| k.to_vec()).map_err(unavailable))
             .collect::<Result<_>>()?;
         if let Some(last) = old.last() {
-            w.state.purge_from = last.clone();
+            w.state.purge_from.insert(partition, last.clone());
         }
         for k in old {
-            let dkey = k[8..].to_vec();
+            let dkey = k[12..].to_vec();
             // Only forget the message if this index row is still its latest.
-            if w.get(Ks::Dedup, &dkey)?.as_deref() == Some(&k[..8]) {
+            if w.get(Ks::Dedup, &dkey)?.as_deref() == Some(&k[4..12]) {
                 w.delete(Ks::Dedup, dkey);
             }
             w.delete(Ks::DedupTime, k);
         }
         Ok(())
     }
+}
+
+/// `partition receivedAt ws messageId`: the purge index of the
+/// de-duplication rows, in each partition's time order.
+fn dedup_time_key(partition: u32, received_at: i64, dkey: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(12 + dkey.len());
+    k.extend_from_slice(&partition.to_be_bytes());
+    k.extend_from_slice(&time_bytes(received_at));
+    k.extend_from_slice(dkey);
+    k
 }
 
 /// Folds one event: its facts, each by its rule, with an exhaustive match.
@@ -271,6 +291,32 @@ fn fold(w: &mut Overlay<'_>, ev: &Event) -> Result<()> {
                 key.extend_from_slice(&time_bytes(time));
                 key.extend_from_slice(message_id.as_bytes());
                 w.put_blind(Ks::Timeline, key, encode_timeline_value(&counter, ev));
+            }
+            Fact::Member {
+                account,
+                member,
+                named,
+            } => {
+                // Read one direction, write both with the same record.
+                let mut key = ws_id_key(ws, &account);
+                push_id(&mut key, &member);
+                let record = match w.get(Ks::AccountMembers, &key)? {
+                    None => named,
+                    Some(v) => {
+                        let mut record = decode_named(&v)?;
+                        let before = record.clone();
+                        record.include(&named);
+                        if record == before {
+                            continue;
+                        }
+                        record
+                    }
+                };
+                let value = encode_named(&record);
+                let mut reverse = ws_id_key(ws, &member);
+                push_id(&mut reverse, &account);
+                w.put(Ks::AccountMembers, key, value.clone());
+                w.put(Ks::MemberAccounts, reverse, value);
             }
         }
     }

@@ -23,7 +23,9 @@ fn corrupt(what: &str) -> StoreError {
 /// projections on open and rebuilt from the log (see `EmbeddedStore::open`).
 /// Version 3: emails are stored trimmed and lower-cased (issue 10).
 /// Version 4: identity kept as evidence, decided on read (issue 10).
-pub const LAYOUT_VERSION: u32 = 4;
+/// Version 5: accounts and memberships; the de-duplication purge index is
+/// per partition (issue 10).
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Appends one terminated, escaped component.
 pub fn push_component(key: &mut Vec<u8>, part: &[u8]) {

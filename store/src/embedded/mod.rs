@@ -15,17 +15,22 @@
 //! | `settings`   | ws name (`identity_rules`)            | settings JSON              |
 //! | `checkpoints`| consumer partition (BE u32)           | position (BE u64)          |
 //! | `dedup`      | ws messageId                          | receivedAt (BE)            |
-//! | `dedup_time` | receivedAt (BE) ws messageId          | empty (purge index)        |
+//! | `dedup_time` | partition (BE u32) receivedAt (BE) ws messageId | empty (purge index) |
 //! | `identity`   | ws id                                 | [`Named`] record ([`fold`])|
 //! | `evidence`   | ws id slot digest (16)                | identity evidence ([`fold`])|
 //! | `profile_ids`| ws profile id (16)                    | id                         |
 //! | `traits`     | ws id trait-name                      | [`TraitValue`] JSON        |
 //! | `stats`      | ws id                                 | first, last, counts by name|
 //! | `timeline`   | ws id time (BE) messageId             | counter len, counter, JSON |
+//! | `account_members` | ws account member                | [`Named`] of the membership|
+//! | `member_accounts` | ws member account                | [`Named`] of the membership|
 //!
 //! A store whose projections were written with another layout version is
 //! emptied of them when opened; the projector then rebuilds them from the
 //! log, as `trailmark rebuild` would.
+//!
+//! An account is an identifier of kind `group_id`: its record, traits and
+//! timeline are kept like anyone's, and its memberships in both directions.
 //!
 //! Facts are kept per identifier and merged on read (see the domain's
 //! profile module); which identifiers form a profile is decided on read from
@@ -67,8 +72,10 @@ use crate::{
     TimelineQuery, Workspace, WorkspaceDirectory, WriteGrant, new_secret, token_digest,
 };
 
+mod directory;
 mod fold;
 pub mod keys;
+mod read;
 
 use keys::{LAYOUT_VERSION, take_id, time_bytes, time_from, ws_id_key, ws_key};
 
@@ -90,6 +97,8 @@ enum Ks {
     Traits,
     Stats,
     Timeline,
+    AccountMembers,
+    MemberAccounts,
 }
 
 /// The keyspaces a rebuild keeps: the layout version, and tenants with their
@@ -98,7 +107,7 @@ enum Ks {
 const KEPT_KEYSPACES: [&str; 4] = ["meta", "workspaces", "credentials", "settings"];
 
 impl Ks {
-    const PROJECTIONS: [Ks; 9] = [
+    const PROJECTIONS: [Ks; 11] = [
         Ks::Checkpoints,
         Ks::Dedup,
         Ks::DedupTime,
@@ -108,6 +117,8 @@ impl Ks {
         Ks::Traits,
         Ks::Stats,
         Ks::Timeline,
+        Ks::AccountMembers,
+        Ks::MemberAccounts,
     ];
 
     /// The keyspace's name on disk.
@@ -122,12 +133,17 @@ impl Ks {
             Ks::Traits => "traits",
             Ks::Stats => "stats",
             Ks::Timeline => "timeline",
+            Ks::AccountMembers => "account_members",
+            Ks::MemberAccounts => "member_accounts",
         }
     }
 
     /// Rows the fold reads again and again, worth caching across batches.
     fn cached(self) -> bool {
-        matches!(self, Ks::Identity | Ks::Evidence | Ks::Stats | Ks::Traits)
+        matches!(
+            self,
+            Ks::Identity | Ks::Evidence | Ks::Stats | Ks::Traits | Ks::AccountMembers
+        )
     }
 }
 
@@ -145,6 +161,8 @@ struct Keyspaces {
     traits: Keyspace,
     stats: Keyspace,
     timeline: Keyspace,
+    account_members: Keyspace,
+    member_accounts: Keyspace,
 }
 
 impl Keyspaces {
@@ -159,6 +177,8 @@ impl Keyspaces {
             Ks::Traits => &self.traits,
             Ks::Stats => &self.stats,
             Ks::Timeline => &self.timeline,
+            Ks::AccountMembers => &self.account_members,
+            Ks::MemberAccounts => &self.member_accounts,
         }
     }
 }
@@ -203,9 +223,9 @@ struct WriterState {
     cache_bytes: usize,
     /// The bound on `cache_bytes`.
     cache_limit: usize,
-    /// Where the last dedup purge stopped: rows before it are gone, and
-    /// starting there skips their tombstones.
-    purge_from: Vec<u8>,
+    /// Where the last dedup purge of each partition stopped: rows before it
+    /// are gone, and starting there skips their tombstones.
+    purge_from: HashMap<u32, Vec<u8>>,
 }
 
 impl WriterState {
@@ -362,6 +382,8 @@ impl EmbeddedStore {
             traits: open(Ks::Traits.name())?,
             stats: open(Ks::Stats.name())?,
             timeline: open(Ks::Timeline.name())?,
+            account_members: open(Ks::AccountMembers.name())?,
+            member_accounts: open(Ks::MemberAccounts.name())?,
         };
         let inner = Inner {
             db,
@@ -399,86 +421,6 @@ impl EmbeddedStore {
 }
 
 impl Inner {
-    // ---- reads ----------------------------------------------------------
-
-    /// The identity rules of a workspace: its settings, else the defaults.
-    fn rules(&self, ws: &str) -> Result<Arc<Rules>> {
-        if let Some(r) = self.rules.read().expect("rules lock").get(ws) {
-            return Ok(r.clone());
-        }
-        let rules = match self.stored_rules(ws)? {
-            Some(s) => {
-                Rules::from_settings(&s).map_err(|e| corrupt(&format!("identity rules: {e}")))?
-            }
-            None => Rules::default(),
-        };
-        let rules = Arc::new(rules);
-        self.rules
-            .write()
-            .expect("rules lock")
-            .insert(ws.to_owned(), rules.clone());
-        Ok(rules)
-    }
-
-    fn stored_rules(&self, ws: &str) -> Result<Option<RuleSettings>> {
-        match self
-            .ks
-            .settings
-            .get(settings_key(ws, "identity_rules"))
-            .map_err(unavailable)?
-        {
-            Some(v) => Ok(Some(from_json(&v, "identity rules")?)),
-            None => Ok(None),
-        }
-    }
-
-    fn resolve(&self, ws: &str, id: &Identifier) -> Result<Option<ProfileRef>> {
-        let ks = &self.ks;
-        let snap = self.db.snapshot();
-        let named = |id: &Identifier| -> Result<Option<Named>> {
-            snap.get(&ks.identity, ws_id_key(ws, id))
-                .map_err(unavailable)?
-                .map(|v| decode_named(&v))
-                .transpose()
-        };
-        if named(id)?.is_none() {
-            return Ok(None);
-        }
-        let rules = self.rules(ws)?;
-        let mut walk = Walk::new(&rules, id.clone());
-        loop {
-            let next = walk.wanted();
-            if next.is_empty() {
-                break;
-            }
-            for i in next {
-                let evidence = snap
-                    .prefix(&ks.evidence, ws_id_key(ws, &i))
-                    .take(MAX_ID_EVIDENCE + 1)
-                    .map(|kv| decode_evidence(&kv.value().map_err(unavailable)?))
-                    .collect::<Result<Vec<_>>>()?;
-                walk.add(evidence);
-            }
-        }
-        let resolved = walk.finish();
-        let mut records = BTreeMap::new();
-        for m in &resolved.members {
-            if let Some(n) = named(m)? {
-                records.insert(m.clone(), n);
-            }
-        }
-        profile_ref(ws, resolved, records).map(Some)
-    }
-
-    fn identifier_of(&self, ws: &str, profile_id: uuid::Uuid) -> Result<Option<Identifier>> {
-        let mut key = ws_key(ws);
-        key.extend_from_slice(profile_id.as_bytes());
-        match self.ks.profile_ids.get(key).map_err(unavailable)? {
-            Some(v) => Ok(Some(take_id(&v)?.0)),
-            None => Ok(None),
-        }
-    }
-
     /// Drops projections written with another key layout, so that the
     /// projector rebuilds them from the log, and records this layout.
     fn upgrade_layout(&self) -> Result<()> {
@@ -528,176 +470,6 @@ impl Inner {
         }
         self.db.persist(PersistMode::SyncAll).map_err(unavailable)
     }
-
-    fn traits(&self, ws: &str, profile: &ProfileRef) -> Result<BTreeMap<String, TraitValue>> {
-        let snap = self.db.snapshot();
-        let mut out = BTreeMap::new();
-        for id in profile.identifiers.keys() {
-            let prefix = ws_id_key(ws, id);
-            for kv in snap.prefix(&self.ks.traits, &prefix) {
-                let (k, v) = kv.into_inner().map_err(unavailable)?;
-                let name = String::from_utf8(k[prefix.len()..].to_vec())
-                    .map_err(|_| corrupt("trait name"))?;
-                merge_trait(&mut out, name, from_json(&v, "trait row")?);
-            }
-        }
-        Ok(out)
-    }
-
-    fn metadata(&self, ws: &str, profile: &ProfileRef) -> Result<ProfileMetadata> {
-        let snap = self.db.snapshot();
-        let mut meta = ProfileMetadata {
-            first_seen: i64::MAX,
-            last_seen: i64::MIN,
-            counts: BTreeMap::new(),
-        };
-        for id in profile.identifiers.keys() {
-            if let Some(v) = snap
-                .get(&self.ks.stats, ws_id_key(ws, id))
-                .map_err(unavailable)?
-            {
-                let (seen, counts) = decode_stats(&v)?;
-                meta.first_seen = meta.first_seen.min(seen.first);
-                meta.last_seen = meta.last_seen.max(seen.last);
-                for (name, n) in counts {
-                    *meta.counts.entry(name).or_default() += n;
-                }
-            }
-        }
-        if meta.first_seen == i64::MAX {
-            meta.first_seen = 0;
-            meta.last_seen = 0;
-        }
-        Ok(meta)
-    }
-
-    fn timeline(&self, ws: &str, profile: &ProfileRef, q: &TimelineQuery) -> Result<TimelinePage> {
-        let snap = self.db.snapshot();
-        let limit = q.limit.max(1);
-        // One ordered stream per identifier, merged by (time, messageId).
-        let mut streams = Vec::new();
-        for id in profile.identifiers.keys() {
-            let prefix = ws_id_key(ws, id);
-            let mut lo = prefix.clone();
-            lo.extend_from_slice(&time_bytes(q.start.unwrap_or(i64::MIN)));
-            let mut hi = prefix.clone();
-            match q.end {
-                Some(end) => hi.extend_from_slice(&time_bytes(end)),
-                None => hi.extend_from_slice(&[0xff; 9]),
-            }
-            if let Some((t, m)) = &q.after {
-                let mut cursor = prefix.clone();
-                cursor.extend_from_slice(&time_bytes(*t));
-                cursor.extend_from_slice(m.as_bytes());
-                if q.descending {
-                    if cursor < hi {
-                        hi = cursor;
-                    }
-                } else {
-                    // Exclusive of the cursor itself: the next possible key.
-                    cursor.push(0);
-                    if cursor > lo {
-                        lo = cursor;
-                    }
-                }
-            }
-            if lo >= hi {
-                continue;
-            }
-            let iter = snap.range(&self.ks.timeline, lo..hi);
-            let iter: Box<dyn Iterator<Item = fjall::Guard>> = if q.descending {
-                Box::new(iter.rev())
-            } else {
-                Box::new(iter)
-            };
-            streams.push((prefix.len(), iter.peekable_rows()));
-        }
-        let mut entries = Vec::new();
-        let mut has_more = false;
-        loop {
-            // Pick the stream whose head comes first in the asked order.
-            for s in streams.iter_mut() {
-                s.1.peek()?;
-            }
-            let mut best: Option<usize> = None;
-            for (i, s) in streams.iter().enumerate() {
-                let Some(head) = s.1.head.as_ref() else {
-                    continue;
-                };
-                best = match best {
-                    None => Some(i),
-                    Some(b) => {
-                        let a = &head.0[s.0..];
-                        let c = &streams[b].1.head.as_ref().expect("filled").0[streams[b].0..];
-                        let first = if q.descending { a > c } else { a < c };
-                        Some(if first { i } else { b })
-                    }
-                };
-            }
-            let Some(b) = best else { break };
-            let plen = streams[b].0;
-            let (key, value) = streams[b].1.next_row()?.expect("peeked");
-            let (counter, body) = split_timeline_value(&value)?;
-            if let Some(want) = &q.event
-                && counter != want.as_bytes()
-            {
-                continue;
-            }
-            if entries.len() == limit {
-                has_more = true;
-                break;
-            }
-            let suffix = &key[plen..];
-            let (time, message_id) = suffix
-                .split_at_checked(8)
-                .ok_or_else(|| corrupt("timeline key"))?;
-            let time = time_from(time)?;
-            let message_id =
-                String::from_utf8(message_id.to_vec()).map_err(|_| corrupt("message id"))?;
-            let text = String::from_utf8(body.to_vec()).map_err(|_| corrupt("timeline json"))?;
-            let json = RawValue::from_string(text).map_err(|_| corrupt("timeline json"))?;
-            entries.push(TimelineEntry {
-                time,
-                message_id,
-                json,
-            });
-        }
-        Ok(TimelinePage { entries, has_more })
-    }
-}
-
-/// A one-row look-ahead over a fjall iterator whose rows may fail to read.
-struct PeekableRows<I: Iterator<Item = fjall::Guard>> {
-    inner: I,
-    head: Option<(Vec<u8>, Vec<u8>)>,
-}
-
-trait PeekableRowsExt: Iterator<Item = fjall::Guard> + Sized {
-    fn peekable_rows(self) -> PeekableRows<Self> {
-        PeekableRows {
-            inner: self,
-            head: None,
-        }
-    }
-}
-
-impl<I: Iterator<Item = fjall::Guard>> PeekableRowsExt for I {}
-
-impl<I: Iterator<Item = fjall::Guard>> PeekableRows<I> {
-    fn peek(&mut self) -> Result<Option<&(Vec<u8>, Vec<u8>)>> {
-        if self.head.is_none()
-            && let Some(g) = self.inner.next()
-        {
-            let (k, v) = g.into_inner().map_err(unavailable)?;
-            self.head = Some((k.to_vec(), v.to_vec()));
-        }
-        Ok(self.head.as_ref())
-    }
-
-    fn next_row(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-        self.peek()?;
-        Ok(self.head.take())
-    }
 }
 
 // ---- trait impls --------------------------------------------------------
@@ -725,188 +497,6 @@ impl ProfileWriter for EmbeddedStore {
     async fn reset_projections(&self) -> Result<()> {
         self.blocking(Inner::reset_projections).await
     }
-}
-
-#[async_trait]
-impl ProfileReader for EmbeddedStore {
-    async fn resolve(&self, workspace: &str, id: &Identifier) -> Result<Option<ProfileRef>> {
-        self.inner.resolve(workspace, id)
-    }
-
-    async fn identifier_of(
-        &self,
-        workspace: &str,
-        profile_id: uuid::Uuid,
-    ) -> Result<Option<Identifier>> {
-        self.inner.identifier_of(workspace, profile_id)
-    }
-
-    async fn traits(
-        &self,
-        workspace: &str,
-        profile: &ProfileRef,
-    ) -> Result<BTreeMap<String, TraitValue>> {
-        self.inner.traits(workspace, profile)
-    }
-
-    async fn metadata(&self, workspace: &str, profile: &ProfileRef) -> Result<ProfileMetadata> {
-        self.inner.metadata(workspace, profile)
-    }
-
-    async fn timeline(
-        &self,
-        workspace: &str,
-        profile: &ProfileRef,
-        query: &TimelineQuery,
-    ) -> Result<TimelinePage> {
-        let (ws, profile, query) = (workspace.to_owned(), profile.clone(), query.clone());
-        self.blocking(move |inner| inner.timeline(&ws, &profile, &query))
-            .await
-    }
-
-    async fn check_ready(&self) -> Result<()> {
-        // A read through the journal-backed keyspaces fails once fjall has
-        // poisoned itself after a fatal IO error.
-        self.inner
-            .ks
-            .workspaces
-            .contains_key(b"readyz")
-            .map(|_| ())
-            .map_err(unavailable)
-    }
-}
-
-#[async_trait]
-impl WorkspaceDirectory for EmbeddedStore {
-    async fn create_workspace(
-        &self,
-        name: &str,
-        write_key: Option<&str>,
-        token: Option<&str>,
-    ) -> Result<CreatedWorkspace> {
-        let ks = &self.inner.ks;
-        let created = CreatedWorkspace::new(name, write_key, token)?;
-        let (workspace, source_id) = (&created.workspace, &created.source_id);
-        let (write_key, token) = (&created.write_key, &created.token);
-        let wkey = [b"w\0".as_slice(), write_key.as_bytes()].concat();
-        let tkey = token_row(Scope::Admin, token);
-        let _writer = self.inner.writer.lock().expect("writer lock");
-        for kv in ks.workspaces.iter() {
-            let (_, v) = kv.into_inner().map_err(unavailable)?;
-            if from_json::<Workspace>(&v, "workspace row")?.name == name {
-                return Err(StoreError::Conflict(format!("a workspace named {name:?}")));
-            }
-        }
-        if ks.credentials.contains_key(&wkey).map_err(unavailable)? {
-            return Err(StoreError::Conflict("write key".into()));
-        }
-        if ks.credentials.contains_key(&tkey).map_err(unavailable)? {
-            return Err(StoreError::Conflict("token".into()));
-        }
-        let mut tx = self.inner.db.batch();
-        tx.insert(&ks.workspaces, workspace.id.as_bytes(), json(workspace));
-        tx.insert(
-            &ks.credentials,
-            wkey,
-            json(&WriteGrant {
-                workspace_id: workspace.id.clone(),
-                source_id: source_id.clone(),
-            }),
-        );
-        tx.insert(
-            &ks.credentials,
-            tkey,
-            json(&ReadGrant {
-                workspace_id: workspace.id.clone(),
-                scope: Scope::Admin,
-            }),
-        );
-        tx.commit().map_err(unavailable)?;
-        self.persist()?;
-        Ok(created)
-    }
-
-    async fn workspaces(&self) -> Result<Vec<Workspace>> {
-        let snap = self.inner.db.snapshot();
-        snap.iter(&self.inner.ks.workspaces)
-            .map(|kv| {
-                let (_, v) = kv.into_inner().map_err(unavailable)?;
-                from_json(&v, "workspace row")
-            })
-            .collect()
-    }
-
-    async fn resolve_write_key(&self, write_key: &str) -> Result<Option<WriteGrant>> {
-        let key = [b"w\0".as_slice(), write_key.as_bytes()].concat();
-        match self.inner.ks.credentials.get(key).map_err(unavailable)? {
-            Some(v) => Ok(Some(from_json(&v, "write grant")?)),
-            None => Ok(None),
-        }
-    }
-
-    async fn resolve_token(&self, token: &str) -> Result<Option<ReadGrant>> {
-        for scope in [Scope::Admin, Scope::Read] {
-            let key = token_row(scope, token);
-            if let Some(v) = self.inner.ks.credentials.get(key).map_err(unavailable)? {
-                let mut grant: ReadGrant = from_json(&v, "read grant")?;
-                grant.scope = scope;
-                return Ok(Some(grant));
-            }
-        }
-        Ok(None)
-    }
-
-    async fn create_read_token(&self, workspace_id: &str) -> Result<String> {
-        let token = new_secret("tmr_");
-        let grant = ReadGrant {
-            workspace_id: workspace_id.to_owned(),
-            scope: Scope::Read,
-        };
-        self.inner
-            .ks
-            .credentials
-            .insert(token_row(Scope::Read, &token), json(&grant))
-            .map_err(unavailable)?;
-        self.persist()?;
-        Ok(token)
-    }
-
-    async fn identity_rules(&self, workspace_id: &str) -> Result<Option<RuleSettings>> {
-        self.inner.stored_rules(workspace_id)
-    }
-
-    async fn set_identity_rules(&self, workspace_id: &str, rules: &RuleSettings) -> Result<()> {
-        let checked =
-            Rules::from_settings(rules).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        self.inner
-            .ks
-            .settings
-            .insert(settings_key(workspace_id, "identity_rules"), json(rules))
-            .map_err(unavailable)?;
-        self.persist()?;
-        self.inner
-            .rules
-            .write()
-            .expect("rules lock")
-            .insert(workspace_id.to_owned(), Arc::new(checked));
-        Ok(())
-    }
-}
-
-/// A token's `credentials` key: `t` (admin, as since the first layout) or
-/// `r` (read only), NUL, its digest.
-fn token_row(scope: Scope, token: &str) -> Vec<u8> {
-    let prefix: &[u8] = match scope {
-        Scope::Admin => b"t\0",
-        Scope::Read => b"r\0",
-    };
-    [prefix, token_digest(token).as_bytes()].concat()
-}
-
-fn settings_key(workspace_id: &str, name: &str) -> Vec<u8> {
-    let mut key = ws_key(workspace_id);
-    key.extend_from_slice(name.as_bytes());
-    key
 }
 
 #[cfg(test)]

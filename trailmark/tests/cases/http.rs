@@ -1244,3 +1244,145 @@ async fn a_forced_merge_then_a_split() {
     );
     s.stop().await;
 }
+
+/// Issue 10: accounts. `group` traits describe the account, `context.groupId`
+/// files a track under it, members of one account stay separate people, and
+/// both Trailmark's and Segment's paths read the collection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_collect_group_traits_members_and_events() {
+    let s = TestServer::start().await;
+    let (acme, ann, bob, visitor) = (uid(), uid(), uid(), uid());
+    let group = |user: &str, traits: Value, t: &str| {
+        json!({"userId": user, "groupId": acme, "traits": traits, "timestamp": t})
+    };
+    let sends = [
+        ("/v1/group", group(&ann, json!({"name": "Acme", "plan": "team"}), "2024-05-01T00:00:00Z")),
+        ("/v1/group", group(&bob, json!({"plan": "enterprise", "email": "billing@acme.test"}), "2024-05-02T00:00:00Z")),
+        (
+            "/v1/track",
+            json!({"anonymousId": visitor, "event": "Viewed Pricing", "context": {"groupId": acme}, "timestamp": "2024-05-03T00:00:00Z"}),
+        ),
+        (
+            "/v1/track",
+            json!({"userId": ann, "event": "Invited", "context": {"externalIds": [{"type": "group_id", "id": acme, "collection": "accounts"}]}, "timestamp": "2024-05-04T00:00:00Z"}),
+        ),
+        ("/v1/group", json!({"userId": ann, "groupId": "null", "traits": {"name": "nobody"}})),
+    ];
+    for (path, body) in &sends {
+        assert_eq!(s.post(path, body).await.0, 200, "{path} {body}");
+    }
+    // The account's events: every call that named it, newest first.
+    let mut events = json!(null);
+    for _ in 0..TestServer::patience() {
+        let (status, body) = s.get(&format!("/v1/accounts/{acme}/events?limit=10")).await;
+        if status == 200 && body["data"].as_array().map(Vec::len) == Some(4) {
+            events = body;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let kinds: Vec<&str> = events["data"]
+        .as_array()
+        .expect("four events")
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["track", "track", "group", "group"], "{events}");
+    s.wait_for_events(&format!("user_id:{ann}"), 3).await;
+
+    // Traits: the latest group call wins per trait; none leak to people.
+    let (status, traits) = s.get(&format!("/v1/accounts/{acme}/traits")).await;
+    assert_eq!(status, 200, "{traits}");
+    assert_eq!(traits["traits"], json!({"name": "Acme", "plan": "enterprise", "email": "billing@acme.test"}));
+    let (_, ann_traits) = s.get(&format!("/v1/profiles/user_id:{ann}/traits")).await;
+    assert_eq!(ann_traits["traits"], json!({}), "group traits are the account's");
+    // Members of one account are not one person, and the account's email
+    // names no one.
+    assert_eq!(identifiers_of(&s, &format!("user_id:{ann}")).await, [format!("user_id:{ann}")]);
+    assert_eq!(s.get("/v1/profiles/email:billing@acme.test/traits").await.0, 404);
+
+    // Users, paged two at a time, each with its profile.
+    let (status, page1) = s.get(&format!("/v1/accounts/{acme}/users?limit=2")).await;
+    assert_eq!(status, 200, "{page1}");
+    assert_eq!(page1["cursor"]["has_more"], true, "{page1}");
+    let next = page1["cursor"]["url"].as_str().expect("next url").to_owned();
+    let (status, page2) = s.get(&next).await;
+    assert_eq!(status, 200, "{page2}");
+    let mut members: Vec<String> = page1["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(page2["data"].as_array().unwrap())
+        .map(|m| {
+            assert!(m["profile_id"].is_string() && m["created_at"].is_string(), "{m}");
+            format!("{}:{}", m["type"].as_str().unwrap(), m["id"].as_str().unwrap())
+        })
+        .collect();
+    members.sort();
+    assert_eq!(
+        members,
+        sorted(vec![format!("user_id:{ann}"), format!("user_id:{bob}"), format!("anonymous_id:{visitor}")])
+    );
+
+    // Metadata: the account's first and last seen, from its record.
+    let (status, meta) = s.get(&format!("/v1/accounts/{acme}/metadata")).await;
+    assert_eq!(status, 200, "{meta}");
+    assert_eq!(meta["metadata"]["created_at"], "2024-05-01T00:00:00.000Z", "{meta}");
+    assert_eq!(meta["metadata"]["holder"], format!("group_id:{acme}"));
+
+    // Links, both ways.
+    let (status, links) = s.get(&format!("/v1/profiles/user_id:{ann}/links")).await;
+    assert_eq!(status, 200, "{links}");
+    assert_eq!(links["data"].as_array().map(Vec::len), Some(1), "the blocked groupId names no account: {links}");
+    assert_eq!(links["data"][0]["to_collection"], "accounts");
+    assert_eq!(links["data"][0]["external_ids"][0]["id"], acme.as_str());
+    let (status, back) = s.get(&format!("/v1/accounts/{acme}/links")).await;
+    assert_eq!(status, 200, "{back}");
+    assert_eq!(back["data"].as_array().map(Vec::len), Some(3), "{back}");
+
+    // Segment's paths serve the accounts collection too.
+    let other = s.create_workspace("segment-accounts").await;
+    let client = reqwest::Client::new();
+    let send = client
+        .post(s.url("/v1/group"))
+        .basic_auth(&other.write_key, Some(""))
+        .json(&group(&ann, json!({"name": "Acme"}), "2024-05-01T00:00:00Z"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(send.status(), 200);
+    let seg = |collection: &str, r: &str, route: &str| {
+        s.url(&format!(
+            "/v1/spaces/{}/collections/{collection}/profiles/{r}/{route}",
+            other.workspace_id
+        ))
+    };
+    let get = |url: String| {
+        let client = client.clone();
+        let token = other.token.clone();
+        async move { read(client.get(url).bearer_auth(token).send().await.expect("get")).await }
+    };
+    let mut seg_traits = json!(null);
+    for _ in 0..TestServer::patience() {
+        let (status, b) = get(seg("accounts", &format!("group_id:{acme}"), "traits")).await;
+        if status == 200 {
+            seg_traits = b;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(seg_traits["traits"], json!({"name": "Acme"}), "{seg_traits}");
+    let (status, links) = get(seg("users", &format!("user_id:{ann}"), "links")).await;
+    assert_eq!(status, 200, "{links}");
+    assert_eq!(links["data"][0]["external_ids"][0]["type"], "group_id", "{links}");
+    assert_eq!(get(seg("accounts", &format!("user_id:{ann}"), "traits")).await.0, 404);
+
+    // An account is not a person, and a person is not an account.
+    assert_eq!(s.get(&format!("/v1/profiles/group_id:{acme}/traits")).await.0, 404);
+    assert_eq!(s.get(&format!("/v1/accounts/{}/traits", uid())).await.0, 404);
+    let (status, body) = s
+        .admin(reqwest::Method::POST, "/v1/profiles/merge", &json!({"identifiers": [format!("user_id:{ann}"), format!("group_id:{acme}")]}))
+        .await;
+    assert_eq!((status, body["error"]["field"].as_str()), (400, Some("identifiers[1]")), "{body}");
+    s.stop().await;
+}

@@ -243,7 +243,7 @@ impl TestServer {
 
     /// How long to wait for projections: separate processes on real engines
     /// are slower to see an event than one process.
-    fn patience() -> usize {
+    pub fn patience() -> usize {
         if crate::DISTRIBUTED { 600 } else { 200 }
     }
 
@@ -302,7 +302,7 @@ impl TestServer {
 
     /// The URL of `path`: the query API's routes go to the query role.
     pub fn url(&self, path: &str) -> String {
-        if ["/v1/profiles", "/v1/spaces", "/v1/admin"]
+        if ["/v1/profiles", "/v1/spaces", "/v1/admin", "/v1/accounts"]
             .iter()
             .any(|p| path.starts_with(p))
         {
