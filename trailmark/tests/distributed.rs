@@ -385,3 +385,174 @@ async fn a_kafka_outage_gets_503_not_200_and_recovers() {
         role.terminate().await;
     }
 }
+
+/// Issue 10: two projectors link the same people at the same moment. For
+/// each person, three events race through different partitions (so, once
+/// both projectors hold partitions, often through different projectors): a
+/// device with a CRM id, the person's identify on that device, and a second
+/// person's identify on the same device. Whatever projector applied what
+/// first, each device ends with exactly one `user_id`, the one ingest
+/// received first, and the other person stands alone with the refusal
+/// explained; every identifier of a profile answers with one `profile_id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_projectors_link_the_same_people_at_once() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    prepare_distributed(dir.path(), config(dir.path())).await;
+    let ingest = spawn_role(dir.path(), "ingest", "ingest").await;
+    let query = spawn_role(dir.path(), "query-api", "query-api").await;
+    let first = spawn_role(dir.path(), "projector", "projector-1").await;
+    let second = spawn_role(dir.path(), "projector", "projector-2").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut round = 0;
+    while applied_by(&first).await == 0 || applied_by(&second).await == 0 {
+        assert!(Instant::now() < deadline, "both projectors get partitions");
+        round += 1;
+        load(ingest.base.clone(), format!("warm{round}"), 40, 1, 20).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let client = reqwest::Client::new();
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let people = 24;
+    let mut sends = Vec::new();
+    for k in 0..people {
+        let (device, ann, bob) = (
+            format!("{run}-d{k}"),
+            format!("{run}-ann{k}"),
+            format!("{run}-bob{k}"),
+        );
+        for body in [
+            json!({"anonymousId": device, "event": "Opened", "context": {"externalIds": [{"type": "crm_id", "id": format!("{run}-c{k}")}]}}),
+            json!({"userId": ann, "anonymousId": device, "event": "Signed In"}),
+            json!({"userId": bob, "anonymousId": device, "event": "Signed In"}),
+        ] {
+            let (client, base) = (client.clone(), ingest.base.clone());
+            sends.push(tokio::spawn(async move {
+                let r = client
+                    .post(format!("{base}/v1/track"))
+                    .basic_auth(WRITE_KEY, Some(""))
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("send");
+                assert_eq!(r.status(), 200);
+            }));
+        }
+    }
+    for s in sends {
+        s.await.unwrap();
+    }
+
+    let get = |path: String| {
+        let (client, base) = (client.clone(), query.base.clone());
+        async move {
+            read(
+                client
+                    .get(format!("{base}{path}"))
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await
+                    .expect("get"),
+            )
+            .await
+        }
+    };
+    // The received time of a user's one event, to the millisecond.
+    let received = |user: String| {
+        let get = get;
+        async move {
+            let (_, body) = get(format!("/v1/profiles/user_id:{user}/events?limit=10")).await;
+            body["data"]
+                .as_array()
+                .and_then(|events| {
+                    events
+                        .iter()
+                        .find(|e| e["user_id"] == user.as_str())
+                        .map(|e| e["received_at"].as_str().unwrap_or_default().to_owned())
+                })
+                .unwrap_or_default()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for k in 0..people {
+        let (device, ann, bob) = (
+            format!("{run}-d{k}"),
+            format!("{run}-ann{k}"),
+            format!("{run}-bob{k}"),
+        );
+        // Until all three events are projected: the device's profile
+        // holds three events whoever keeps it.
+        let ids = loop {
+            let (status, body) =
+                get(format!("/v1/profiles/anonymous_id:{device}/external_ids")).await;
+            let (_, events) = get(format!(
+                "/v1/profiles/anonymous_id:{device}/events?limit=10"
+            ))
+            .await;
+            let (ann_s, _) = get(format!("/v1/profiles/user_id:{ann}/metadata")).await;
+            let (bob_s, _) = get(format!("/v1/profiles/user_id:{bob}/metadata")).await;
+            if status == 200 && ann_s == 200 && bob_s == 200 {
+                let n = events["data"].as_array().map_or(0, Vec::len);
+                let ids: Vec<String> = body["data"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| {
+                        format!(
+                            "{}:{}",
+                            x["type"].as_str().unwrap(),
+                            x["id"].as_str().unwrap()
+                        )
+                    })
+                    .collect();
+                if n == 3 || (n == 2 && ids.len() == 3) {
+                    break ids;
+                }
+            }
+            assert!(Instant::now() < deadline, "person {k} projected in time");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        let users: Vec<&String> = ids.iter().filter(|i| i.starts_with("user_id:")).collect();
+        assert_eq!(users.len(), 1, "one user keeps device {k}: {ids:?}");
+        assert!(ids.contains(&format!("crm_id:{run}-c{k}")), "{ids:?}");
+        let (keeper, other) = if *users[0] == format!("user_id:{ann}") {
+            (ann.clone(), bob.clone())
+        } else {
+            (bob.clone(), ann.clone())
+        };
+        let (kt, ot) = (
+            received(keeper.clone()).await,
+            received(other.clone()).await,
+        );
+        assert!(
+            kt <= ot,
+            "the first received keeps the device: {keeper} at {kt}, {other} at {ot}"
+        );
+        let (_, why) = get(format!("/v1/profiles/user_id:{other}/merges")).await;
+        assert_eq!(
+            why["identifiers"],
+            json!([format!("user_id:{other}")]),
+            "{why}"
+        );
+        assert_eq!(why["refused"][0]["rule"], "limit user_id 1 ever", "{why}");
+        let mut pids = std::collections::BTreeSet::new();
+        for id in [
+            format!("anonymous_id:{device}"),
+            format!("user_id:{keeper}"),
+            format!("crm_id:{run}-c{k}"),
+        ] {
+            let (_, meta) = get(format!("/v1/profiles/{id}/metadata")).await;
+            pids.insert(
+                meta["metadata"]["profile_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+        assert_eq!(pids.len(), 1, "one profile id for person {k}: {pids:?}");
+    }
+    for role in [ingest, query, first, second] {
+        role.terminate().await;
+    }
+}
