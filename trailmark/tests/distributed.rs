@@ -459,20 +459,17 @@ async fn two_projectors_link_the_same_people_at_once() {
         }
     };
     // The received time of a user's one event, to the millisecond.
-    let received = |user: String| {
-        let get = get;
-        async move {
-            let (_, body) = get(format!("/v1/profiles/user_id:{user}/events?limit=10")).await;
-            body["data"]
-                .as_array()
-                .and_then(|events| {
-                    events
-                        .iter()
-                        .find(|e| e["user_id"] == user.as_str())
-                        .map(|e| e["received_at"].as_str().unwrap_or_default().to_owned())
-                })
-                .unwrap_or_default()
-        }
+    let received = |user: String| async move {
+        let (_, body) = get(format!("/v1/profiles/user_id:{user}/events?limit=10")).await;
+        body["data"]
+            .as_array()
+            .and_then(|events| {
+                events
+                    .iter()
+                    .find(|e| e["user_id"] == user.as_str())
+                    .map(|e| e["received_at"].as_str().unwrap_or_default().to_owned())
+            })
+            .unwrap_or_default()
     };
     let deadline = Instant::now() + Duration::from_secs(120);
     for k in 0..people {

@@ -314,8 +314,15 @@ impl Rules {
     }
 }
 
+/// A kind of person identifier a workspace may name in its rules: any valid
+/// id type (a workspace declares its own kinds, such as `phone` or
+/// `stripe_id`, by naming them), except `group_id`, which names accounts.
 fn check_kind(kind: &str) -> Result<(), String> {
-    IdKind::check(kind)
+    IdKind::check(kind)?;
+    if IdKind::parse(kind) == IdKind::GroupId {
+        return Err("group_id names accounts, which are never linked to people".into());
+    }
+    Ok(())
 }
 
 /// [`Rules`] as JSON, for the admin API and the store. Every field may be
@@ -467,6 +474,18 @@ mod tests {
             }),
             "limits.bad kind"
         );
+        assert_eq!(
+            bad(&|s| {
+                s.limits.insert("group_id".into(), "1 ever".into());
+            }),
+            "limits.group_id",
+            "accounts are not people's identifiers"
+        );
+        // A workspace declares its own kinds by naming them.
+        let mut phone = RuleSettings::default();
+        phone.limits.insert("phone".into(), "2 monthly".into());
+        let r = Rules::from_settings(&phone).unwrap();
+        assert_eq!(r.limit(&IdKind::parse("phone")).max, 2);
         assert_eq!(
             bad(&|s| s.blocked_patterns.push("(".into())),
             "blocked_patterns[1]"
