@@ -8,6 +8,10 @@
 //! consumer offsets are never trusted). A crash at any point makes the
 //! projector read some events again, and applying them again changes nothing.
 //!
+//! Batches are applied one at a time, in log order; reading and decoding the
+//! next batch overlaps applying the current one, and a batch is shared with
+//! its retries, never copied.
+//!
 //! The projector knows only the [`EventLog`] and [`ProfileWriter`] traits.
 //! Retryable store errors are retried with capped exponential backoff, so an
 //! outage of the store delays projections but loses nothing. A record that
@@ -135,42 +139,74 @@ impl Projector {
 
     /// Runs until `shutdown` resolves, then returns after finishing the batch
     /// in hand.
+    ///
+    /// Reading and decoding the next batch overlaps applying the current one
+    /// (the store applies on a blocking thread), so on two cores the log and
+    /// the codec cost no projector time. Batches are still applied one at a
+    /// time, in log order, each with its positions.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<()> {
         tokio::pin!(shutdown);
         let (mut sub, starts) = self.subscribe().await?;
         let mut positions = BTreeMap::new();
         let mut last_commit = Instant::now();
         let mut last_lag = Instant::now();
+        let mut in_hand: Option<Decoded> = None;
+        let mut stopping = false;
         loop {
             if last_commit.elapsed() >= POSITION_COMMIT_INTERVAL {
                 self.commit_positions(&positions).await;
                 last_commit = Instant::now();
             }
-            let deliveries = tokio::select! {
-                _ = &mut shutdown => {
+            let current = in_hand.take();
+            let idle = current.is_none();
+            let apply = async {
+                match current {
+                    Some(decoded) => self.apply_decoded(decoded).await,
+                    None => Ok(Vec::new()),
+                }
+            };
+            let poll = async {
+                if stopping {
+                    return None;
+                }
+                tokio::select! {
+                    _ = &mut shutdown => None,
+                    polled = sub.poll(self.config.batch_size, self.config.poll_wait) => Some(polled),
+                }
+            };
+            let (applied, polled) = tokio::join!(apply, poll);
+            for (partition, next) in applied? {
+                positions.insert(partition, next);
+            }
+            match polled {
+                None => {
+                    // Shut down: the batch in hand was applied above.
                     self.commit_positions(&positions).await;
                     return Ok(());
                 }
-                polled = sub.poll(self.config.batch_size, self.config.poll_wait) => polled,
-            };
-            let deliveries = match deliveries {
-                Ok(d) => d,
-                Err(e) if e.is_retryable() => {
+                Some(Ok(deliveries)) => {
+                    if !deliveries.is_empty() {
+                        in_hand = Some(self.decode(deliveries));
+                    }
+                }
+                Some(Err(e)) if e.is_retryable() => {
                     tracing::warn!(error = %e, "log poll failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
                 }
-                Err(e) => return Err(e.into()),
-            };
-            let idle = deliveries.is_empty();
-            for (partition, next) in self.apply(deliveries).await? {
-                positions.insert(partition, next);
+                Some(Err(e)) => {
+                    // Keep nothing half done: what was polled before is
+                    // applied; this error ends the run.
+                    stopping = true;
+                    if in_hand.is_none() {
+                        return Err(e.into());
+                    }
+                }
             }
             // Partitions another projector took over are no longer ours to
             // report or commit.
             let assigned = sub.assigned();
             positions.retain(|p, _| assigned.contains(p));
-            if idle || last_lag.elapsed() >= LAG_REPORT_INTERVAL {
+            if (idle && in_hand.is_none()) || last_lag.elapsed() >= LAG_REPORT_INTERVAL {
                 let started = starts.started.lock().expect("started lock").clone();
                 let current: BTreeMap<u32, u64> = assigned
                     .iter()
@@ -186,7 +222,8 @@ impl Projector {
     }
 
     /// Applies everything in the log up to its end at the time of the call,
-    /// then returns; used by `trailmark rebuild`.
+    /// then returns; used by `trailmark rebuild`. Reading the next batch
+    /// overlaps applying the current one, as in [`Projector::run`].
     pub async fn catch_up(&self) -> Result<u64> {
         let ends = self.log.end_positions().await?;
         let (mut sub, _) = self.subscribe().await?;
@@ -197,13 +234,37 @@ impl Projector {
                 *end == 0 || positions.get(&(p as u32)).copied().unwrap_or(0) >= *end
             })
         };
-        while !done(&positions) {
-            let deliveries = sub
-                .poll(self.config.batch_size, self.config.poll_wait)
-                .await?;
-            applied += deliveries.len() as u64;
-            for (partition, next) in self.apply(deliveries).await? {
+        let mut in_hand: Option<Decoded> = None;
+        while in_hand.is_some() || !done(&positions) {
+            let current = in_hand.take();
+            // Polled only while the positions so far leave something to read.
+            let more = !done(&positions);
+            let apply = async {
+                match current {
+                    Some(decoded) => self.apply_decoded(decoded).await,
+                    None => Ok(Vec::new()),
+                }
+            };
+            let poll = async {
+                if more {
+                    Some(
+                        sub.poll(self.config.batch_size, self.config.poll_wait)
+                            .await,
+                    )
+                } else {
+                    None
+                }
+            };
+            let (done_batch, polled) = tokio::join!(apply, poll);
+            for (partition, next) in done_batch? {
                 positions.insert(partition, next);
+            }
+            if let Some(polled) = polled {
+                let deliveries = polled?;
+                applied += deliveries.len() as u64;
+                if !deliveries.is_empty() {
+                    in_hand = Some(self.decode(deliveries));
+                }
             }
         }
         Ok(applied)
@@ -255,14 +316,10 @@ impl Projector {
         }
     }
 
-    /// Decodes and applies deliveries in one store write, with the new
-    /// position of every partition they came from. Returns those positions.
-    /// Records that cannot be decoded, or whose event the store refuses for
-    /// good, become dead letters; the log keeps them too.
-    async fn apply(&self, deliveries: Vec<Delivery>) -> Result<Vec<(u32, u64)>> {
-        if deliveries.is_empty() {
-            return Ok(Vec::new());
-        }
+    /// Decodes deliveries into one batch with the new position of every
+    /// partition they came from. Records that cannot be decoded become dead
+    /// letters (sent when the batch is applied); the log keeps them too.
+    fn decode(&self, deliveries: Vec<Delivery>) -> Decoded {
         let mut positions: BTreeMap<u32, u64> = BTreeMap::new();
         let mut events = Vec::with_capacity(deliveries.len());
         let mut payloads = Vec::with_capacity(deliveries.len());
@@ -293,19 +350,35 @@ impl Projector {
                 }
             }
         }
-        self.send_dead_letters(letters).await?;
         let positions: Vec<(u32, u64)> = positions.into_iter().collect();
-        let batch = ApplyBatch {
-            consumer: self.config.group.clone(),
-            positions: positions.clone(),
-            events,
-            dedup_window_micros: self.config.dedup_window.as_micros() as i64,
-        };
+        Decoded {
+            batch: Arc::new(ApplyBatch {
+                consumer: self.config.group.clone(),
+                positions,
+                events,
+                dedup_window_micros: self.config.dedup_window.as_micros() as i64,
+            }),
+            payloads,
+            letters,
+        }
+    }
+
+    /// Applies a decoded batch in one store write, dead letters first.
+    /// Returns the positions it moved. Events the store refuses for good
+    /// become dead letters.
+    async fn apply_decoded(&self, decoded: Decoded) -> Result<Vec<(u32, u64)>> {
+        let Decoded {
+            batch,
+            payloads,
+            letters,
+        } = decoded;
+        self.send_dead_letters(letters).await?;
+        let positions = batch.positions.clone();
         let outcome = match self.apply_with_retry(&batch).await {
             Ok(outcome) => outcome,
             Err(ProjectorError::Store(e)) => {
                 tracing::warn!(error = %e, "the store refused a batch; applying its events one by one");
-                self.apply_one_by_one(batch, payloads).await?
+                self.apply_one_by_one(&batch, payloads).await?
             }
             Err(e) => return Err(e),
         };
@@ -325,19 +398,19 @@ impl Projector {
     /// and then the checkpoints move past them all.
     async fn apply_one_by_one(
         &self,
-        batch: ApplyBatch,
+        batch: &ApplyBatch,
         payloads: Vec<bytes::Bytes>,
     ) -> Result<trailmark_store::ApplyOutcome> {
         let mut total = trailmark_store::ApplyOutcome::default();
         let count = batch.events.len();
         let mut refused = Vec::new();
         for (event, payload) in batch.events.iter().zip(payloads) {
-            let single = ApplyBatch {
+            let single = Arc::new(ApplyBatch {
                 consumer: batch.consumer.clone(),
                 positions: Vec::new(),
                 events: vec![event.clone()],
                 dedup_window_micros: batch.dedup_window_micros,
-            };
+            });
             let mut attempt = 0;
             loop {
                 attempt += 1;
@@ -383,10 +456,12 @@ impl Projector {
             self.send_dead_letters(vec![dead_letter(&d, format!("cannot apply: {e}"))])
                 .await?;
         }
-        self.apply_with_retry(&ApplyBatch {
+        self.apply_with_retry(&Arc::new(ApplyBatch {
+            consumer: batch.consumer.clone(),
+            positions: batch.positions.clone(),
             events: Vec::new(),
-            ..batch
-        })
+            dedup_window_micros: batch.dedup_window_micros,
+        }))
         .await?;
         Ok(total)
     }
@@ -411,7 +486,10 @@ impl Projector {
         }
     }
 
-    async fn apply_with_retry(&self, batch: &ApplyBatch) -> Result<trailmark_store::ApplyOutcome> {
+    async fn apply_with_retry(
+        &self,
+        batch: &Arc<ApplyBatch>,
+    ) -> Result<trailmark_store::ApplyOutcome> {
         let mut backoff = Duration::from_millis(50);
         loop {
             let start = Instant::now();
@@ -431,6 +509,15 @@ impl Projector {
             }
         }
     }
+}
+
+/// A polled batch, decoded and ready to apply.
+struct Decoded {
+    batch: Arc<ApplyBatch>,
+    /// The records of `batch.events`, in order, for dead letters.
+    payloads: Vec<bytes::Bytes>,
+    /// Records that could not be decoded.
+    letters: Vec<DeadLetter>,
 }
 
 /// A dead letter for a delivery; the log names its source.

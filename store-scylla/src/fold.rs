@@ -547,7 +547,7 @@ impl ScyllaStore {
 
 #[async_trait]
 impl ProfileWriter for ScyllaStore {
-    async fn apply(&self, batch: ApplyBatch) -> Result<ApplyOutcome> {
+    async fn apply(&self, batch: Arc<ApplyBatch>) -> Result<ApplyOutcome> {
         let window = batch.dedup_window_micros;
         // 1. Which events are new: the stored rows, then the batch itself.
         let keys: HashSet<(String, String)> = batch

@@ -25,12 +25,12 @@ async fn a_batch_cut_short_is_replayed_without_double_counting() {
             event,
         })
         .collect();
-    let batch = ApplyBatch {
+    let batch = std::sync::Arc::new(ApplyBatch {
         consumer: "projector".into(),
         positions: vec![(0, 100 + events.len() as u64)],
         events,
         dedup_window_micros: 86_400_000_000,
-    };
+    });
     let first = store.apply(batch.clone()).await.expect("apply");
     assert!(first.applied > 0);
     let view = |store: ScyllaStore| async move {

@@ -38,12 +38,12 @@ async fn main() {
             })
             .collect();
         store
-            .apply(ApplyBatch {
+            .apply(std::sync::Arc::new(ApplyBatch {
                 consumer: "bench".into(),
                 positions: vec![(0, (n + batch) as u64)],
                 events,
                 dedup_window_micros: 86_400_000_000,
-            })
+            }))
             .await
             .expect("apply");
         n += batch;

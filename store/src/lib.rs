@@ -190,8 +190,9 @@ pub struct TimelinePage {
 pub trait ProfileWriter: Send + Sync + 'static {
     /// Folds `batch.events` and moves `batch.consumer`'s checkpoint for
     /// each partition in `batch.positions`, atomically. Applying a
-    /// batch again changes nothing: its events are duplicates.
-    async fn apply(&self, batch: ApplyBatch) -> Result<ApplyOutcome>;
+    /// batch again changes nothing: its events are duplicates. (Shared, so
+    /// that the projector retries a batch without copying its events.)
+    async fn apply(&self, batch: std::sync::Arc<ApplyBatch>) -> Result<ApplyOutcome>;
 
     /// The checkpoints of `consumer`: partition → position to resume from.
     async fn checkpoints(&self, consumer: &str) -> Result<BTreeMap<u32, u64>>;

@@ -332,7 +332,7 @@ pub async fn run(
 
 /// Clears every projection and replays the whole log into the store.
 pub async fn rebuild(config: &Config) -> anyhow::Result<u64> {
-    let backends = Backends::open(config).await?;
+    let backends = Backends::open_for_rebuild(config).await?;
     backends.store.reset_projections().await?;
     let projector = Projector::new(
         backends.log.clone(),

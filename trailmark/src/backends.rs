@@ -39,10 +39,21 @@ pub struct Backends {
 impl Backends {
     /// Opens the log and store the configuration names.
     pub async fn open(config: &Config) -> anyhow::Result<Self> {
+        Self::open_inner(config, false).await
+    }
+
+    /// Opens the backends for `trailmark rebuild`: an embedded store drops
+    /// its projections whole as it opens (other stores are emptied by
+    /// [`trailmark_store::ProfileWriter::reset_projections`]).
+    pub async fn open_for_rebuild(config: &Config) -> anyhow::Result<Self> {
+        Self::open_inner(config, true).await
+    }
+
+    async fn open_inner(config: &Config, drop_projections: bool) -> anyhow::Result<Self> {
         let (log, file_log) = open_log(config)
             .await
             .map_err(|e| explain_in_use(config, e))?;
-        let (store, directory, embedded) = open_store(config).await?;
+        let (store, directory, embedded) = open_store(config, drop_projections).await?;
         Ok(Self {
             log,
             store,
@@ -140,12 +151,13 @@ type StoreHandles = (
     Option<EmbeddedStore>,
 );
 
-async fn open_store(config: &Config) -> anyhow::Result<StoreHandles> {
+async fn open_store(config: &Config, drop_projections: bool) -> anyhow::Result<StoreHandles> {
     let uri = config.store_uri();
     match split_uri(&uri)? {
         ("embedded", path) => {
             let options = EmbeddedOptions {
                 cache_bytes: config.projector.fold_cache_mb << 20,
+                drop_projections,
             };
             let store = EmbeddedStore::open_with(PathBuf::from(path), options)
                 .with_context(|| format!("opening the store at {uri}"))?;

@@ -38,9 +38,9 @@ fn anon(id: &str) -> Identifier {
 /// A batch of `events` at positions `first..` of `partition`, moving the
 /// checkpoint past them. A partition's batches must come in position order,
 /// as the projector delivers them.
-fn batch(partition: u32, first: u64, events: Vec<Event>) -> ApplyBatch {
+fn batch(partition: u32, first: u64, events: Vec<Event>) -> Arc<ApplyBatch> {
     let next = first + events.len() as u64;
-    ApplyBatch {
+    Arc::new(ApplyBatch {
         consumer: "projector".into(),
         positions: vec![(partition, next)],
         events: events
@@ -53,7 +53,7 @@ fn batch(partition: u32, first: u64, events: Vec<Event>) -> ApplyBatch {
             })
             .collect(),
         dedup_window_micros: DAY,
-    }
+    })
 }
 
 /// A varied stream: anonymous browsing, identify with email, out-of-order

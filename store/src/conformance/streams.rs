@@ -247,7 +247,9 @@ fn partition_of(ev: &Event, partitions: u32) -> u32 {
 }
 
 /// The batches of each partition, in position order, replays included.
-fn batches(events: &[Event], d: &Delivery) -> Vec<Vec<ApplyBatch>> {
+/// Each case's projector has its own consumer name: its positions start
+/// at 0, in a store other cases' projectors also write.
+fn batches(consumer: &str, events: &[Event], d: &Delivery) -> Vec<Vec<Arc<ApplyBatch>>> {
     let mut per: Vec<Vec<Event>> = vec![Vec::new(); d.partitions as usize];
     for ev in events {
         per[partition_of(ev, d.partitions) as usize].push(ev.clone());
@@ -261,8 +263,8 @@ fn batches(events: &[Event], d: &Delivery) -> Vec<Vec<ApplyBatch>> {
             let mut rest = &evs[..];
             while !rest.is_empty() {
                 let n = d.batch_sizes[k % d.batch_sizes.len()].min(rest.len());
-                let batch = ApplyBatch {
-                    consumer: "projector".into(),
+                let batch = Arc::new(ApplyBatch {
+                    consumer: consumer.into(),
                     positions: vec![(p as u32, position + n as u64)],
                     events: rest[..n]
                         .iter()
@@ -274,7 +276,7 @@ fn batches(events: &[Event], d: &Delivery) -> Vec<Vec<ApplyBatch>> {
                         })
                         .collect(),
                     dedup_window_micros: DAY,
-                };
+                });
                 if d.replays[k % d.replays.len()] {
                     out.push(batch.clone());
                 }
@@ -288,7 +290,7 @@ fn batches(events: &[Event], d: &Delivery) -> Vec<Vec<ApplyBatch>> {
         .collect()
 }
 
-async fn deliver(store: &Arc<dyn ProfileStore>, per: Vec<Vec<ApplyBatch>>, d: &Delivery) {
+async fn deliver(store: &Arc<dyn ProfileStore>, per: Vec<Vec<Arc<ApplyBatch>>>, d: &Delivery) {
     if d.concurrent {
         let tasks: Vec<_> = per
             .into_iter()
@@ -306,7 +308,7 @@ async fn deliver(store: &Arc<dyn ProfileStore>, per: Vec<Vec<ApplyBatch>>, d: &D
         }
         return;
     }
-    let mut queues: Vec<std::collections::VecDeque<ApplyBatch>> =
+    let mut queues: Vec<std::collections::VecDeque<Arc<ApplyBatch>>> =
         per.into_iter().map(Into::into).collect();
     let mut turn = d.interleaving.iter().cycle();
     while queues.iter().any(|q| !q.is_empty()) {
@@ -368,7 +370,7 @@ pub async fn generated_streams_fold_like_the_model(factory: &impl StoreFactory, 
         for ev in &events {
             model.apply(ev).expect("generated events fold");
         }
-        deliver(&store, batches(&events, &d), &d).await;
+        deliver(&store, batches(&ws, &events, &d), &d).await;
         let ids: Vec<Identifier> = model.identifiers().cloned().collect();
         if ids.is_empty() {
             // Only admins' instructions about people no event named.

@@ -17,8 +17,14 @@
 //!
 //! Every write is a merge by a commutative rule, so linking never rewrites
 //! earlier rows, and no decision is taken in arrival order.
+//!
+//! # Replays
+//! A batch is committed with its checkpoints, so an event at a position
+//! before its partition's checkpoint (for the batch's consumer) was applied
+//! and is skipped by position; de-duplication by `messageId` then only sees
+//! client retries, each once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use trailmark_domain::identity::profile_id;
 use trailmark_domain::profile::{Fact, Named, Seen, TraitValue, is_duplicate, project};
@@ -28,8 +34,8 @@ use super::keys::{
     checkpoint_key, push_component, push_id, time_bytes, time_from, ws_id_key, ws_key,
 };
 use super::{
-    DEDUP_PURGE_SLACK_MICROS, Inner, Ks, WriterState, decode_stats, encode_stats,
-    encode_timeline_value, from_json, json, unavailable,
+    DEDUP_PURGE_SLACK_MICROS, Inner, Ks, RowMap, WriterState, decode_stats, encode_stats,
+    encode_timeline_value, from_json, json, u64_from, unavailable,
 };
 use crate::identity::{decode_named, encode_evidence, encode_named, evidence_key, slot_digest};
 use crate::{ApplyBatch, ApplyOutcome, Result};
@@ -37,10 +43,12 @@ use crate::{ApplyBatch, ApplyOutcome, Result};
 /// The writes of one batch, applied to the database in one atomic
 /// `WriteBatch` at the end. Reads see the batch's own writes first (and are
 /// cached), so a batch touching one person many times reads each row once.
+/// Rows are kept per keyspace, so a read looks its key up by reference
+/// without building a key of its own.
 pub(super) struct Overlay<'a> {
     inner: &'a Inner,
     state: &'a mut WriterState,
-    rows: HashMap<(Ks, Vec<u8>), Row>,
+    rows: [RowMap<Row>; Ks::COUNT],
     /// Writes never read back in a batch (timeline entries): no need to hash
     /// their keys.
     blind: Vec<(Ks, Vec<u8>, Vec<u8>)>,
@@ -56,38 +64,39 @@ impl<'a> Overlay<'a> {
         Self {
             inner,
             state,
-            rows: HashMap::new(),
+            rows: std::array::from_fn(|_| RowMap::default()),
             blind: Vec::new(),
         }
     }
 
-    fn get(&mut self, ks: Ks, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let id = (ks, key.to_vec());
-        if let Some(row) = self.rows.get(&id) {
-            return Ok(row.value.clone());
+    /// The row's value: the batch's own write, else the cache's copy, else
+    /// the database's (remembered for the rest of the batch).
+    fn get(&mut self, ks: Ks, key: &[u8]) -> Result<Option<&[u8]>> {
+        let rows = &mut self.rows[ks.index()];
+        if !rows.contains_key(key) {
+            let value = match self.state.cache[ks.index()].get(key) {
+                Some(cached) => cached.clone(),
+                None => self
+                    .inner
+                    .ks
+                    .get(ks)
+                    .get(key)
+                    .map_err(unavailable)?
+                    .map(|v| v.to_vec()),
+            };
+            rows.insert(
+                key.to_vec(),
+                Row {
+                    value,
+                    dirty: false,
+                },
+            );
         }
-        if let Some(value) = self.state.cache.get(&id) {
-            return Ok(value.clone());
-        }
-        let value = self
-            .inner
-            .ks
-            .get(ks)
-            .get(key)
-            .map_err(unavailable)?
-            .map(|v| v.to_vec());
-        self.rows.insert(
-            id,
-            Row {
-                value: value.clone(),
-                dirty: false,
-            },
-        );
-        Ok(value)
+        Ok(rows.get(key).and_then(|r| r.value.as_deref()))
     }
 
     fn set(&mut self, ks: Ks, key: Vec<u8>, value: Option<Vec<u8>>) {
-        self.rows.insert((ks, key), Row { value, dirty: true });
+        self.rows[ks.index()].insert(key, Row { value, dirty: true });
     }
 
     fn put(&mut self, ks: Ks, key: Vec<u8>, value: Vec<u8>) {
@@ -103,28 +112,34 @@ impl<'a> Overlay<'a> {
     }
 
     pub(super) fn commit(self) -> Result<()> {
-        let ks = &self.inner.ks;
+        let handles = &self.inner.ks;
         let mut batch = self.inner.db.batch();
-        for ((k, key), row) in &self.rows {
-            if !row.dirty {
-                continue;
-            }
-            match &row.value {
-                Some(v) => batch.insert(ks.get(*k), key.clone(), v.clone()),
-                None => batch.remove(ks.get(*k), key.clone()),
+        for (k, rows) in Ks::PROJECTIONS.iter().zip(&self.rows) {
+            let handle = handles.get(*k);
+            for (key, row) in rows {
+                if !row.dirty {
+                    continue;
+                }
+                // Slices: the batch copies them once into its own buffers.
+                match &row.value {
+                    Some(v) => batch.insert(handle, key.as_slice(), v.as_slice()),
+                    None => batch.remove(handle, key.as_slice()),
+                }
             }
         }
         for (k, key, value) in self.blind {
-            batch.insert(ks.get(k), key, value);
+            batch.insert(handles.get(k), key, value);
         }
         if let Err(e) = batch.commit() {
             // What the cache holds may no longer match the database.
             self.state.clear_cache();
             return Err(unavailable(e));
         }
-        for ((k, key), row) in self.rows {
+        for (k, rows) in Ks::PROJECTIONS.into_iter().zip(self.rows) {
             if k.cached() {
-                self.state.cache_row(k, key, row.value);
+                for (key, row) in rows {
+                    self.state.cache_row(k, key, row.value);
+                }
             }
         }
         Ok(())
@@ -140,13 +155,36 @@ impl Inner {
         // de-duplication rows of a partition are purged by its own
         // progress, since every copy of a message is in one partition.
         let mut max_received: BTreeMap<u32, i64> = BTreeMap::new();
+        // Where each partition's checkpoint stands: events before it were
+        // applied with it, atomically, so a batch delivered again (a
+        // projector that re-read without the store's checkpoint) skips them
+        // by position, before de-duplication is even asked. (By messageId
+        // alone, a replay would count again the first of two copies of a
+        // message received more than a window apart.)
+        let mut applied_to: BTreeMap<u32, u64> = BTreeMap::new();
         for le in &batch.events {
+            let next = match applied_to.get(&le.partition) {
+                Some(n) => *n,
+                None => {
+                    let key = checkpoint_key(&batch.consumer, le.partition);
+                    let n = match w.get(Ks::Checkpoints, &key)? {
+                        Some(v) => u64_from(v, "checkpoint")?,
+                        None => 0,
+                    };
+                    applied_to.insert(le.partition, n);
+                    n
+                }
+            };
+            if le.position < next {
+                outcome.duplicates += 1;
+                continue;
+            }
             let ev = &le.event;
             let mut dkey = Vec::with_capacity(ev.workspace_id.len() + ev.message_id.len() + 2);
             push_component(&mut dkey, ev.workspace_id.as_bytes());
             dkey.extend_from_slice(ev.message_id.as_bytes());
             let previous = match w.get(Ks::Dedup, &dkey)? {
-                Some(v) => Some(time_from(&v)?),
+                Some(v) => Some(time_from(v)?),
                 None => None,
             };
             if is_duplicate(previous, ev.received_at, batch.dedup_window_micros) {
@@ -208,7 +246,7 @@ impl Inner {
         for k in old {
             let dkey = k[12..].to_vec();
             // Only forget the message if this index row is still its latest.
-            if w.get(Ks::Dedup, &dkey)?.as_deref() == Some(&k[4..12]) {
+            if w.get(Ks::Dedup, &dkey)? == Some(&k[4..12]) {
                 w.delete(Ks::Dedup, dkey);
             }
             w.delete(Ks::DedupTime, k);
@@ -242,7 +280,7 @@ fn fold(w: &mut Overlay<'_>, ev: &Event) -> Result<()> {
                     key.extend_from_slice(&digest);
                     // One piece per slot: the smallest key.
                     let kept = match w.get(Ks::Evidence, &key)? {
-                        Some(v) => evidence_key(&v)? <= evidence.key,
+                        Some(v) => evidence_key(v)? <= evidence.key,
                         None => false,
                     };
                     if !kept {
@@ -256,7 +294,7 @@ fn fold(w: &mut Overlay<'_>, ev: &Event) -> Result<()> {
                 key.extend_from_slice(name.as_bytes());
                 let wins = match w.get(Ks::Traits, &key)? {
                     None => true,
-                    Some(v) => value.supersedes(&from_json::<TraitValue>(&v, "trait row")?),
+                    Some(v) => value.supersedes(&from_json::<TraitValue>(v, "trait row")?),
                 };
                 if wins {
                     w.put(Ks::Traits, key, json(&value));
@@ -267,7 +305,7 @@ fn fold(w: &mut Overlay<'_>, ev: &Event) -> Result<()> {
                 let key = ws_id_key(ws, &id);
                 let (seen, mut counts) = match w.get(Ks::Stats, &key)? {
                     Some(v) => {
-                        let (seen, counts) = decode_stats(&v)?;
+                        let (seen, counts) = decode_stats(v)?;
                         (seen.include(time), counts)
                     }
                     None => (
@@ -303,7 +341,7 @@ fn fold(w: &mut Overlay<'_>, ev: &Event) -> Result<()> {
                 let record = match w.get(Ks::AccountMembers, &key)? {
                     None => named,
                     Some(v) => {
-                        let mut record = decode_named(&v)?;
+                        let mut record = decode_named(v)?;
                         let before = record.clone();
                         record.include(&named);
                         if record == before {
@@ -337,7 +375,7 @@ fn name(w: &mut Overlay<'_>, ws: &str, id: &Identifier, named: &Named) -> Result
             w.put_blind(Ks::ProfileIds, pkey, value);
         }
         Some(v) => {
-            let mut record = decode_named(&v)?;
+            let mut record = decode_named(v)?;
             let before = record.clone();
             record.include(named);
             if record != before {

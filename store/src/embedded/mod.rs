@@ -138,6 +138,14 @@ impl Ks {
         }
     }
 
+    /// How many keyspaces the fold writes.
+    const COUNT: usize = Self::PROJECTIONS.len();
+
+    /// The keyspace's place in [`Ks::PROJECTIONS`].
+    fn index(self) -> usize {
+        self as usize
+    }
+
     /// Rows the fold reads again and again, worth caching across batches.
     fn cached(self) -> bool {
         matches!(
@@ -200,12 +208,17 @@ struct Inner {
 pub struct EmbeddedOptions {
     /// The most bytes the fold's row cache holds before it is emptied.
     pub cache_bytes: usize,
+    /// Open with every projection dropped, as `trailmark rebuild` wants:
+    /// the keyspaces are deleted whole and created empty, which costs
+    /// nothing like deleting their rows one by one (a tombstone each).
+    pub drop_projections: bool,
 }
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
         Self {
             cache_bytes: 128 << 20,
+            drop_projections: false,
         }
     }
 }
@@ -214,11 +227,19 @@ impl Default for EmbeddedOptions {
 /// vector headers and the allocator's rounding.
 const CACHE_ROW_OVERHEAD: usize = 96;
 
+/// Rows by key, for the fold's overlay and cache. foldhash, seeded per
+/// map, instead of SipHash: keys are long and hashed several times per
+/// event, and a client cannot see a hash or an iteration order to collide
+/// keys on purpose (foldhash is "minimally DoS-resistant"; a collision
+/// flood would cost this one writer time, never correctness).
+type RowMap<V> = HashMap<Vec<u8>, V, foldhash::fast::RandomState>;
+
 /// What the single writer keeps between batches.
 #[derive(Default)]
 struct WriterState {
-    /// Committed rows of [`Ks::cached`] keyspaces (`None`: known absent).
-    cache: HashMap<(Ks, Vec<u8>), Option<Vec<u8>>>,
+    /// Committed rows of [`Ks::cached`] keyspaces (`None`: known absent),
+    /// by keyspace.
+    cache: [RowMap<Option<Vec<u8>>>; Ks::COUNT],
     /// What `cache` holds, in bytes as [`CACHE_ROW_OVERHEAD`] counts them.
     cache_bytes: usize,
     /// The bound on `cache_bytes`.
@@ -230,7 +251,7 @@ struct WriterState {
 
 impl WriterState {
     fn clear_cache(&mut self) {
-        self.cache = HashMap::new();
+        self.cache = std::array::from_fn(|_| RowMap::default());
         self.cache_bytes = 0;
     }
 
@@ -239,7 +260,7 @@ impl WriterState {
     fn cache_row(&mut self, ks: Ks, key: Vec<u8>, value: Option<Vec<u8>>) {
         let cost = key.len() + value.as_ref().map_or(0, Vec::len) + CACHE_ROW_OVERHEAD;
         if cost > self.cache_limit {
-            if let Some(old) = self.cache.remove(&(ks, key)) {
+            if let Some(old) = self.cache[ks.index()].remove(&key) {
                 self.cache_bytes -= old.map_or(0, |v| v.len()) + CACHE_ROW_OVERHEAD;
             }
             return;
@@ -248,7 +269,7 @@ impl WriterState {
             self.clear_cache();
         }
         let key_len = key.len();
-        if let Some(old) = self.cache.insert((ks, key), value) {
+        if let Some(old) = self.cache[ks.index()].insert(key, value) {
             self.cache_bytes -= key_len + old.map_or(0, |v| v.len()) + CACHE_ROW_OVERHEAD;
         }
         self.cache_bytes += cost;
@@ -368,6 +389,13 @@ impl EmbeddedStore {
             db.keyspace(name, KeyspaceCreateOptions::default)
                 .map_err(unavailable)
         };
+        if options.drop_projections {
+            for k in Ks::PROJECTIONS {
+                if db.keyspace_exists(k.name()) {
+                    db.delete_keyspace(open(k.name())?).map_err(unavailable)?;
+                }
+            }
+        }
         let ks = Keyspaces {
             meta: open(KEPT_KEYSPACES[0])?,
             workspaces: open(KEPT_KEYSPACES[1])?,
@@ -476,7 +504,7 @@ impl Inner {
 
 #[async_trait]
 impl ProfileWriter for EmbeddedStore {
-    async fn apply(&self, batch: ApplyBatch) -> Result<ApplyOutcome> {
+    async fn apply(&self, batch: Arc<ApplyBatch>) -> Result<ApplyOutcome> {
         self.blocking(move |inner| inner.apply(&batch)).await
     }
 
@@ -508,6 +536,9 @@ mod tests {
     /// be left out of `reset_projections` unnoticed.
     #[test]
     fn every_keyspace_is_kept_or_a_projection() {
+        for (i, k) in Ks::PROJECTIONS.iter().enumerate() {
+            assert_eq!(k.index(), i, "PROJECTIONS is in declaration order");
+        }
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
         let on_disk: std::collections::BTreeSet<String> = store
@@ -530,12 +561,62 @@ mod tests {
 
     /// Issue 9, item 6: 16,000 identifies with a 30 KB trait each once
     /// grew the row-bounded cache past a gigabyte. It is bounded in bytes.
+    #[tokio::test]
+    async fn opening_for_a_rebuild_drops_projections_whole_and_keeps_tenants() {
+        use crate::{ProfileReader, ProfileWriter, WorkspaceDirectory};
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let created = store.create_workspace("keep", None, None).await.unwrap();
+        let ws = created.workspace.id.clone();
+        let ev = trailmark_testkit::EventBuilder::track("Opened")
+            .workspace(&ws)
+            .user("u")
+            .build();
+        let batch = Arc::new(ApplyBatch {
+            consumer: "p".into(),
+            positions: vec![(0, 1)],
+            events: vec![crate::LoggedEvent {
+                partition: 0,
+                position: 0,
+                event: ev.clone(),
+            }],
+            dedup_window_micros: 1_000_000,
+        });
+        store.apply(batch.clone()).await.unwrap();
+        let id = Identifier::parse("user_id:u").unwrap();
+        assert!(store.resolve(&ws, &id).await.unwrap().is_some());
+        drop(store);
+        let options = EmbeddedOptions {
+            drop_projections: true,
+            ..EmbeddedOptions::default()
+        };
+        let store = EmbeddedStore::open_with(dir.path(), options).unwrap();
+        assert!(store.resolve(&ws, &id).await.unwrap().is_none());
+        assert!(store.checkpoints("p").await.unwrap().is_empty());
+        assert!(
+            store
+                .resolve_write_key(&created.write_key)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        // The fresh keyspaces take the same batch again, as a replay would.
+        assert_eq!(store.apply(batch).await.unwrap().applied, 1);
+        assert!(store.resolve(&ws, &id).await.unwrap().is_some());
+    }
+
     #[test]
     fn the_fold_cache_is_bounded_in_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let limit = 2 << 20;
-        let store =
-            EmbeddedStore::open_with(dir.path(), EmbeddedOptions { cache_bytes: limit }).unwrap();
+        let store = EmbeddedStore::open_with(
+            dir.path(),
+            EmbeddedOptions {
+                cache_bytes: limit,
+                ..EmbeddedOptions::default()
+            },
+        )
+        .unwrap();
         let blob = "x".repeat(30 * 1024);
         for chunk in 0..20 {
             let events = (0..50)
@@ -567,7 +648,8 @@ mod tests {
             let counted: usize = state
                 .cache
                 .iter()
-                .map(|((_, k), v)| k.len() + v.as_ref().map_or(0, Vec::len) + CACHE_ROW_OVERHEAD)
+                .flatten()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + CACHE_ROW_OVERHEAD)
                 .sum();
             assert_eq!(state.cache_bytes, counted);
             assert!(
