@@ -151,7 +151,6 @@ impl Projector {
         let mut last_commit = Instant::now();
         let mut last_lag = Instant::now();
         let mut in_hand: Option<Decoded> = None;
-        let mut stopping = false;
         loop {
             if last_commit.elapsed() >= POSITION_COMMIT_INTERVAL {
                 self.commit_positions(&positions).await;
@@ -166,9 +165,6 @@ impl Projector {
                 }
             };
             let poll = async {
-                if stopping {
-                    return None;
-                }
                 tokio::select! {
                     _ = &mut shutdown => None,
                     polled = sub.poll(self.config.batch_size, self.config.poll_wait) => Some(polled),
@@ -193,14 +189,9 @@ impl Projector {
                     tracing::warn!(error = %e, "log poll failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Some(Err(e)) => {
-                    // Keep nothing half done: what was polled before is
-                    // applied; this error ends the run.
-                    stopping = true;
-                    if in_hand.is_none() {
-                        return Err(e.into());
-                    }
-                }
+                // The batch polled before was applied above; nothing is in
+                // hand, so this error ends the run with nothing half done.
+                Some(Err(e)) => return Err(e.into()),
             }
             // Partitions another projector took over are no longer ours to
             // report or commit.

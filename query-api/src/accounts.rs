@@ -58,32 +58,65 @@ fn membership_json(other: &Identifier, named: &Named) -> Value {
     })
 }
 
-/// A page of an account's members, each with its profile, and the cursor.
+/// The most membership rows `links` reads for one person, over all its
+/// identifiers: each identifier reads what is left of it, so a person with
+/// many identifiers, each in many accounts, costs a bounded read.
+const MAX_PERSON_MEMBERSHIP_ROWS: usize = 4 * MAX_PERSON_ACCOUNTS;
+
+/// A page of an account's members: the `next` cursor read, the rows after
+/// it, each with its person's profile, whether more follow, and the cursor
+/// to the next page (empty when none).
+struct MemberPage {
+    rows: Vec<(Identifier, Named, Option<trailmark_store::ProfileRef>)>,
+    has_more: bool,
+    next: String,
+}
+
 async fn member_page(
     state: &AppState,
     ws: &str,
     account: &Identifier,
-    after: Option<&Identifier>,
+    next: Option<&str>,
     limit: usize,
-) -> Result<
-    (
-        Vec<(Identifier, Named, Option<trailmark_store::ProfileRef>)>,
-        bool,
-    ),
-    ApiError,
-> {
-    let mut rows = state
+) -> Result<MemberPage, ApiError> {
+    let after = next
+        .map(decode_cursor::<String>)
+        .transpose()?
+        .map(|s| {
+            Identifier::parse(&s)
+                .ok_or_else(|| ApiError::bad_field("next", "next is not a cursor this api issued"))
+        })
+        .transpose()?;
+    let mut found = state
         .store
-        .account_members(ws, account, after, limit + 1)
+        .account_members(ws, account, after.as_ref(), limit + 1)
         .await?;
-    let has_more = rows.len() > limit;
-    rows.truncate(limit);
-    let mut out = Vec::with_capacity(rows.len());
-    for (member, named) in rows {
-        let profile = state.store.resolve(ws, &member).await?;
-        out.push((member, named, profile));
+    let has_more = found.len() > limit;
+    found.truncate(limit);
+    let next = match (has_more, found.last()) {
+        (true, Some((m, _))) => encode_cursor(&m.to_string()),
+        _ => String::new(),
+    };
+    let mut rows: Vec<(Identifier, Named, Option<trailmark_store::ProfileRef>)> =
+        Vec::with_capacity(found.len());
+    for (member, named) in found {
+        // Members of one person resolve to one profile: walk it once.
+        let known = rows
+            .iter()
+            .filter_map(|(_, _, p)| p.as_ref())
+            .find(|p| p.identifiers.contains_key(&member))
+            .cloned();
+        let profile = match known {
+            Some(p) => Some(p),
+            None => state.store.resolve(ws, &member).await?,
+        };
+        rows.push((member, named, profile));
     }
-    Ok((out, has_more))
+    Ok(MemberPage {
+        rows,
+        has_more,
+        next,
+    })
 }
 
 /// `GET /v1/accounts/{group_id}/users`: the account's members, in the
@@ -98,21 +131,11 @@ pub(crate) async fn users(
     let limit = limit(p.limit, 25)?;
     let ws = &reader.0.workspace_id;
     let account = resolve(&state, &reader, &path).await?.holder;
-    let after: Option<Identifier> = p
-        .next
-        .as_deref()
-        .map(decode_cursor::<String>)
-        .transpose()?
-        .map(|s| {
-            Identifier::parse(&s)
-                .ok_or_else(|| ApiError::bad_field("next", "next is not a cursor this api issued"))
-        })
-        .transpose()?;
-    let (page, has_more) = member_page(&state, ws, &account, after.as_ref(), limit).await?;
-    let next = match (has_more, page.last()) {
-        (true, Some((m, _, _))) => encode_cursor(&m.to_string()),
-        _ => String::new(),
-    };
+    let MemberPage {
+        rows: page,
+        has_more,
+        next,
+    } = member_page(&state, ws, &account, p.next.as_deref(), limit).await?;
     let data: Vec<Value> = page
         .iter()
         .map(|(member, named, profile)| {
@@ -130,7 +153,9 @@ pub(crate) async fn users(
 
 /// `GET …/links`, Segment's shape: `{"data":[{"to_collection", "profile_id",
 /// "external_ids":[…]}]}`. For a person, one entry per account it belongs to
-/// (any member identifier's), at most [`MAX_PERSON_ACCOUNTS`]; for an
+/// (any member identifier's), at most [`MAX_PERSON_ACCOUNTS`], reading at
+/// most [`MAX_PERSON_MEMBERSHIP_ROWS`] rows (`truncated` says when either
+/// cut the list); for an
 /// account, one entry per member profile on the page (`limit`, `next` as
 /// `users`), with the identifiers that joined.
 pub(crate) async fn links(
@@ -144,18 +169,11 @@ pub(crate) async fn links(
     let profile = resolve(&state, &reader, &path).await?;
     if path.is_account() {
         let limit = limit(p.limit, 25)?;
-        let after: Option<Identifier> = p
-            .next
-            .as_deref()
-            .map(decode_cursor::<String>)
-            .transpose()?
-            .and_then(|s| Identifier::parse(&s));
-        let (page, has_more) =
-            member_page(&state, ws, &profile.holder, after.as_ref(), limit).await?;
-        let next = match (has_more, page.last()) {
-            (true, Some((m, _, _))) => encode_cursor(&m.to_string()),
-            _ => String::new(),
-        };
+        let MemberPage {
+            rows: page,
+            has_more,
+            next,
+        } = member_page(&state, ws, &profile.holder, p.next.as_deref(), limit).await?;
         // One entry per person, in the order their first member came.
         let mut order: Vec<String> = Vec::new();
         let mut by_profile: BTreeMap<String, Vec<Value>> = BTreeMap::new();
@@ -185,12 +203,16 @@ pub(crate) async fn links(
     }
     let mut accounts: BTreeMap<Identifier, Named> = BTreeMap::new();
     let mut truncated = false;
+    let mut budget = MAX_PERSON_MEMBERSHIP_ROWS;
     for member in profile.identifiers.keys() {
-        let rows = state
-            .store
-            .member_accounts(ws, member, None, MAX_PERSON_ACCOUNTS + 1)
-            .await?;
-        truncated |= rows.len() > MAX_PERSON_ACCOUNTS;
+        if budget == 0 {
+            truncated = true;
+            break;
+        }
+        let want = budget.min(MAX_PERSON_ACCOUNTS + 1);
+        let rows = state.store.member_accounts(ws, member, None, want).await?;
+        budget -= rows.len();
+        truncated |= rows.len() > MAX_PERSON_ACCOUNTS || rows.len() == want;
         for (account, named) in rows {
             match accounts.get_mut(&account) {
                 Some(n) => n.include(&named),

@@ -200,6 +200,22 @@ async fn applied_by(role: &Role) -> u64 {
         .unwrap_or(0.0) as u64
 }
 
+/// Loads until both projectors have applied something: they split the
+/// partitions between them. Returns the acknowledged count per user.
+async fn warm_up(ingest: &Role, first: &Role, second: &Role) -> BTreeMap<String, usize> {
+    let mut acked = load(ingest.base.clone(), "warm".into(), 40, 10, 20).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut round = 0;
+    while applied_by(first).await == 0 || applied_by(second).await == 0 {
+        assert!(Instant::now() < deadline, "both projectors get partitions");
+        round += 1;
+        let tag = format!("warm{round}");
+        merge(&mut acked, load(ingest.base.clone(), tag, 40, 1, 20).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    acked
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_projectors_share_the_partitions_and_one_survives_a_kill() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -210,18 +226,7 @@ async fn two_projectors_share_the_partitions_and_one_survives_a_kill() {
     let first = spawn_role(dir.path(), "projector", "projector-1").await;
     let second = spawn_role(dir.path(), "projector", "projector-2").await;
 
-    // Warm up until both projectors have applied something: they split the
-    // partitions between them.
-    let mut acked = load(ingest.base.clone(), "warm".into(), 40, 10, 20).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut round = 0;
-    while applied_by(&first).await == 0 || applied_by(&second).await == 0 {
-        assert!(Instant::now() < deadline, "both projectors get partitions");
-        round += 1;
-        let tag = format!("warm{round}");
-        merge(&mut acked, load(ingest.base.clone(), tag, 40, 1, 20).await);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let mut acked = warm_up(&ingest, &first, &second).await;
 
     // Load from four clients; kill one projector a third of the way in.
     let mut clients = Vec::new();
@@ -403,14 +408,7 @@ async fn two_projectors_link_the_same_people_at_once() {
     let query = spawn_role(dir.path(), "query-api", "query-api").await;
     let first = spawn_role(dir.path(), "projector", "projector-1").await;
     let second = spawn_role(dir.path(), "projector", "projector-2").await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut round = 0;
-    while applied_by(&first).await == 0 || applied_by(&second).await == 0 {
-        assert!(Instant::now() < deadline, "both projectors get partitions");
-        round += 1;
-        load(ingest.base.clone(), format!("warm{round}"), 40, 1, 20).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    warm_up(&ingest, &first, &second).await;
 
     let client = reqwest::Client::new();
     let run = uuid::Uuid::now_v7().simple().to_string();

@@ -338,19 +338,10 @@ fn fold(w: &mut Overlay<'_>, ev: &Event) -> Result<()> {
                 // Read one direction, write both with the same record.
                 let mut key = ws_id_key(ws, &account);
                 push_id(&mut key, &member);
-                let record = match w.get(Ks::AccountMembers, &key)? {
-                    None => named,
-                    Some(v) => {
-                        let mut record = decode_named(v)?;
-                        let before = record.clone();
-                        record.include(&named);
-                        if record == before {
-                            continue;
-                        }
-                        record
-                    }
+                let value = match merge_named(w, Ks::AccountMembers, &key, &named)? {
+                    Merged::Unchanged => continue,
+                    Merged::Changed(value) | Merged::New(value) => value,
                 };
-                let value = encode_named(&record);
                 let mut reverse = ws_id_key(ws, &member);
                 push_id(&mut reverse, &account);
                 w.put(Ks::AccountMembers, key, value.clone());
@@ -365,23 +356,44 @@ fn fold(w: &mut Overlay<'_>, ev: &Event) -> Result<()> {
 /// also gets its `profile_ids` row.
 fn name(w: &mut Overlay<'_>, ws: &str, id: &Identifier, named: &Named) -> Result<()> {
     let key = ws_id_key(ws, id);
-    match w.get(Ks::Identity, &key)? {
-        None => {
-            w.put(Ks::Identity, key, encode_named(named));
+    match merge_named(w, Ks::Identity, &key, named)? {
+        Merged::Unchanged => {}
+        Merged::Changed(value) => w.put(Ks::Identity, key, value),
+        Merged::New(value) => {
+            w.put(Ks::Identity, key, value);
             let mut pkey = ws_key(ws);
             pkey.extend_from_slice(profile_id(ws, id).as_bytes());
             let mut value = Vec::new();
             push_id(&mut value, id);
             w.put_blind(Ks::ProfileIds, pkey, value);
         }
+    }
+    Ok(())
+}
+
+/// What merging a [`Named`] into a stored record gives.
+enum Merged {
+    /// The record includes it already: nothing to write.
+    Unchanged,
+    /// The record, changed, to write.
+    Changed(Vec<u8>),
+    /// There was no record: the new one, to write.
+    New(Vec<u8>),
+}
+
+/// Merges `named` into the record at `key` of `ks` by [`Named::include`].
+fn merge_named(w: &mut Overlay<'_>, ks: Ks, key: &[u8], named: &Named) -> Result<Merged> {
+    Ok(match w.get(ks, key)? {
+        None => Merged::New(encode_named(named)),
         Some(v) => {
             let mut record = decode_named(v)?;
             let before = record.clone();
             record.include(named);
-            if record != before {
-                w.put(Ks::Identity, key, encode_named(&record));
+            if record == before {
+                Merged::Unchanged
+            } else {
+                Merged::Changed(encode_named(&record))
             }
         }
-    }
-    Ok(())
+    })
 }
