@@ -26,6 +26,7 @@
 //! Everything above this crate (log, store, services) depends on it; it
 //! depends on nothing of Trailmark's.
 
+pub mod audience;
 pub mod clock;
 pub mod event;
 pub mod identity;

@@ -287,15 +287,19 @@ impl ScyllaStore {
         })
     }
 
-    /// The `(workspace, messageId) → receivedAt` rows of the batch's messages.
+    /// The `(workspace, messageId) → receivedAt` rows of the batch's
+    /// messages, as `consumer` saw them.
     async fn read_dedup(
         &self,
+        consumer: &str,
         keys: HashSet<(String, String)>,
     ) -> Result<HashMap<(String, String), i64>> {
         let mut reads = Vec::with_capacity(keys.len());
         for (ws, mid) in keys {
             reads.push(async move {
-                let rows: Vec<(i64,)> = self.rows(&self.st.select_dedup, (&ws, &mid)).await?;
+                let rows: Vec<(i64,)> = self
+                    .rows(&self.st.select_dedup, (consumer, &ws, &mid))
+                    .await?;
                 Ok::<_, StoreError>(rows.first().map(|r| ((ws, mid), r.0)))
             });
         }
@@ -309,7 +313,7 @@ impl ScyllaStore {
     #[doc(hidden)]
     pub async fn forget_applied_messages_for_test(&self) -> Result<()> {
         self.session
-            .query_unpaged(qualify("TRUNCATE dedup", &self.keyspace), ())
+            .query_unpaged(qualify("TRUNCATE consumer_dedup", &self.keyspace), ())
             .await
             .map_err(classify)?;
         Ok(())
@@ -537,7 +541,13 @@ impl ScyllaStore {
             let ev = &le.event;
             marks.push(self.write(
                 &self.st.insert_dedup,
-                (&ev.workspace_id, &ev.message_id, ev.received_at, 176_400),
+                (
+                    "baseline",
+                    &ev.workspace_id,
+                    &ev.message_id,
+                    ev.received_at,
+                    176_400,
+                ),
             ));
         }
         concurrently(marks).await?;
@@ -555,7 +565,7 @@ impl ProfileWriter for ScyllaStore {
             .iter()
             .map(|e| (e.event.workspace_id.clone(), e.event.message_id.clone()))
             .collect();
-        let mut latest = self.read_dedup(keys).await?;
+        let mut latest = self.read_dedup(&batch.consumer, keys).await?;
         let mut outcome = ApplyOutcome::default();
         let mut fresh: Vec<&LoggedEvent> = Vec::with_capacity(batch.events.len());
         let mut dedup_rows: HashMap<(String, String), i64> = HashMap::new();
@@ -598,9 +608,10 @@ impl ProfileWriter for ScyllaStore {
             .saturating_add(3_600)
             .clamp(1, 630_720_000) as i32;
         let mut marks = Vec::with_capacity(dedup_rows.len());
+        let consumer = batch.consumer.as_str();
         for ((ws, mid), received) in dedup_rows {
             marks.push(async move {
-                self.write(&self.st.insert_dedup, (ws, mid, received, ttl))
+                self.write(&self.st.insert_dedup, (consumer, ws, mid, received, ttl))
                     .await
             });
         }

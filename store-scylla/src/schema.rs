@@ -163,6 +163,23 @@ pub const MIGRATIONS: &[Migration] = &[
                 PRIMARY KEY ((workspace, member), account))",
         ],
     },
+    Migration {
+        version: 4,
+        description: "de-duplication per consumer; the shared table is dropped (its rows only expire)",
+        statements: &[
+            // Each consumer of the log (the projector, the audience
+            // evaluator) decides for itself which copies of a message it has
+            // seen; with one shared row, a second consumer would take every
+            // event for a duplicate.
+            "CREATE TABLE IF NOT EXISTS consumer_dedup (
+                consumer text,
+                workspace text,
+                message_id text,
+                received_at bigint,
+                PRIMARY KEY ((consumer, workspace, message_id)))",
+            "DROP TABLE IF EXISTS dedup",
+        ],
+    },
 ];
 
 /// The schema version this build reads and writes.
@@ -182,7 +199,7 @@ pub const KEPT_TABLES: &[&str] = &[
 /// The tables that hold projections, emptied by a rebuild.
 pub const PROJECTION_TABLES: &[&str] = &[
     "checkpoints",
-    "dedup",
+    "consumer_dedup",
     "identities",
     "identity_evidence",
     "profile_ids",

@@ -233,11 +233,16 @@ pub fn project(ev: &Event) -> Result<Projection, FoldError> {
         }));
     }
     let counter = counter_name(ev);
-    facts.push(Fact::Counted {
-        id: primary.clone(),
-        counter: counter.clone(),
-        time,
-    });
+    // The evaluator's own events (audience entered or exited) are history,
+    // not activity: counted, they would move the seen times that audiences
+    // test, and an audience could keep itself alive.
+    if ev.source_id != crate::audience::EVALUATOR_SOURCE {
+        facts.push(Fact::Counted {
+            id: primary.clone(),
+            counter: counter.clone(),
+            time,
+        });
+    }
     for id in std::iter::once(&primary).chain(&accounts) {
         facts.push(Fact::Timeline {
             id: id.clone(),

@@ -16,7 +16,10 @@ use trailmark_domain::profile::{MAX_PROFILE_IDENTIFIERS, ProfileModel};
 use trailmark_domain::{Event, IdKind, Identifier};
 use trailmark_testkit::{EventBuilder, T0, WORKSPACE};
 
-use crate::{ApplyBatch, LoggedEvent, ProfileStore, StoreError, TimelineQuery, WorkspaceDirectory};
+use crate::{
+    ApplyBatch, ApplyOutcome, LoggedEvent, ProfileStore, StoreError, TimelineQuery,
+    WorkspaceDirectory,
+};
 
 mod streams;
 pub use streams::generated_streams_fold_like_the_model;
@@ -583,6 +586,63 @@ pub async fn dedup_window_is_respected(factory: &impl StoreFactory, at: &Path) {
     );
 }
 
+/// De-duplication is per consumer: a second consumer of the log (the
+/// audience evaluator) sees every message once itself, whatever the first
+/// consumer saw or purged.
+pub async fn dedup_is_per_consumer(factory: &impl StoreFactory, at: &Path) {
+    let (store, _) = factory(at);
+    let first = EventBuilder::track("Ping")
+        .user("c")
+        .message_id("m-c")
+        .at(0)
+        .build();
+    let mut retry = first.clone();
+    retry.received_at += DAY / 2;
+    let as_consumer = |consumer: &str, b: Arc<ApplyBatch>| {
+        let mut b = (*b).clone();
+        b.consumer = consumer.into();
+        Arc::new(b)
+    };
+    let out = store
+        .apply(batch(0, 0, vec![first.clone()]))
+        .await
+        .expect("apply");
+    assert_eq!(out.applied, 1);
+    // Another consumer applies the same message: new to it.
+    let out = store
+        .apply(as_consumer("evaluator", batch(0, 0, vec![first])))
+        .await
+        .expect("apply");
+    assert_eq!(
+        out,
+        ApplyOutcome {
+            applied: 1,
+            duplicates: 0
+        }
+    );
+    // The projector, far ahead, purges what it saw three days back.
+    let mut later = EventBuilder::track("Ping")
+        .user("c")
+        .message_id("m-later")
+        .at(0)
+        .build();
+    later.received_at += 3 * DAY;
+    store.apply(batch(0, 1, vec![later])).await.expect("apply");
+    // Its own retry, within its window, is a duplicate to it, although the
+    // projector's row for the message is long purged.
+    let out = store
+        .apply(as_consumer("evaluator", batch(0, 1, vec![retry])))
+        .await
+        .expect("apply");
+    assert_eq!(
+        out,
+        ApplyOutcome {
+            applied: 0,
+            duplicates: 1
+        }
+    );
+}
+
 /// Resetting projections empties them and keeps workspaces; re-applying gives
 /// the same projections as before.
 pub async fn reset_and_rebuild_is_identical(factory: &impl StoreFactory, at: &Path) {
@@ -873,6 +933,7 @@ macro_rules! store_conformance {
             case!(timelines_page_across_time_buckets);
             case!(workspaces_are_isolated);
             case!(dedup_window_is_respected);
+            case!(dedup_is_per_consumer);
             case!(reset_and_rebuild_is_identical);
             case!(workspace_credentials);
             case!(oversized_profiles_stand_alone);

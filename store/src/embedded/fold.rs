@@ -162,6 +162,9 @@ impl Inner {
         // alone, a replay would count again the first of two copies of a
         // message received more than a window apart.)
         let mut applied_to: BTreeMap<u32, u64> = BTreeMap::new();
+        // De-duplication is per consumer: each consumer of the log decides
+        // for itself which copies of a message it has seen.
+        let consumer = consumer_component(&batch.consumer);
         for le in &batch.events {
             let next = match applied_to.get(&le.partition) {
                 Some(n) => *n,
@@ -180,9 +183,7 @@ impl Inner {
                 continue;
             }
             let ev = &le.event;
-            let mut dkey = Vec::with_capacity(ev.workspace_id.len() + ev.message_id.len() + 2);
-            push_component(&mut dkey, ev.workspace_id.as_bytes());
-            dkey.extend_from_slice(ev.message_id.as_bytes());
+            let dkey = dedup_key(&consumer, &ev.workspace_id, &ev.message_id);
             let previous = match w.get(Ks::Dedup, &dkey)? {
                 Some(v) => Some(time_from(v)?),
                 None => None,
@@ -192,9 +193,12 @@ impl Inner {
                 continue;
             }
             if let Some(prev) = previous {
-                w.delete(Ks::DedupTime, dedup_time_key(le.partition, prev, &dkey));
+                w.delete(
+                    Ks::DedupTime,
+                    dedup_time_key(&consumer, le.partition, prev, &dkey),
+                );
             }
-            let tkey = dedup_time_key(le.partition, ev.received_at, &dkey);
+            let tkey = dedup_time_key(&consumer, le.partition, ev.received_at, &dkey);
             w.put(Ks::Dedup, dkey, time_bytes(ev.received_at).to_vec());
             w.put(Ks::DedupTime, tkey, Vec::new());
             let max = max_received.entry(le.partition).or_insert(i64::MIN);
@@ -214,22 +218,29 @@ impl Inner {
             let horizon = max
                 .saturating_sub(batch.dedup_window_micros)
                 .saturating_sub(DEDUP_PURGE_SLACK_MICROS);
-            self.purge_dedup(&mut w, partition, horizon)?;
+            self.purge_dedup(&mut w, &consumer, partition, horizon)?;
         }
         w.commit()?;
         Ok(outcome)
     }
 
-    /// Forgets the messages of `partition` received before `horizon`, at
-    /// most 10,000 a batch.
-    fn purge_dedup(&self, w: &mut Overlay<'_>, partition: u32, horizon: i64) -> Result<()> {
-        let end = dedup_time_key(partition, horizon, &[]);
+    /// Forgets the messages `consumer` saw in `partition` received before
+    /// `horizon`, at most 10,000 a batch.
+    fn purge_dedup(
+        &self,
+        w: &mut Overlay<'_>,
+        consumer: &[u8],
+        partition: u32,
+        horizon: i64,
+    ) -> Result<()> {
+        let end = dedup_time_key(consumer, partition, horizon, &[]);
+        let start = dedup_time_key(consumer, partition, i64::MIN, &[]);
         let from = w
             .state
             .purge_from
-            .get(&partition)
+            .get(&(consumer.to_vec(), partition))
             .cloned()
-            .unwrap_or_else(|| partition.to_be_bytes().to_vec());
+            .unwrap_or(start);
         if from >= end {
             return Ok(());
         }
@@ -241,12 +252,15 @@ impl Inner {
             .map(|kv| kv.key().map(|k| k.to_vec()).map_err(unavailable))
             .collect::<Result<_>>()?;
         if let Some(last) = old.last() {
-            w.state.purge_from.insert(partition, last.clone());
+            w.state
+                .purge_from
+                .insert((consumer.to_vec(), partition), last.clone());
         }
+        let head = consumer.len() + 12;
         for k in old {
-            let dkey = k[12..].to_vec();
+            let dkey = k[head..].to_vec();
             // Only forget the message if this index row is still its latest.
-            if w.get(Ks::Dedup, &dkey)? == Some(&k[4..12]) {
+            if w.get(Ks::Dedup, &dkey)? == Some(&k[consumer.len() + 4..head]) {
                 w.delete(Ks::Dedup, dkey);
             }
             w.delete(Ks::DedupTime, k);
@@ -255,10 +269,27 @@ impl Inner {
     }
 }
 
-/// `partition receivedAt ws messageId`: the purge index of the
-/// de-duplication rows, in each partition's time order.
-fn dedup_time_key(partition: u32, received_at: i64, dkey: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(12 + dkey.len());
+/// A consumer's name as the first component of its de-duplication keys.
+fn consumer_component(consumer: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(consumer.len() + 2);
+    push_component(&mut k, consumer.as_bytes());
+    k
+}
+
+/// `consumer ws messageId`: the key of a message's de-duplication row.
+fn dedup_key(consumer: &[u8], ws: &str, message_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(consumer.len() + ws.len() + message_id.len() + 2);
+    k.extend_from_slice(consumer);
+    push_component(&mut k, ws.as_bytes());
+    k.extend_from_slice(message_id.as_bytes());
+    k
+}
+
+/// `consumer partition receivedAt dedup-key`: the purge index of the
+/// de-duplication rows, in each consumer's and partition's time order.
+fn dedup_time_key(consumer: &[u8], partition: u32, received_at: i64, dkey: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(consumer.len() + 12 + dkey.len());
+    k.extend_from_slice(consumer);
     k.extend_from_slice(&partition.to_be_bytes());
     k.extend_from_slice(&time_bytes(received_at));
     k.extend_from_slice(dkey);

@@ -25,7 +25,8 @@ fn corrupt(what: &str) -> StoreError {
 /// Version 4: identity kept as evidence, decided on read (issue 10).
 /// Version 5: accounts and memberships; the de-duplication purge index is
 /// per partition (issue 10).
-pub const LAYOUT_VERSION: u32 = 5;
+/// Version 6: de-duplication rows are per consumer (issue 11).
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Appends one terminated, escaped component.
 pub fn push_component(key: &mut Vec<u8>, part: &[u8]) {

@@ -14,8 +14,8 @@
 //! | `credentials`| `w`/`t`/`r` NUL write key or digest    | grant JSON                 |
 //! | `settings`   | ws name (`identity_rules`)            | settings JSON              |
 //! | `checkpoints`| consumer partition (BE u32)           | position (BE u64)          |
-//! | `dedup`      | ws messageId                          | receivedAt (BE)            |
-//! | `dedup_time` | partition (BE u32) receivedAt (BE) ws messageId | empty (purge index) |
+//! | `dedup`      | consumer ws messageId                 | receivedAt (BE)            |
+//! | `dedup_time` | consumer partition (BE u32) receivedAt (BE) dedup key | empty (purge index) |
 //! | `identity`   | ws id                                 | [`Named`] record ([`fold`])|
 //! | `evidence`   | ws id slot digest (16)                | identity evidence ([`fold`])|
 //! | `profile_ids`| ws profile id (16)                    | id                         |
@@ -246,7 +246,7 @@ struct WriterState {
     cache_limit: usize,
     /// Where the last dedup purge of each partition stopped: rows before it
     /// are gone, and starting there skips their tombstones.
-    purge_from: HashMap<u32, Vec<u8>>,
+    purge_from: HashMap<(Vec<u8>, u32), Vec<u8>>,
 }
 
 impl WriterState {
