@@ -121,4 +121,27 @@ impl WorkspaceDirectory for ScyllaStore {
         );
         Ok(())
     }
+
+    async fn settings(&self, workspace_id: &str, prefix: &str) -> Result<Vec<(String, String)>> {
+        let rows: Vec<(String, String)> = self
+            .rows(&self.st.select_settings_from, (workspace_id, prefix))
+            .await?;
+        Ok(rows
+            .into_iter()
+            .take_while(|(name, _)| name.starts_with(prefix))
+            .collect())
+    }
+
+    async fn put_setting(&self, workspace_id: &str, name: &str, value: Option<&str>) -> Result<()> {
+        match value {
+            Some(v) => {
+                self.write(&self.st.insert_setting, (workspace_id, name, v))
+                    .await
+            }
+            None => {
+                self.write(&self.st.delete_setting, (workspace_id, name))
+                    .await
+            }
+        }
+    }
 }

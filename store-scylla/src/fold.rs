@@ -289,7 +289,7 @@ impl ScyllaStore {
 
     /// The `(workspace, messageId) → receivedAt` rows of the batch's
     /// messages, as `consumer` saw them.
-    async fn read_dedup(
+    pub(crate) async fn read_dedup(
         &self,
         consumer: &str,
         keys: HashSet<(String, String)>,

@@ -96,6 +96,7 @@ use trailmark_store::{
 
 mod config;
 mod directory;
+mod evaluator;
 mod fold;
 mod read;
 pub mod schema;

@@ -165,7 +165,7 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 4,
-        description: "de-duplication per consumer; the shared table is dropped (its rows only expire)",
+        description: "de-duplication per consumer (the shared table is dropped: its rows only expire); the audience evaluator's rows",
         statements: &[
             // Each consumer of the log (the projector, the audience
             // evaluator) decides for itself which copies of a message it has
@@ -178,6 +178,14 @@ pub const MIGRATIONS: &[Migration] = &[
                 received_at bigint,
                 PRIMARY KEY ((consumer, workspace, message_id)))",
             "DROP TABLE IF EXISTS dedup",
+            // The evaluator's ordered key-value space (see
+            // `trailmark_store::evaluator`): `tbl` is the table's code.
+            "CREATE TABLE IF NOT EXISTS evaluator_rows (
+                tbl int,
+                part blob,
+                sort blob,
+                value blob,
+                PRIMARY KEY ((tbl, part), sort))",
         ],
     },
 ];
@@ -209,6 +217,7 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "timeline",
     "account_members",
     "member_accounts",
+    "evaluator_rows",
 ];
 
 #[cfg(test)]

@@ -36,8 +36,21 @@ pub(crate) struct Statements {
     pub(crate) ready: PreparedStatement,
     pub(crate) insert_setting: PreparedStatement,
     pub(crate) select_setting: PreparedStatement,
+    pub(crate) select_settings_from: PreparedStatement,
+    pub(crate) delete_setting: PreparedStatement,
     /// `account_members`, then `member_accounts`.
     pub(crate) memberships: [Membership; 2],
+    /// The evaluator's rows.
+    pub(crate) eval: EvalStatements,
+}
+
+/// The statements of the evaluator's rows (`evaluator_rows`).
+pub(crate) struct EvalStatements {
+    pub(crate) put: PreparedStatement,
+    pub(crate) delete: PreparedStatement,
+    pub(crate) get: PreparedStatement,
+    /// Scans: from the start or after a key, to the end or before a key.
+    pub(crate) scan: [PreparedStatement; 4],
 }
 
 /// The statements of one side of the memberships: its three cells, as in
@@ -119,10 +132,28 @@ impl Statements {
             ready: p("SELECT version FROM schema_migrations WHERE version = ?".into()).await?,
             insert_setting: p("INSERT INTO workspace_settings (workspace, name, value) VALUES (?, ?, ?)".into()).await?,
             select_setting: p("SELECT value FROM workspace_settings WHERE workspace = ? AND name = ?".into()).await?,
+            select_settings_from: p("SELECT name, value FROM workspace_settings WHERE workspace = ? AND name >= ?".into()).await?,
+            delete_setting: p("DELETE FROM workspace_settings WHERE workspace = ? AND name = ?".into()).await?,
             memberships: [
                 membership("account_members", "account", "member").await?,
                 membership("member_accounts", "member", "account").await?,
             ],
+            eval: {
+                let scan = |bounds: &str| {
+                    format!("SELECT sort, value FROM evaluator_rows WHERE tbl = ? AND part = ? {bounds} LIMIT ?")
+                };
+                EvalStatements {
+                    put: p("INSERT INTO evaluator_rows (tbl, part, sort, value) VALUES (?, ?, ?, ?) USING TIMESTAMP ?".into()).await?,
+                    delete: p("DELETE FROM evaluator_rows USING TIMESTAMP ? WHERE tbl = ? AND part = ? AND sort = ?".into()).await?,
+                    get: p("SELECT value FROM evaluator_rows WHERE tbl = ? AND part = ? AND sort = ?".into()).await?,
+                    scan: [
+                        p(scan("")).await?,
+                        p(scan("AND sort > ?")).await?,
+                        p(scan("AND sort < ?")).await?,
+                        p(scan("AND sort > ? AND sort < ?")).await?,
+                    ],
+                }
+            },
         })
     }
 }

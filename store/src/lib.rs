@@ -29,6 +29,7 @@ use trailmark_domain::{Event, Identifier};
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod embedded;
+pub mod evaluator;
 pub mod identity;
 
 pub use trailmark_domain::profile::MAX_PROFILE_IDENTIFIERS;
@@ -261,11 +262,11 @@ pub trait ProfileReader: Send + Sync + 'static {
     async fn check_ready(&self) -> Result<()>;
 }
 
-/// A whole store: both sides, as the binary wires it. `Arc<dyn ProfileStore>`
-/// coerces to either side.
-pub trait ProfileStore: ProfileWriter + ProfileReader {}
+/// A whole store: both sides and the evaluator's rows, as the binary wires
+/// it. `Arc<dyn ProfileStore>` coerces to any side.
+pub trait ProfileStore: ProfileWriter + ProfileReader + evaluator::EvaluatorStore {}
 
-impl<T: ProfileWriter + ProfileReader + ?Sized> ProfileStore for T {}
+impl<T: ProfileWriter + ProfileReader + evaluator::EvaluatorStore + ?Sized> ProfileStore for T {}
 
 /// A workspace (tenant).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -356,6 +357,14 @@ pub trait WorkspaceDirectory: Send + Sync + 'static {
     /// Sets a workspace's identity rules (already checked by
     /// [`trailmark_domain::identity::Rules::from_settings`]).
     async fn set_identity_rules(&self, workspace_id: &str, rules: &RuleSettings) -> Result<()>;
+
+    /// A workspace's settings whose names start with `prefix`, in name
+    /// order (the audience definitions are kept as `audience/{id}` and so
+    /// on; their owner says what the values hold).
+    async fn settings(&self, workspace_id: &str, prefix: &str) -> Result<Vec<(String, String)>>;
+
+    /// Sets a setting, or removes it (`None`).
+    async fn put_setting(&self, workspace_id: &str, name: &str, value: Option<&str>) -> Result<()>;
 }
 
 /// The credential key of a token: `t:` and its digest for an admin token,

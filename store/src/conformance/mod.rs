@@ -643,6 +643,158 @@ pub async fn dedup_is_per_consumer(factory: &impl StoreFactory, at: &Path) {
     );
 }
 
+/// The evaluator's rows: gets, scans bounded on either side and kept
+/// within their part and table, deletes, and a commit's de-duplication rows
+/// and checkpoint; a commit written twice ends the same.
+pub async fn evaluator_rows(factory: &impl StoreFactory, at: &Path) {
+    use crate::evaluator::{EvalCommit, EvalKey, EvalTable, EvalWrite};
+    let (store, _) = factory(at);
+    let key = |part: &str, sort: &str| EvalKey::new(part.as_bytes(), sort.as_bytes());
+    let put = |t, part: &str, sort: &str, v: &str| {
+        EvalWrite::Put(t, key(part, sort), v.as_bytes().to_vec())
+    };
+    let commit = Arc::new(EvalCommit {
+        consumer: "evaluator".into(),
+        groups: vec![
+            vec![
+                put(EvalTable::Members, "ws/a", "p1", "1"),
+                put(EvalTable::Members, "ws/a", "p2", "2"),
+                put(EvalTable::Members, "ws/a", "p3", "3"),
+                put(EvalTable::Members, "ws/a", "p4", "4"),
+            ],
+            vec![
+                // Another part, and another table with the same part.
+                put(EvalTable::Members, "ws/a2", "p0", "x"),
+                put(EvalTable::Profiles, "ws/a", "p1", "y"),
+                EvalWrite::Delete(EvalTable::Members, key("ws/a", "p4")),
+            ],
+        ],
+        seen: vec![(3, WORKSPACE.into(), "m-e".into(), T0)],
+        dedup_window_micros: DAY,
+        positions: vec![(3, 17)],
+    });
+    for _ in 0..2 {
+        store.eval_commit(commit.clone()).await.expect("commit");
+    }
+    let scan = |after: Option<&'static str>, before: Option<&'static str>, limit| {
+        let store = store.clone();
+        async move {
+            store
+                .eval_scan(
+                    EvalTable::Members,
+                    b"ws/a",
+                    after.map(str::as_bytes),
+                    before.map(str::as_bytes),
+                    limit,
+                )
+                .await
+                .expect("scan")
+                .into_iter()
+                .map(|(k, v)| (String::from_utf8(k).unwrap(), String::from_utf8(v).unwrap()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter().map(|(a, b)| ((*a).into(), (*b).into())).collect()
+    };
+    assert_eq!(
+        scan(None, None, 10).await,
+        pairs(&[("p1", "1"), ("p2", "2"), ("p3", "3")])
+    );
+    assert_eq!(
+        scan(Some("p1"), None, 10).await,
+        pairs(&[("p2", "2"), ("p3", "3")])
+    );
+    assert_eq!(
+        scan(None, Some("p3"), 10).await,
+        pairs(&[("p1", "1"), ("p2", "2")])
+    );
+    assert_eq!(
+        scan(Some("p1"), Some("p3"), 10).await,
+        pairs(&[("p2", "2")])
+    );
+    assert_eq!(
+        scan(None, None, 2).await,
+        pairs(&[("p1", "1"), ("p2", "2")])
+    );
+    let got = store
+        .eval_get(
+            EvalTable::Profiles,
+            vec![key("ws/a", "p1"), key("ws/a", "p2")],
+        )
+        .await
+        .expect("get");
+    assert_eq!(got, vec![(key("ws/a", "p1"), b"y".to_vec())]);
+    let seen = store
+        .eval_seen(
+            "evaluator",
+            vec![
+                (WORKSPACE.into(), "m-e".into()),
+                (WORKSPACE.into(), "m-other".into()),
+            ],
+        )
+        .await
+        .expect("seen");
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        vec![((WORKSPACE.into(), "m-e".into()), T0)]
+    );
+    // Seen by the evaluator, not by the projector.
+    assert!(
+        store
+            .eval_seen("projector", vec![(WORKSPACE.into(), "m-e".into())])
+            .await
+            .expect("seen")
+            .is_empty()
+    );
+    assert_eq!(
+        store.checkpoints("evaluator").await.expect("checkpoints"),
+        BTreeMap::from([(3, 17)])
+    );
+    // A rebuild empties them.
+    store.reset_projections().await.expect("reset");
+    assert!(scan(None, None, 10).await.is_empty());
+}
+
+/// Settings read back by prefix, per workspace, and removed.
+pub async fn settings_by_prefix(factory: &impl StoreFactory, at: &Path) {
+    let (store, dir) = factory(at);
+    let a = dir.create_workspace("a", None, None).await.expect("a");
+    let b = dir.create_workspace("b", None, None).await.expect("b");
+    let (a, b) = (a.workspace.id, b.workspace.id);
+    for (ws, name, v) in [
+        (&a, "audience/2", "two"),
+        (&a, "audience/1", "one"),
+        (&a, "audiencez", "not one"),
+        (&a, "computed_trait/1", "ct"),
+        (&b, "audience/9", "theirs"),
+    ] {
+        dir.put_setting(ws, name, Some(v)).await.expect("put");
+    }
+    let got = dir.settings(&a, "audience/").await.expect("settings");
+    assert_eq!(
+        got,
+        vec![
+            ("audience/1".to_owned(), "one".to_owned()),
+            ("audience/2".to_owned(), "two".to_owned())
+        ]
+    );
+    dir.put_setting(&a, "audience/1", None)
+        .await
+        .expect("delete");
+    assert_eq!(
+        dir.settings(&a, "audience/").await.expect("settings").len(),
+        1
+    );
+    assert_eq!(
+        dir.settings(&b, "audience/").await.expect("settings").len(),
+        1
+    );
+    // Settings survive a rebuild.
+    store.reset_projections().await.expect("reset");
+    assert_eq!(dir.settings(&a, "").await.expect("settings").len(), 3);
+}
+
 /// Resetting projections empties them and keeps workspaces; re-applying gives
 /// the same projections as before.
 pub async fn reset_and_rebuild_is_identical(factory: &impl StoreFactory, at: &Path) {
@@ -934,6 +1086,8 @@ macro_rules! store_conformance {
             case!(workspaces_are_isolated);
             case!(dedup_window_is_respected);
             case!(dedup_is_per_consumer);
+            case!(evaluator_rows);
+            case!(settings_by_prefix);
             case!(reset_and_rebuild_is_identical);
             case!(workspace_credentials);
             case!(oversized_profiles_stand_alone);

@@ -118,6 +118,30 @@ impl WorkspaceDirectory for EmbeddedStore {
             .insert(workspace_id.to_owned(), Arc::new(checked));
         Ok(())
     }
+
+    async fn settings(&self, workspace_id: &str, prefix: &str) -> Result<Vec<(String, String)>> {
+        let start = settings_key(workspace_id, prefix);
+        let names_at = ws_key(workspace_id).len();
+        let mut out = Vec::new();
+        for kv in self.inner.ks.settings.prefix(&start) {
+            let (k, v) = kv.into_inner().map_err(unavailable)?;
+            let name =
+                String::from_utf8(k[names_at..].to_vec()).map_err(|_| corrupt("setting name"))?;
+            let value = String::from_utf8(v.to_vec()).map_err(|_| corrupt("setting value"))?;
+            out.push((name, value));
+        }
+        Ok(out)
+    }
+
+    async fn put_setting(&self, workspace_id: &str, name: &str, value: Option<&str>) -> Result<()> {
+        let key = settings_key(workspace_id, name);
+        match value {
+            Some(v) => self.inner.ks.settings.insert(key, v.as_bytes()),
+            None => self.inner.ks.settings.remove(key),
+        }
+        .map_err(unavailable)?;
+        self.persist()
+    }
 }
 
 /// A token's `credentials` key: `t` (admin, as since the first layout) or

@@ -71,7 +71,7 @@ impl<'a> Overlay<'a> {
 
     /// The row's value: the batch's own write, else the cache's copy, else
     /// the database's (remembered for the rest of the batch).
-    fn get(&mut self, ks: Ks, key: &[u8]) -> Result<Option<&[u8]>> {
+    pub(super) fn get(&mut self, ks: Ks, key: &[u8]) -> Result<Option<&[u8]>> {
         let rows = &mut self.rows[ks.index()];
         if !rows.contains_key(key) {
             let value = match self.state.cache[ks.index()].get(key) {
@@ -99,11 +99,11 @@ impl<'a> Overlay<'a> {
         self.rows[ks.index()].insert(key, Row { value, dirty: true });
     }
 
-    fn put(&mut self, ks: Ks, key: Vec<u8>, value: Vec<u8>) {
+    pub(super) fn put(&mut self, ks: Ks, key: Vec<u8>, value: Vec<u8>) {
         self.set(ks, key, Some(value));
     }
 
-    fn delete(&mut self, ks: Ks, key: Vec<u8>) {
+    pub(super) fn delete(&mut self, ks: Ks, key: Vec<u8>) {
         self.set(ks, key, None);
     }
 
@@ -192,17 +192,15 @@ impl Inner {
                 outcome.duplicates += 1;
                 continue;
             }
-            if let Some(prev) = previous {
-                w.delete(
-                    Ks::DedupTime,
-                    dedup_time_key(&consumer, le.partition, prev, &dkey),
-                );
-            }
-            let tkey = dedup_time_key(&consumer, le.partition, ev.received_at, &dkey);
-            w.put(Ks::Dedup, dkey, time_bytes(ev.received_at).to_vec());
-            w.put(Ks::DedupTime, tkey, Vec::new());
-            let max = max_received.entry(le.partition).or_insert(i64::MIN);
-            *max = (*max).max(ev.received_at);
+            record_seen(
+                &mut w,
+                &consumer,
+                le.partition,
+                dkey,
+                previous,
+                ev.received_at,
+                &mut max_received,
+            );
 
             fold(&mut w, ev)?;
             outcome.applied += 1;
@@ -214,14 +212,27 @@ impl Inner {
                 position.to_be_bytes().to_vec(),
             );
         }
-        for (partition, max) in max_received {
-            let horizon = max
-                .saturating_sub(batch.dedup_window_micros)
-                .saturating_sub(DEDUP_PURGE_SLACK_MICROS);
-            self.purge_dedup(&mut w, &consumer, partition, horizon)?;
-        }
+        self.purge_seen(&mut w, &consumer, max_received, batch.dedup_window_micros)?;
         w.commit()?;
         Ok(outcome)
+    }
+
+    /// Purges the de-duplication rows of each partition older than its
+    /// latest `receivedAt` in a step, less the window and a slack.
+    pub(super) fn purge_seen(
+        &self,
+        w: &mut Overlay<'_>,
+        consumer: &[u8],
+        max_received: BTreeMap<u32, i64>,
+        window: i64,
+    ) -> Result<()> {
+        for (partition, max) in max_received {
+            let horizon = max
+                .saturating_sub(window)
+                .saturating_sub(DEDUP_PURGE_SLACK_MICROS);
+            self.purge_dedup(w, consumer, partition, horizon)?;
+        }
+        Ok(())
     }
 
     /// Forgets the messages `consumer` saw in `partition` received before
@@ -269,15 +280,40 @@ impl Inner {
     }
 }
 
+/// Records that `consumer` saw a message (its row `dkey`, last seen at
+/// `previous`) at `received_at` in `partition`, and tracks the partition's
+/// latest `receivedAt` for the purge.
+pub(super) fn record_seen(
+    w: &mut Overlay<'_>,
+    consumer: &[u8],
+    partition: u32,
+    dkey: Vec<u8>,
+    previous: Option<i64>,
+    received_at: i64,
+    max_received: &mut BTreeMap<u32, i64>,
+) {
+    if let Some(prev) = previous {
+        w.delete(
+            Ks::DedupTime,
+            dedup_time_key(consumer, partition, prev, &dkey),
+        );
+    }
+    let tkey = dedup_time_key(consumer, partition, received_at, &dkey);
+    w.put(Ks::Dedup, dkey, time_bytes(received_at).to_vec());
+    w.put(Ks::DedupTime, tkey, Vec::new());
+    let max = max_received.entry(partition).or_insert(i64::MIN);
+    *max = (*max).max(received_at);
+}
+
 /// A consumer's name as the first component of its de-duplication keys.
-fn consumer_component(consumer: &str) -> Vec<u8> {
+pub(super) fn consumer_component(consumer: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(consumer.len() + 2);
     push_component(&mut k, consumer.as_bytes());
     k
 }
 
 /// `consumer ws messageId`: the key of a message's de-duplication row.
-fn dedup_key(consumer: &[u8], ws: &str, message_id: &str) -> Vec<u8> {
+pub(super) fn dedup_key(consumer: &[u8], ws: &str, message_id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(consumer.len() + ws.len() + message_id.len() + 2);
     k.extend_from_slice(consumer);
     push_component(&mut k, ws.as_bytes());

@@ -24,6 +24,7 @@
 //! | `timeline`   | ws id time (BE) messageId             | counter len, counter, JSON |
 //! | `account_members` | ws account member                | [`Named`] of the membership|
 //! | `member_accounts` | ws member account                | [`Named`] of the membership|
+//! | `evaluator`  | table code, part, sort ([`evaluator`]) | the evaluator's row        |
 //!
 //! A store whose projections were written with another layout version is
 //! emptied of them when opened; the projector then rebuilds them from the
@@ -73,6 +74,7 @@ use crate::{
 };
 
 mod directory;
+mod evaluator;
 mod fold;
 pub mod keys;
 mod read;
@@ -99,6 +101,7 @@ enum Ks {
     Timeline,
     AccountMembers,
     MemberAccounts,
+    Evaluator,
 }
 
 /// The keyspaces a rebuild keeps: the layout version, and tenants with their
@@ -107,7 +110,7 @@ enum Ks {
 const KEPT_KEYSPACES: [&str; 4] = ["meta", "workspaces", "credentials", "settings"];
 
 impl Ks {
-    const PROJECTIONS: [Ks; 11] = [
+    const PROJECTIONS: [Ks; 12] = [
         Ks::Checkpoints,
         Ks::Dedup,
         Ks::DedupTime,
@@ -119,6 +122,7 @@ impl Ks {
         Ks::Timeline,
         Ks::AccountMembers,
         Ks::MemberAccounts,
+        Ks::Evaluator,
     ];
 
     /// The keyspace's name on disk.
@@ -135,6 +139,7 @@ impl Ks {
             Ks::Timeline => "timeline",
             Ks::AccountMembers => "account_members",
             Ks::MemberAccounts => "member_accounts",
+            Ks::Evaluator => "evaluator",
         }
     }
 
@@ -171,6 +176,7 @@ struct Keyspaces {
     timeline: Keyspace,
     account_members: Keyspace,
     member_accounts: Keyspace,
+    evaluator: Keyspace,
 }
 
 impl Keyspaces {
@@ -187,6 +193,7 @@ impl Keyspaces {
             Ks::Timeline => &self.timeline,
             Ks::AccountMembers => &self.account_members,
             Ks::MemberAccounts => &self.member_accounts,
+            Ks::Evaluator => &self.evaluator,
         }
     }
 }
@@ -412,6 +419,7 @@ impl EmbeddedStore {
             timeline: open(Ks::Timeline.name())?,
             account_members: open(Ks::AccountMembers.name())?,
             member_accounts: open(Ks::MemberAccounts.name())?,
+            evaluator: open(Ks::Evaluator.name())?,
         };
         let inner = Inner {
             db,
