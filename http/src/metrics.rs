@@ -14,8 +14,8 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::AppState;
@@ -24,6 +24,12 @@ use crate::AppState;
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
+];
+
+/// Delay buckets in seconds, from 10 ms to 10 minutes (a window's exit is
+/// due within a minute).
+const DELAY_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 600.0,
 ];
 
 /// Every metric Trailmark exports.
@@ -43,6 +49,15 @@ pub struct Metrics {
     pub projector_batch_duration: Histogram,
     /// Records in the log the projector has not applied yet (file log: bytes).
     pub projector_lag: IntGauge,
+    /// How long after its reception the evaluator folded the last event it
+    /// read, in seconds.
+    pub evaluator_lag_seconds: Gauge,
+    /// From what caused a change (an event's reception, a window's
+    /// boundary) to the change being decided, by `cause` (`event`,
+    /// `deadline`).
+    pub evaluator_change_delay_seconds: HistogramVec,
+    /// Membership and computed-trait changes decided.
+    pub evaluator_changes: IntCounter,
 }
 
 impl Default for Metrics {
@@ -99,6 +114,25 @@ impl Metrics {
             "Log not yet applied by the projector (file log: bytes)",
         )
         .expect("valid metric");
+        let evaluator_lag_seconds = Gauge::new(
+            "trailmark_evaluator_lag_seconds",
+            "Age of the last event the audience evaluator folded",
+        )
+        .expect("valid metric");
+        let evaluator_change_delay_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "trailmark_evaluator_change_delay_seconds",
+                "From a change's cause (an event received, a window's boundary) to its decision",
+            )
+            .buckets(DELAY_BUCKETS.to_vec()),
+            &["cause"],
+        )
+        .expect("valid metric");
+        let evaluator_changes = IntCounter::new(
+            "trailmark_evaluator_changes_total",
+            "Membership and computed-trait changes decided",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(ingest_events.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_request_duration.clone()),
@@ -106,6 +140,9 @@ impl Metrics {
             Box::new(projector_events.clone()),
             Box::new(projector_batch_duration.clone()),
             Box::new(projector_lag.clone()),
+            Box::new(evaluator_lag_seconds.clone()),
+            Box::new(evaluator_change_delay_seconds.clone()),
+            Box::new(evaluator_changes.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -117,6 +154,9 @@ impl Metrics {
             projector_events,
             projector_batch_duration,
             projector_lag,
+            evaluator_lag_seconds,
+            evaluator_change_delay_seconds,
+            evaluator_changes,
         }
     }
 

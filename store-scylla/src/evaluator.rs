@@ -85,6 +85,28 @@ impl EvaluatorStore for ScyllaStore {
     }
 
     async fn eval_commit(&self, commit: Arc<EvalCommit>) -> Result<()> {
+        let mut singles = Vec::with_capacity(commit.rows.len());
+        for write in &commit.rows {
+            singles.push(async move {
+                match write {
+                    EvalWrite::Put(table, key, value) => {
+                        self.write(
+                            &self.st.eval.put,
+                            (code(*table), &key.part, &key.sort, value, next_timestamp()),
+                        )
+                        .await
+                    }
+                    EvalWrite::Delete(table, key) => {
+                        self.write(
+                            &self.st.eval.delete,
+                            (next_timestamp(), code(*table), &key.part, &key.sort),
+                        )
+                        .await
+                    }
+                }
+            });
+        }
+        concurrently(singles).await?;
         for group in &commit.groups {
             if group.is_empty() {
                 continue;

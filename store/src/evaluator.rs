@@ -6,12 +6,13 @@
 //! index rows go with it. A store only keeps rows, in a closed set of
 //! [`EvalTable`]s, each keyed by a partition part and a sort part
 //! ([`EvalKey`]), and commits a step's writes with its checkpoint
-//! ([`EvaluatorStore::commit`]). So the rules have one home, and the two
+//! ([`EvaluatorStore::eval_commit`]). So the rules have one home, and the two
 //! stores differ only in how they persist rows:
 //!
 //! - embedded: one fjall keyspace; a commit is one atomic batch, checkpoint
 //!   included;
-//! - CQL: one table partitioned by `(table, part)`; a commit writes each
+//! - CQL: one table partitioned by `(table, part)`; a commit writes the
+//!   standalone [`EvalCommit::rows`] concurrently, then each
 //!   [`EvalCommit::groups`] entry as one logged batch (all or nothing), in
 //!   order, then the de-duplication rows, then the checkpoint. Every write is
 //!   idempotent, so a step cut short and replayed ends the same.
@@ -118,6 +119,9 @@ pub struct EvalCommit {
     /// The consumer whose checkpoint moves (and whose de-duplication rows
     /// these are).
     pub consumer: String,
+    /// Writes that stand alone (leaf states, each fenced by its own
+    /// position), written first, in any order.
+    pub rows: Vec<EvalWrite>,
     /// Writes, in groups: a group is written all or nothing, groups in
     /// order (a profile's record goes in one group with its index rows and
     /// outbox entries).

@@ -101,6 +101,18 @@ impl Catalog {
         }
     }
 
+    /// The same definitions, folding only `specs` (a backfill of new leaf
+    /// states folds only those).
+    pub fn only(&self, specs: &BTreeSet<SpecId>) -> Catalog {
+        let mut c = self.clone();
+        c.specs.retain(|id, _| specs.contains(id));
+        for ids in c.by_event.values_mut() {
+            ids.retain(|id| specs.contains(id));
+        }
+        c.by_event.retain(|_, ids| !ids.is_empty());
+        c
+    }
+
     /// The audiences, in evaluation order.
     pub fn audiences(&self) -> &[AudienceDef] {
         &self.audiences

@@ -655,6 +655,7 @@ pub async fn evaluator_rows(factory: &impl StoreFactory, at: &Path) {
     };
     let commit = Arc::new(EvalCommit {
         consumer: "evaluator".into(),
+        rows: vec![put(EvalTable::Leaves, "ws/x", "s1", "leaf")],
         groups: vec![
             vec![
                 put(EvalTable::Members, "ws/a", "p1", "1"),
@@ -725,6 +726,11 @@ pub async fn evaluator_rows(factory: &impl StoreFactory, at: &Path) {
         .await
         .expect("get");
     assert_eq!(got, vec![(key("ws/a", "p1"), b"y".to_vec())]);
+    let leaf = store
+        .eval_get(EvalTable::Leaves, vec![key("ws/x", "s1")])
+        .await
+        .expect("get");
+    assert_eq!(leaf, vec![(key("ws/x", "s1"), b"leaf".to_vec())]);
     let seen = store
         .eval_seen(
             "evaluator",

@@ -34,7 +34,7 @@ impl Inner {
     fn eval_commit(&self, commit: &EvalCommit) -> Result<()> {
         let mut state = self.writer.lock().expect("writer lock");
         let mut w = Overlay::new(self, &mut state);
-        for write in commit.groups.iter().flatten() {
+        for write in commit.rows.iter().chain(commit.groups.iter().flatten()) {
             match write {
                 EvalWrite::Put(table, key, value) => {
                     w.put(Ks::Evaluator, row_key(*table, key), value.clone());

@@ -1,0 +1,420 @@
+//! Evaluating one profile: read what it is now (identity, traits, seen
+//! times, its members' leaf states), evaluate the workspace's catalog at
+//! `now`, and turn every difference from the profile's record into writes
+//! and events, in one group (written all or nothing).
+//!
+//! Identity changes are found here too: a member last evaluated under
+//! another profile id means profiles merged (that profile is checked, and
+//! retired if it no longer stands alone), and a member that left means a
+//! split (its new profile is evaluated as well).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde_json::Value;
+use trailmark_domain::audience::eval::ProfileData;
+use trailmark_domain::audience::leaf::{LeafState, SpecId};
+use trailmark_domain::audience::{Catalog, Evaluation};
+use trailmark_domain::{Event, Identifier};
+use trailmark_store::evaluator::{EvalKey, EvalTable, EvalWrite};
+use trailmark_store::{ProfileRef, ProfileStore};
+use uuid::Uuid;
+
+use crate::Result;
+use crate::emit::{self, Change};
+use crate::rows::{
+    self, Cause, HistoryRow, LeafRow, MemberRow, MemberState, ProfileRecord, TraitState,
+};
+
+/// What evaluating one profile produced.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The writes, as one group.
+    pub group: Vec<EvalWrite>,
+    /// Events to append to the log (through the outbox, in the same group).
+    pub events: Vec<Event>,
+    /// Identifiers that left the profile: their profiles are evaluated too.
+    pub departed: Vec<Identifier>,
+    /// Profile ids its members were last evaluated under: each is checked,
+    /// and retired if it no longer stands alone.
+    pub former: Vec<Uuid>,
+    /// For changes caused by an event, when that event was received; for
+    /// changes caused by a deadline, the deadline (metrics).
+    pub changes: Vec<Cause>,
+}
+
+/// Leaf rows written earlier in the step or cached, by key: read before
+/// the store.
+pub type Overlay = HashMap<EvalKey, LeafRow>;
+
+/// A profile's members' leaf states for the catalog's specs, merged in
+/// member order.
+pub async fn leaves(
+    store: &dyn ProfileStore,
+    ws: &str,
+    members: &[Identifier],
+    catalog: &Catalog,
+    overlay: &Overlay,
+) -> Result<BTreeMap<SpecId, LeafState>> {
+    let mut wanted = Vec::new();
+    let mut found: HashMap<EvalKey, LeafRow> = HashMap::new();
+    for m in members {
+        for spec in catalog.specs().keys() {
+            let key = rows::leaf_key(ws, m, spec);
+            match overlay.get(&key) {
+                Some(row) => {
+                    found.insert(key, row.clone());
+                }
+                None => wanted.push(key),
+            }
+        }
+    }
+    if !wanted.is_empty() {
+        for (key, v) in store.eval_get(EvalTable::Leaves, wanted).await? {
+            if let Some(row) = rows::decode::<LeafRow>(&v) {
+                found.insert(key, row);
+            }
+        }
+    }
+    let mut out: BTreeMap<SpecId, LeafState> = BTreeMap::new();
+    for m in members {
+        for (spec_id, spec) in catalog.specs() {
+            let Some(row) = found.get(&rows::leaf_key(ws, m, spec_id)) else {
+                continue;
+            };
+            match out.get_mut(spec_id) {
+                Some(mine) => mine.merge(spec, &row.state),
+                None => {
+                    out.insert(spec_id.clone(), row.state.clone());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads a profile's record.
+pub async fn record(
+    store: &dyn ProfileStore,
+    ws: &str,
+    pid: Uuid,
+) -> Result<Option<ProfileRecord>> {
+    let got = store
+        .eval_get(EvalTable::Profiles, vec![rows::profile_key(ws, pid)])
+        .await?;
+    Ok(got.into_iter().next().and_then(|(_, v)| rows::decode(&v)))
+}
+
+/// Evaluates `profile` at `now` against `catalog` and its record.
+pub async fn evaluate(
+    store: &dyn ProfileStore,
+    ws: &str,
+    catalog: &Catalog,
+    profile: &ProfileRef,
+    cause: &Cause,
+    now: i64,
+    overlay: &Overlay,
+) -> Result<Outcome> {
+    let pid = profile.profile_id;
+    let members: Vec<Identifier> = profile.identifiers.keys().cloned().collect();
+    let before = record(store, ws, pid).await?.unwrap_or_default();
+    let evaluation = if catalog.is_empty() {
+        Evaluation::default()
+    } else {
+        let traits = store.traits(ws, profile).await?;
+        let meta = store.metadata(ws, profile).await?;
+        let leaves = leaves(store, ws, &members, catalog, overlay).await?;
+        let data = ProfileData {
+            traits: &traits,
+            seen: (!meta.counts.is_empty()).then_some((meta.first_seen, meta.last_seen)),
+            leaves: &leaves,
+        };
+        catalog.evaluate(&data, now)
+    };
+    let mut out = Outcome::default();
+    let mut after = ProfileRecord {
+        holder: rows::id_text(&profile.holder),
+        members: members.iter().map(rows::id_text).collect(),
+        audiences: BTreeMap::new(),
+        traits: BTreeMap::new(),
+        deadline: evaluation.deadline,
+    };
+    // A change caused by time happened at the boundary that passed, not
+    // when the sweep noticed it.
+    let at = match cause {
+        Cause::Deadline { at } => *at,
+        _ => now,
+    };
+    macro_rules! change {
+        ($definition:expr, $n:expr) => {
+            Change {
+                ws,
+                holder: &profile.holder,
+                members: &members,
+                profile_id: pid,
+                definition: $definition,
+                n: $n,
+                at,
+                now,
+                cause,
+            }
+        };
+    }
+    for a in catalog.audiences() {
+        let member = evaluation.audiences.get(&a.key).copied().unwrap_or(false);
+        let prev = before.audiences.get(&a.id);
+        let was = prev.is_some_and(|p| p.member);
+        if member == was {
+            if let Some(p) = prev {
+                after.audiences.insert(
+                    a.id.clone(),
+                    MemberState {
+                        version: a.version,
+                        ..p.clone()
+                    },
+                );
+            }
+            continue;
+        }
+        let n = prev.map_or(0, |p| p.n) + 1;
+        out.events.push(emit::membership(
+            &change!((&a.id, &a.key, a.version), n),
+            member,
+        ));
+        out.group.push(EvalWrite::Put(
+            EvalTable::History,
+            rows::history_key(ws, pid, &a.id, n),
+            rows::encode(&HistoryRow {
+                member,
+                value: None,
+                version: a.version,
+                at,
+                cause: cause.clone(),
+            }),
+        ));
+        let mkey = rows::member_key(ws, &a.id, pid);
+        out.group.push(if member {
+            EvalWrite::Put(
+                EvalTable::Members,
+                mkey,
+                rows::encode(&MemberRow {
+                    holder: after.holder.clone(),
+                    since: at,
+                    version: a.version,
+                }),
+            )
+        } else {
+            EvalWrite::Delete(EvalTable::Members, mkey)
+        });
+        out.changes.push(cause.clone());
+        after.audiences.insert(
+            a.id.clone(),
+            MemberState {
+                member,
+                n,
+                version: a.version,
+                since: at,
+            },
+        );
+    }
+    // Audiences no longer defined: their member rows go, without events.
+    let defined: BTreeSet<&str> = catalog.audiences().iter().map(|a| a.id.as_str()).collect();
+    for (id, state) in &before.audiences {
+        if !defined.contains(id.as_str()) && state.member {
+            out.group.push(EvalWrite::Delete(
+                EvalTable::Members,
+                rows::member_key(ws, id, pid),
+            ));
+        }
+    }
+    for t in catalog.traits() {
+        let value = evaluation.traits.get(&t.key);
+        let prev = before.traits.get(&t.id);
+        let previous = prev.map_or(&Value::Null, |p| &p.value);
+        let current = value.unwrap_or(&Value::Null);
+        if current == previous {
+            if let Some(p) = prev {
+                after.traits.insert(
+                    t.id.clone(),
+                    TraitState {
+                        version: t.version,
+                        ..p.clone()
+                    },
+                );
+            }
+            continue;
+        }
+        let n = prev.map_or(0, |p| p.n) + 1;
+        out.events.push(emit::trait_changed(
+            &change!((&t.id, &t.key, t.version), n),
+            current,
+            previous,
+        ));
+        out.group.push(EvalWrite::Put(
+            EvalTable::History,
+            rows::history_key(ws, pid, &t.id, n),
+            rows::encode(&HistoryRow {
+                member: !current.is_null(),
+                value: Some(current.clone()),
+                version: t.version,
+                at,
+                cause: cause.clone(),
+            }),
+        ));
+        out.changes.push(cause.clone());
+        after.traits.insert(
+            t.id.clone(),
+            TraitState {
+                value: current.clone(),
+                n,
+                version: t.version,
+                since: at,
+            },
+        );
+    }
+    if before.deadline != after.deadline {
+        if let Some(d) = before.deadline {
+            out.group.push(EvalWrite::Delete(
+                EvalTable::Deadlines,
+                rows::deadline_key(d, ws, pid),
+            ));
+        }
+        if let Some(d) = after.deadline {
+            out.group.push(EvalWrite::Put(
+                EvalTable::Deadlines,
+                rows::deadline_key(d, ws, pid),
+                Vec::new(),
+            ));
+        }
+    }
+    // Identity: where each member was last evaluated.
+    let keys: Vec<EvalKey> = members
+        .iter()
+        .map(|m| rows::id_profile_key(ws, m))
+        .collect();
+    let last: HashMap<EvalKey, Vec<u8>> = store
+        .eval_get(EvalTable::IdProfiles, keys.clone())
+        .await?
+        .into_iter()
+        .collect();
+    for key in keys {
+        match last.get(&key) {
+            Some(v) if v.as_slice() == pid.as_bytes() => {}
+            other => {
+                if let Some(former) = other.and_then(|v| Uuid::from_slice(v).ok())
+                    && !former.is_nil()
+                {
+                    out.former.push(former);
+                }
+                out.group.push(EvalWrite::Put(
+                    EvalTable::IdProfiles,
+                    key,
+                    pid.as_bytes().to_vec(),
+                ));
+            }
+        }
+    }
+    let now_members: BTreeSet<&String> = after.members.iter().collect();
+    for m in &before.members {
+        if !now_members.contains(m)
+            && let Some(id) = Identifier::parse(m)
+        {
+            out.departed.push(id);
+        }
+    }
+    out.former.sort_unstable();
+    out.former.dedup();
+    if after != before {
+        out.group.push(EvalWrite::Put(
+            EvalTable::Profiles,
+            rows::profile_key(ws, pid),
+            rows::encode(&after),
+        ));
+    }
+    Ok(out)
+}
+
+/// Retires a profile that no longer stands alone (its members merged into
+/// `into`): it exits every audience and needs no more evaluation.
+pub fn retire(
+    ws: &str,
+    pid: Uuid,
+    before: &ProfileRecord,
+    catalog: &Catalog,
+    into: Uuid,
+    now: i64,
+) -> Outcome {
+    let mut out = Outcome::default();
+    let mut after = before.clone();
+    after.deadline = None;
+    let cause = Cause::Merged { into };
+    let holder = Identifier::parse(&before.holder).unwrap_or_else(|| {
+        Identifier::new(trailmark_domain::IdKind::AnonymousId, before.holder.clone())
+    });
+    let members: Vec<Identifier> = before
+        .members
+        .iter()
+        .filter_map(|m| Identifier::parse(m))
+        .collect();
+    for (id, state) in &before.audiences {
+        if !state.member {
+            continue;
+        }
+        let key = catalog
+            .audiences()
+            .iter()
+            .find(|a| &a.id == id)
+            .map_or_else(|| id.clone(), |a| a.key.clone());
+        let n = state.n + 1;
+        let change = Change {
+            ws,
+            holder: &holder,
+            members: &members,
+            profile_id: pid,
+            definition: (id, &key, state.version),
+            n,
+            at: now,
+            now,
+            cause: &cause,
+        };
+        out.events.push(emit::membership(&change, false));
+        out.group.push(EvalWrite::Put(
+            EvalTable::History,
+            rows::history_key(ws, pid, id, n),
+            rows::encode(&HistoryRow {
+                member: false,
+                value: None,
+                version: state.version,
+                at: now,
+                cause: cause.clone(),
+            }),
+        ));
+        out.group.push(EvalWrite::Delete(
+            EvalTable::Members,
+            rows::member_key(ws, id, pid),
+        ));
+        out.changes.push(cause.clone());
+        after.audiences.insert(
+            id.clone(),
+            MemberState {
+                member: false,
+                n,
+                version: state.version,
+                since: now,
+            },
+        );
+    }
+    if let Some(d) = before.deadline {
+        out.group.push(EvalWrite::Delete(
+            EvalTable::Deadlines,
+            rows::deadline_key(d, ws, pid),
+        ));
+    }
+    // The record stays, with every change counted, so the profile's change
+    // numbers (and so its events' ids) continue should it stand alone again.
+    out.group.push(EvalWrite::Put(
+        EvalTable::Profiles,
+        rows::profile_key(ws, pid),
+        rows::encode(&after),
+    ));
+    out
+}

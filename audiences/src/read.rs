@@ -1,0 +1,1 @@
+//! What the query API reads of audiences and computed traits.
