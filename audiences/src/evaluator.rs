@@ -149,7 +149,9 @@ struct Pass {
 /// New leaf states folded from the start of the log by a second reader,
 /// until it meets the live reader; then the new versions run.
 struct Backfill {
-    sub: Box<dyn Subscription>,
+    /// (In a mutex only so that the loop's state is `Sync`; it is reached
+    /// through `&mut`, never locked.)
+    sub: tokio::sync::Mutex<Box<dyn Subscription>>,
     consumer: String,
     /// The new specs' catalogs, by workspace (only the new specs).
     catalogs: HashMap<String, Arc<Catalog>>,
@@ -1119,7 +1121,7 @@ impl Evaluator {
             "backfilling new leaf states from the start of the log"
         );
         run.backfill = Some(Backfill {
-            sub,
+            sub: tokio::sync::Mutex::new(sub),
             consumer,
             catalogs,
             target: targets,
@@ -1191,6 +1193,7 @@ impl Evaluator {
         if !met(bf, run) {
             let deliveries = bf
                 .sub
+                .get_mut()
                 .poll(self.config.batch_size, Duration::from_millis(10))
                 .await?;
             if !deliveries.is_empty() {

@@ -24,6 +24,7 @@ use std::time::Duration;
 use trailmark_domain::{Clock, Limits, SystemClock};
 use trailmark_log::EventLog;
 use trailmark_schemas::EventCodec;
+use trailmark_store::evaluator::EvaluatorReader;
 use trailmark_store::{ProfileReader, WorkspaceDirectory};
 
 pub mod auth;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub log: Arc<dyn EventLog>,
     /// Projections, read only: the HTTP services never write them.
     pub store: Arc<dyn ProfileReader>,
+    /// The audience evaluator's rows, read only.
+    pub audiences: Arc<dyn EvaluatorReader>,
     /// Workspaces and credentials.
     pub directory: Arc<dyn WorkspaceDirectory>,
     /// The log record codec.
@@ -86,15 +89,18 @@ impl Default for Readiness {
 }
 
 impl AppState {
-    /// Starts building the state from its three backends.
+    /// Starts building the state from its backends: the log, the store's
+    /// two read sides, and the directory.
     pub fn builder(
         log: Arc<dyn EventLog>,
         store: Arc<dyn ProfileReader>,
+        audiences: Arc<dyn EvaluatorReader>,
         directory: Arc<dyn WorkspaceDirectory>,
     ) -> AppStateBuilder {
         AppStateBuilder {
             log,
             store,
+            audiences,
             directory,
             clock: Arc::new(SystemClock),
             metrics: None,
@@ -109,6 +115,7 @@ impl AppState {
 pub struct AppStateBuilder {
     log: Arc<dyn EventLog>,
     store: Arc<dyn ProfileReader>,
+    audiences: Arc<dyn EvaluatorReader>,
     directory: Arc<dyn WorkspaceDirectory>,
     clock: Arc<dyn Clock>,
     metrics: Option<Arc<Metrics>>,
@@ -153,6 +160,7 @@ impl AppStateBuilder {
         Ok(AppState {
             log: self.log,
             store: self.store,
+            audiences: self.audiences,
             directory: self.directory,
             codec: Arc::new(EventCodec::new()?),
             clock: self.clock,

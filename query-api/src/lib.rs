@@ -45,6 +45,7 @@ use trailmark_store::{ProfileRef, TimelineQuery};
 
 mod accounts;
 pub mod admin;
+pub mod audiences;
 
 /// The largest page.
 pub const MAX_LIMIT: usize = 200;
@@ -78,6 +79,36 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/admin/tokens", post(admin::create_token))
         .route("/v1/profiles/merge", post(admin::merge))
         .route("/v1/profiles/{id}/split", post(admin::split))
+        .route(
+            "/v1/audiences",
+            get(audiences::list_audiences).post(audiences::create_audience),
+        )
+        .route("/v1/audiences/preview", post(audiences::preview))
+        .route(
+            "/v1/audiences/{id}",
+            get(audiences::get_audience)
+                .put(audiences::put_audience)
+                .delete(audiences::delete_audience),
+        )
+        .route("/v1/audiences/{id}/members", get(audiences::members))
+        .route(
+            "/v1/computed-traits",
+            get(audiences::list_traits).post(audiences::create_trait),
+        )
+        .route(
+            "/v1/computed-traits/{id}",
+            get(audiences::get_trait)
+                .put(audiences::put_trait)
+                .delete(audiences::delete_trait),
+        )
+        .route(
+            "/v1/profiles/{id}/audiences",
+            get(audiences::profile_audiences),
+        )
+        .route(
+            &format!("{SEGMENT}/audiences"),
+            get(audiences::profile_audiences),
+        )
 }
 
 /// A profile route's path: Trailmark's (`/v1/profiles/{id}/…` or
@@ -257,6 +288,18 @@ struct TraitsParams {
     include: Option<String>,
     verbose: Option<bool>,
     next: Option<String>,
+    class: Option<String>,
+}
+
+/// Which traits the traits route shows (`class`): all, those events set,
+/// the computed ones, or audience memberships (each `true`), as Segment's
+/// Profile API filters them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TraitClass {
+    All,
+    Trait,
+    ComputedTrait,
+    Audience,
 }
 
 async fn traits(
@@ -267,9 +310,51 @@ async fn traits(
 ) -> Result<Json<Value>, ApiError> {
     let Query(p) = p.map_err(bad_query)?;
     let limit = limit(p.limit, 10)?;
+    let class = match p.class.as_deref() {
+        None | Some("") => TraitClass::All,
+        Some("trait") => TraitClass::Trait,
+        Some("computed_trait") => TraitClass::ComputedTrait,
+        Some("audience") => TraitClass::Audience,
+        Some(_) => {
+            return Err(ApiError::bad_field(
+                "class",
+                "class is trait, computed_trait or audience",
+            ));
+        }
+    };
     let after: Option<String> = p.next.as_deref().map(decode_cursor).transpose()?;
     let profile = resolve(&state, &reader, &path).await?;
-    let all = state.store.traits(&reader.0.workspace_id, &profile).await?;
+    let ws = &reader.0.workspace_id;
+    let mut all = match class {
+        TraitClass::All | TraitClass::Trait => state.store.traits(ws, &profile).await?,
+        _ => BTreeMap::new(),
+    };
+    // Computed traits and memberships are the evaluator's; shown like
+    // traits, set by the evaluator's latest change.
+    let derived: Vec<(String, Value)> = match class {
+        TraitClass::All | TraitClass::ComputedTrait => {
+            audiences::computed_traits_of(&state, ws, &profile)
+                .await?
+                .into_iter()
+                .collect()
+        }
+        TraitClass::Audience => audiences::audiences_of(&state, ws, &profile)
+            .await?
+            .into_iter()
+            .map(|k| (k, Value::Bool(true)))
+            .collect(),
+        TraitClass::Trait => Vec::new(),
+    };
+    for (k, v) in derived {
+        all.insert(
+            k,
+            trailmark_domain::profile::TraitValue {
+                value: v,
+                updated_at: 0,
+                message_id: String::new(),
+            },
+        );
+    }
     let include: Option<Vec<&str>> = p.include.as_deref().map(|s| {
         s.split(',')
             .map(str::trim)
@@ -305,6 +390,9 @@ async fn traits(
     }
     if verbose {
         url.push_str("&verbose=true");
+    }
+    if let Some(c) = &p.class {
+        url.push_str(&format!("&class={}", encode_query_value(c)));
     }
     Ok(Json(json!({
         "traits": out,
@@ -519,6 +607,8 @@ async fn metadata(
         .await?;
     let last_message_id = newest.entries.first().map(|e| e.message_id.clone());
     let has_events = !meta.counts.is_empty();
+    let computed = audiences::computed_traits_of(&state, &reader.0.workspace_id, &profile).await?;
+    let member_of = audiences::audiences_of(&state, &reader.0.workspace_id, &profile).await?;
     let (first_seen, last_seen) = if path.is_account() {
         // Accounts keep no counts; their record has the seen times.
         let named = &profile.identifiers[&profile.holder];
@@ -539,6 +629,8 @@ async fn metadata(
             "total_events": total,
             "event_counts": counts,
             "identifiers": profile.identifiers.len(),
+            "computed_traits": computed.keys().collect::<Vec<_>>(),
+            "audiences": member_of,
         }
     })))
 }

@@ -12,7 +12,9 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use scylla::value::CqlValue;
-use trailmark_store::evaluator::{EvalCommit, EvalKey, EvalTable, EvalWrite, EvaluatorStore};
+use trailmark_store::evaluator::{
+    EvalCommit, EvalKey, EvalTable, EvalWrite, EvaluatorReader, EvaluatorStore,
+};
 
 use super::*;
 
@@ -38,7 +40,7 @@ fn code(table: EvalTable) -> i32 {
 }
 
 #[async_trait]
-impl EvaluatorStore for ScyllaStore {
+impl EvaluatorReader for ScyllaStore {
     async fn eval_get(
         &self,
         table: EvalTable,
@@ -74,7 +76,10 @@ impl EvaluatorStore for ScyllaStore {
             (Some(a), Some(b)) => self.rows(between, (t, part, a, b, limit)).await,
         }
     }
+}
 
+#[async_trait]
+impl EvaluatorStore for ScyllaStore {
     async fn eval_seen(
         &self,
         consumer: &str,

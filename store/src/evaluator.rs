@@ -134,9 +134,9 @@ pub struct EvalCommit {
     pub positions: Vec<(u32, u64)>,
 }
 
-/// The evaluator's state, kept by a store.
+/// Reading the evaluator's rows: all the query API may do with them.
 #[async_trait]
-pub trait EvaluatorStore: Send + Sync + 'static {
+pub trait EvaluatorReader: Send + Sync + 'static {
     /// The rows of `keys` that exist.
     async fn eval_get(
         &self,
@@ -154,7 +154,12 @@ pub trait EvaluatorStore: Send + Sync + 'static {
         before: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+}
 
+/// The evaluator's state, kept by a store: reading, de-duplication and
+/// commits.
+#[async_trait]
+pub trait EvaluatorStore: EvaluatorReader {
     /// When `consumer` last saw each of these `(workspace, messageId)`, if
     /// within its de-duplication rows.
     async fn eval_seen(

@@ -30,6 +30,8 @@ pub enum Role {
     Projector,
     /// Only the query API.
     QueryApi,
+    /// Only the audience evaluator (with health and metrics endpoints).
+    Evaluator,
 }
 
 impl Role {
@@ -43,6 +45,14 @@ impl Role {
 
     fn projects(self) -> bool {
         matches!(self, Role::All | Role::Projector)
+    }
+
+    fn evaluates(self, config: &Config) -> bool {
+        match self {
+            Role::All => config.evaluator.enabled,
+            Role::Evaluator => true,
+            _ => false,
+        }
     }
 }
 
@@ -143,11 +153,12 @@ pub fn state(
     role: Role,
 ) -> anyhow::Result<AppState> {
     let readiness = trailmark_http::Readiness {
-        log: role.serves_ingest() || role.projects(),
-        store: role.serves_queries() || role.projects(),
+        log: role.serves_ingest() || role.projects() || role == Role::Evaluator,
+        store: role.serves_queries() || role.projects() || role == Role::Evaluator,
     };
     Ok(AppState::builder(
         backends.log.clone(),
+        backends.store.clone(),
         backends.store.clone(),
         backends.directory.clone(),
     )
@@ -192,6 +203,7 @@ pub struct Running {
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     admin: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     projector: Option<tokio::task::JoinHandle<trailmark_projector::Result<()>>>,
+    evaluator: Option<tokio::task::JoinHandle<trailmark_audiences::Result<()>>>,
 }
 
 /// Opens the backends and starts `role` on `listener` (and the admin
@@ -235,6 +247,25 @@ pub async fn start(config: Config, role: Role, listener: TcpListener) -> anyhow:
                 .await
         })
     });
+    let evaluator = role.evaluates(&config).then(|| {
+        let evaluator = trailmark_audiences::Evaluator::new(
+            backends.log.clone(),
+            backends.store.clone(),
+            backends.directory.clone(),
+            state.codec.clone(),
+            state.clock.clone(),
+            metrics.clone(),
+            config.evaluator(),
+        );
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            evaluator
+                .run(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -257,35 +288,58 @@ pub async fn start(config: Config, role: Role, listener: TcpListener) -> anyhow:
         server,
         admin,
         projector,
+        evaluator,
     })
 }
 
 impl Running {
-    /// Runs until `shutdown` resolves or the projector fails, then stops:
-    /// HTTP stops accepting and drains, the projector finishes its batch,
-    /// and the backends are flushed and closed.
+    /// Runs until `shutdown` resolves or the projector or the evaluator
+    /// fails, then stops: HTTP stops accepting and drains, the projector
+    /// and the evaluator finish their step, and the backends are flushed
+    /// and closed.
     pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let failed = match self.projector.as_mut() {
-            Some(handle) => tokio::select! {
-                _ = shutdown => None,
-                r = handle => Some(r),
-            },
-            None => {
-                shutdown.await;
-                None
+        let projector = async {
+            match self.projector.as_mut() {
+                Some(h) => Some(h.await),
+                None => std::future::pending().await,
             }
+        };
+        let evaluator = async {
+            match self.evaluator.as_mut() {
+                Some(h) => Some(h.await),
+                None => std::future::pending().await,
+            }
+        };
+        let failed: Option<anyhow::Result<()>> = tokio::select! {
+            _ = shutdown => None,
+            Some(r) = projector => Some(match r {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the projector stopped unexpectedly")),
+                Ok(Err(e)) => Err(e.into()),
+                Err(e) => Err(e.into()),
+            }),
+            Some(r) = evaluator => Some(match r {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the evaluator stopped unexpectedly")),
+                Ok(Err(e)) => Err(e.into()),
+                Err(e) => Err(e.into()),
+            }),
         };
         match failed {
             Some(result) => {
-                self.projector = None;
                 let _ = self.stop.send(true);
                 let _ = (&mut self.server).await;
                 if let Some(admin) = self.admin.take() {
                     let _ = admin.await;
                 }
+                // The one that did not fail finishes its step. (A finished
+                // handle answers at once.)
+                if let Some(h) = self.projector.take() {
+                    let _ = h.await;
+                }
+                if let Some(h) = self.evaluator.take() {
+                    let _ = h.await;
+                }
                 self.backends.close();
-                result??;
-                anyhow::bail!("the projector stopped unexpectedly")
+                result
             }
             None => self.stop().await,
         }
@@ -302,8 +356,13 @@ impl Running {
             Some(handle) => handle.await.map_err(anyhow::Error::from),
             None => Ok(Ok(())),
         };
+        let evaluated = match self.evaluator {
+            Some(handle) => handle.await.map_err(anyhow::Error::from),
+            None => Ok(Ok(())),
+        };
         self.backends.close();
         projected??;
+        evaluated??;
         Ok(())
     }
 }

@@ -31,6 +31,8 @@ pub struct Config {
     pub ingest: IngestSection,
     /// The projector.
     pub projector: ProjectorSection,
+    /// The audience evaluator.
+    pub evaluator: EvaluatorSection,
     /// The default workspace created on first start.
     pub bootstrap: BootstrapSection,
     /// The HTTP server: timeouts, connection limit, admin listener, proxies.
@@ -112,6 +114,30 @@ pub struct ProjectorSection {
     pub fold_cache_mb: usize,
 }
 
+/// `[evaluator]`: the audience and computed-trait evaluator.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvaluatorSection {
+    /// Whether `serve` runs it in-process.
+    pub enabled: bool,
+    /// Its consumer group.
+    pub group: String,
+    /// How often profiles whose windows expired are evaluated, in
+    /// milliseconds (exits are at most this late, plus a step).
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for EvaluatorSection {
+    fn default() -> Self {
+        let e = trailmark_audiences::EvaluatorConfig::default();
+        Self {
+            enabled: true,
+            group: e.group,
+            sweep_interval_ms: e.sweep_interval.as_millis() as u64,
+        }
+    }
+}
+
 /// `[bootstrap]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -134,6 +160,7 @@ impl Default for Config {
             log: LogSection::default(),
             ingest: IngestSection::default(),
             projector: ProjectorSection::default(),
+            evaluator: EvaluatorSection::default(),
             bootstrap: BootstrapSection::default(),
             server: ServerSection::default(),
         }
@@ -195,6 +222,8 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
         "projector.dedup_window_hours",
     ),
     ("TRAILMARK_FOLD_CACHE_MB", "projector.fold_cache_mb"),
+    ("TRAILMARK_EVALUATOR", "evaluator.enabled"),
+    ("TRAILMARK_SWEEP_INTERVAL_MS", "evaluator.sweep_interval_ms"),
     ("TRAILMARK_BOOTSTRAP_WRITE_KEY", "bootstrap.write_key"),
     ("TRAILMARK_BOOTSTRAP_TOKEN", "bootstrap.token"),
     ("TRAILMARK_HEADER_TIMEOUT_MS", "server.header_timeout_ms"),
@@ -245,6 +274,10 @@ impl Config {
                 "TRAILMARK_FOLD_CACHE_MB" => {
                     self.projector.fold_cache_mb = v.parse().map_err(|e| bad(&e))?
                 }
+                "TRAILMARK_EVALUATOR" => self.evaluator.enabled = v.parse().map_err(|e| bad(&e))?,
+                "TRAILMARK_SWEEP_INTERVAL_MS" => {
+                    self.evaluator.sweep_interval_ms = v.parse().map_err(|e| bad(&e))?
+                }
                 "TRAILMARK_BOOTSTRAP_WRITE_KEY" => self.bootstrap.write_key = Some(v),
                 "TRAILMARK_BOOTSTRAP_TOKEN" => self.bootstrap.token = Some(v),
                 "TRAILMARK_HEADER_TIMEOUT_MS" => {
@@ -279,6 +312,11 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.projector.dedup_window_hours < 24 {
             bail!("projector.dedup_window_hours must be at least 24");
+        }
+        if !(1..=60_000).contains(&self.evaluator.sweep_interval_ms) {
+            bail!(
+                "evaluator.sweep_interval_ms must be between 1 and 60000 (exits are due within a minute)"
+            );
         }
         if self.log.partitions == 0 {
             bail!("log.partitions must be at least 1");
@@ -336,6 +374,17 @@ impl Config {
             batch_size: self.projector.batch_size,
             dedup_window: Duration::from_secs(self.projector.dedup_window_hours * 3_600),
             ..ProjectorConfig::default()
+        }
+    }
+
+    /// The evaluator's settings.
+    pub fn evaluator(&self) -> trailmark_audiences::EvaluatorConfig {
+        trailmark_audiences::EvaluatorConfig {
+            group: self.evaluator.group.clone(),
+            projector_group: self.projector.group.clone(),
+            sweep_interval: Duration::from_millis(self.evaluator.sweep_interval_ms),
+            dedup_window: Duration::from_secs(self.projector.dedup_window_hours * 3_600),
+            ..trailmark_audiences::EvaluatorConfig::default()
         }
     }
 

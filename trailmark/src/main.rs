@@ -59,6 +59,9 @@ enum Command {
     Projector(ServeArgs),
     /// Run only the Profile API (distributed mode)
     QueryApi(ServeArgs),
+    /// Run only the audience evaluator, which keeps audiences and computed
+    /// traits current (distributed mode; run one)
+    Evaluator(ServeArgs),
     /// Rebuild every profile from the log (stop the server first)
     Rebuild,
     /// Create a workspace and print its write key and secret token (embedded
@@ -87,7 +90,8 @@ impl Command {
             Command::Serve(a)
             | Command::Ingest(a)
             | Command::Projector(a)
-            | Command::QueryApi(a) => Some(a.listen),
+            | Command::QueryApi(a)
+            | Command::Evaluator(a) => Some(a.listen),
             _ => None,
         }
     }
@@ -223,6 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Projector(_) => Role::Projector,
         Command::QueryApi(_) => Role::QueryApi,
+        Command::Evaluator(_) => Role::Evaluator,
         Command::Rebuild => {
             let applied = app::rebuild(&config).await?;
             println!("rebuilt every projection from the log: {applied} records replayed");

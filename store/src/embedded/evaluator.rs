@@ -14,7 +14,9 @@ use super::fold::{Overlay, consumer_component, dedup_key, record_seen};
 use super::keys::{checkpoint_key, push_component, time_from};
 use super::{EmbeddedStore, Inner, Ks, unavailable};
 use crate::Result;
-use crate::evaluator::{EvalCommit, EvalKey, EvalTable, EvalWrite, EvaluatorStore};
+use crate::evaluator::{
+    EvalCommit, EvalKey, EvalTable, EvalWrite, EvaluatorReader, EvaluatorStore,
+};
 
 /// The start of a part's range: `code part`.
 fn part_prefix(table: EvalTable, part: &[u8]) -> Vec<u8> {
@@ -73,7 +75,7 @@ impl Inner {
 }
 
 #[async_trait]
-impl EvaluatorStore for EmbeddedStore {
+impl EvaluatorReader for EmbeddedStore {
     async fn eval_get(
         &self,
         table: EvalTable,
@@ -140,7 +142,10 @@ impl EvaluatorStore for EmbeddedStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl EvaluatorStore for EmbeddedStore {
     async fn eval_seen(
         &self,
         consumer: &str,
