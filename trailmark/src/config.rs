@@ -125,6 +125,8 @@ pub struct EvaluatorSection {
     /// How often profiles whose windows expired are evaluated, in
     /// milliseconds (exits are at most this late, plus a step).
     pub sweep_interval_ms: u64,
+    /// How often audience sizes are counted, in milliseconds.
+    pub size_interval_ms: u64,
 }
 
 impl Default for EvaluatorSection {
@@ -134,6 +136,7 @@ impl Default for EvaluatorSection {
             enabled: true,
             group: e.group,
             sweep_interval_ms: e.sweep_interval.as_millis() as u64,
+            size_interval_ms: e.size_interval.as_millis() as u64,
         }
     }
 }
@@ -383,6 +386,7 @@ impl Config {
             group: self.evaluator.group.clone(),
             projector_group: self.projector.group.clone(),
             sweep_interval: Duration::from_millis(self.evaluator.sweep_interval_ms),
+            size_interval: Duration::from_millis(self.evaluator.size_interval_ms.max(100)),
             dedup_window: Duration::from_secs(self.projector.dedup_window_hours * 3_600),
             ..trailmark_audiences::EvaluatorConfig::default()
         }

@@ -8,3 +8,4 @@ mod common;
 const DISTRIBUTED: bool = true;
 
 include!("cases/http.rs");
+include!("cases/audiences.rs");

@@ -113,3 +113,4 @@ async fn a_hostile_workspace_cannot_delay_another() {
     assert_eq!(ids["data"].as_array().unwrap().len(), 1, "{ids}");
     s.stop().await;
 }
+include!("cases/audiences.rs");

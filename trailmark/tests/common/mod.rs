@@ -3,8 +3,8 @@
 //!
 //! A test crate that includes this module defines `const DISTRIBUTED: bool`.
 //! When false, the server is one in-process `serve` on the embedded backends.
-//! When true, it is three separate processes of the built binary (`ingest`,
-//! `projector`, `query-api`) on a real Kafka and Cassandra
+//! When true, it is four separate processes of the built binary (`ingest`,
+//! `projector`, `query-api`, `evaluator`) on a real Kafka and Cassandra
 //! (`deploy/local/engines up`; `TRAILMARK_TEST_KAFKA` and
 //! `TRAILMARK_TEST_CASSANDRA` point elsewhere), with a topic and keyspace of
 //! their own, named from the test's data directory.
@@ -210,17 +210,22 @@ impl TestServer {
         let mut config = Config::for_test(dir.path());
         config.bootstrap.write_key = Some(WRITE_KEY.into());
         config.bootstrap.token = Some(TOKEN.into());
+        // Audiences' windows expire, and sizes are counted, within a test's
+        // patience.
+        config.evaluator.sweep_interval_ms = 200;
+        config.evaluator.size_interval_ms = 500;
         tweak(&mut config);
         if crate::DISTRIBUTED {
             prepare_distributed(dir.path(), config).await;
             let ingest = spawn_role(dir.path(), "ingest", "ingest").await;
             let projector = spawn_role(dir.path(), "projector", "projector").await;
             let query = spawn_role(dir.path(), "query-api", "query-api").await;
+            let evaluator = spawn_role(dir.path(), "evaluator", "evaluator").await;
             return Self {
                 base: ingest.base.clone(),
                 query_base: query.base.clone(),
                 running: None,
-                procs: vec![ingest, projector, query],
+                procs: vec![ingest, projector, query, evaluator],
                 client: reqwest::Client::new(),
                 dir,
             };
@@ -302,9 +307,16 @@ impl TestServer {
 
     /// The URL of `path`: the query API's routes go to the query role.
     pub fn url(&self, path: &str) -> String {
-        if ["/v1/profiles", "/v1/spaces", "/v1/admin", "/v1/accounts"]
-            .iter()
-            .any(|p| path.starts_with(p))
+        if [
+            "/v1/profiles",
+            "/v1/spaces",
+            "/v1/admin",
+            "/v1/accounts",
+            "/v1/audiences",
+            "/v1/computed-traits",
+        ]
+        .iter()
+        .any(|p| path.starts_with(p))
         {
             format!("{}{path}", self.query_base)
         } else {

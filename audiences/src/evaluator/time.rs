@@ -1,0 +1,140 @@
+//! Work driven by time and by catching up: the sweep of due deadlines, and
+//! the profiles marked while catching up.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use trailmark_domain::Identifier;
+use trailmark_domain::audience::Catalog;
+use trailmark_store::evaluator::{EvalCommit, EvalKey, EvalTable, EvalWrite};
+
+use super::*;
+use crate::Result;
+use crate::profile::{self};
+use crate::rows::{self, Cause};
+
+impl Evaluator {
+    /// Evaluates the profiles whose deadline has passed.
+    pub(super) async fn sweep(&self, run: &mut Run) -> Result<()> {
+        let now = self.clock.now_micros();
+        let now_hour = now.div_euclid(rows::HOUR);
+        let mut hour = run.sweep_cursor.unwrap_or(now_hour - 1);
+        let catalogs: HashMap<String, Arc<Catalog>> = run
+            .workspaces
+            .iter()
+            .map(|(ws, r)| (ws.clone(), r.catalog.clone()))
+            .collect();
+        let before = rows::time_bytes(now + 1).to_vec();
+        while hour <= now_hour {
+            let part = hour.to_be_bytes().to_vec();
+            loop {
+                let due = self
+                    .store
+                    .eval_scan(EvalTable::Deadlines, &part, None, Some(&before), SLICE)
+                    .await?;
+                if due.is_empty() {
+                    break;
+                }
+                let mut commit = EvalCommit {
+                    consumer: self.config.group.clone(),
+                    dedup_window_micros: self.window(),
+                    ..EvalCommit::default()
+                };
+                let mut outcomes = Vec::new();
+                for (sort, _) in &due {
+                    // Whatever happens below, this row is done with.
+                    commit.rows.push(EvalWrite::Delete(
+                        EvalTable::Deadlines,
+                        EvalKey::new(part.clone(), sort.clone()),
+                    ));
+                    let Some((deadline, pid, ws)) = rows::read_deadline(sort) else {
+                        continue;
+                    };
+                    let Some(record) = profile::record(&*self.store, &ws, pid).await? else {
+                        continue;
+                    };
+                    let Some(holder) = Identifier::parse(&record.holder) else {
+                        continue;
+                    };
+                    let Some(p) = self.store.resolve(&ws, &holder).await? else {
+                        continue;
+                    };
+                    let empty = Arc::new(Catalog::default());
+                    let catalog = catalogs.get(&ws).unwrap_or(&empty);
+                    let cause = Cause::Deadline { at: deadline };
+                    let mut out = profile::evaluate(
+                        &*self.store,
+                        &ws,
+                        catalog,
+                        &p,
+                        &cause,
+                        now,
+                        &run.leaf_cache,
+                    )
+                    .await?;
+                    // The old row is deleted above; keep the new one.
+                    out.group.retain(|w| {
+                        !matches!(w, EvalWrite::Delete(EvalTable::Deadlines, k) if k.sort == *sort)
+                    });
+                    outcomes.push((ws, out));
+                }
+                self.add_outcomes(run, &mut commit, outcomes, now)?;
+                self.store.eval_commit(Arc::new(commit)).await?;
+                self.publish(run).await?;
+            }
+            if hour < now_hour {
+                hour += 1;
+                run.sweep_cursor = Some(hour);
+                self.put_stats("sweep", &hour).await?;
+            } else {
+                break;
+            }
+        }
+        run.swept_to = now;
+        Ok(())
+    }
+
+    /// Evaluates the profiles marked while catching up, a slice at a time.
+    pub(super) async fn drain_dirty(&self, run: &mut Run) -> Result<()> {
+        let now = self.clock.now_micros();
+        let catalogs: HashMap<String, Arc<Catalog>> = run
+            .workspaces
+            .iter()
+            .map(|(ws, r)| (ws.clone(), r.catalog.clone()))
+            .collect();
+        for ws in self.directory.workspaces().await? {
+            loop {
+                let marked = self
+                    .store
+                    .eval_scan(EvalTable::Dirty, ws.id.as_bytes(), None, None, SLICE)
+                    .await?;
+                if marked.is_empty() {
+                    break;
+                }
+                let mut commit = EvalCommit {
+                    consumer: self.config.group.clone(),
+                    dedup_window_micros: self.window(),
+                    ..EvalCommit::default()
+                };
+                let mut touched = Vec::new();
+                for (sort, _) in &marked {
+                    commit.rows.push(EvalWrite::Delete(
+                        EvalTable::Dirty,
+                        EvalKey::new(ws.id.as_bytes().to_vec(), sort.clone()),
+                    ));
+                    if let Some(id) = std::str::from_utf8(sort).ok().and_then(Identifier::parse) {
+                        touched.push((ws.id.clone(), id, Cause::Definition { version: 0 }));
+                    }
+                }
+                let outcomes = self
+                    .evaluate_all(run, &catalogs, touched, now, &run.leaf_cache)
+                    .await?;
+                self.add_outcomes(run, &mut commit, outcomes, now)?;
+                self.store.eval_commit(Arc::new(commit)).await?;
+                self.publish(run).await?;
+            }
+        }
+        run.dirty_left = false;
+        Ok(())
+    }
+}
