@@ -314,6 +314,28 @@ impl ClientContext for Rebalancer {
     }
 }
 
+impl Rebalancer {
+    /// Asks where a partition starts, waiting for the answer. The callback
+    /// usually runs on the blocking thread that polls, where waiting is
+    /// fine; but librdkafka also serves it when a consumer is dropped, which
+    /// may be on a runtime thread, where blocking on the runtime would panic:
+    /// there it waits on a thread of its own.
+    fn start_position(&self, p: u32) -> trailmark_log::Result<Option<u64>> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return self.runtime.block_on(self.start.start_position(p));
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| self.runtime.block_on(self.start.start_position(p)))
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(trailmark_log::LogError::Unavailable(
+                        "reading a start position panicked".into(),
+                    ))
+                })
+        })
+    }
+}
+
 impl ConsumerContext for Rebalancer {
     // Runs on the thread that polls the consumer (a blocking task), so it may
     // wait for the store's answer.
@@ -331,7 +353,7 @@ impl ConsumerContext for Rebalancer {
                     let mut attempts = 0;
                     let offset = loop {
                         attempts += 1;
-                        match self.runtime.block_on(self.start.start_position(p)) {
+                        match self.start_position(p) {
                             Ok(Some(pos)) => break Offset::Offset(pos as i64),
                             Ok(None) => break Offset::Beginning,
                             // The group's committed offset mirrors a position

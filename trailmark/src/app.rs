@@ -310,28 +310,28 @@ impl Running {
                 None => std::future::pending().await,
             }
         };
-        let failed: Option<anyhow::Result<()>> = tokio::select! {
+        // Which one ended: its handle is spent and must not be awaited again.
+        let failed: Option<(&str, anyhow::Result<()>)> = tokio::select! {
             _ = shutdown => None,
-            Some(r) = projector => Some(match r {
-                Ok(Ok(())) => Err(anyhow::anyhow!("the projector stopped unexpectedly")),
-                Ok(Err(e)) => Err(e.into()),
-                Err(e) => Err(e.into()),
-            }),
-            Some(r) = evaluator => Some(match r {
-                Ok(Ok(())) => Err(anyhow::anyhow!("the evaluator stopped unexpectedly")),
-                Ok(Err(e)) => Err(e.into()),
-                Err(e) => Err(e.into()),
-            }),
+            Some(r) = projector => Some(("projector", flatten(r))),
+            Some(r) = evaluator => Some(("evaluator", flatten(r))),
         };
         match failed {
-            Some(result) => {
+            Some((which, result)) => {
+                let result = result.and_then(|()| Err(anyhow::anyhow!("stopped unexpectedly")));
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "the {which} failed; stopping");
+                }
+                match which {
+                    "projector" => self.projector = None,
+                    _ => self.evaluator = None,
+                }
                 let _ = self.stop.send(true);
                 let _ = (&mut self.server).await;
                 if let Some(admin) = self.admin.take() {
                     let _ = admin.await;
                 }
-                // The one that did not fail finishes its step. (A finished
-                // handle answers at once.)
+                // The one that did not fail finishes its step.
                 if let Some(h) = self.projector.take() {
                     let _ = h.await;
                 }
@@ -339,7 +339,7 @@ impl Running {
                     let _ = h.await;
                 }
                 self.backends.close();
-                result
+                result.with_context(|| format!("the {which} failed"))
             }
             None => self.stop().await,
         }
@@ -364,6 +364,16 @@ impl Running {
         projected??;
         evaluated??;
         Ok(())
+    }
+}
+
+/// A task's outcome as one result.
+fn flatten<E: Into<anyhow::Error>>(
+    r: Result<Result<(), E>, tokio::task::JoinError>,
+) -> anyhow::Result<()> {
+    match r {
+        Ok(inner) => inner.map_err(Into::into),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -390,6 +390,13 @@ impl Evaluator {
         if fresh {
             self.put_stats("specs", &run.folded).await?;
         }
+        tracing::info!(
+            fresh,
+            catching_up = run.catching_up.is_some(),
+            workspaces = run.workspaces.len(),
+            specs = run.folded.len(),
+            "evaluator starting"
+        );
         // Changes decided but not yet appended.
         self.publish(&mut run).await?;
         Ok(run)

@@ -308,6 +308,10 @@ impl Evaluator {
         overlay: &Overlay,
     ) -> Result<Vec<(String, Outcome)>> {
         let empty = Arc::new(Catalog::default());
+        // The newest event that touched a profile is its cause: evaluated
+        // newest first, each profile once.
+        let mut touched = touched;
+        touched.reverse();
         let mut done: BTreeSet<(String, Uuid)> = BTreeSet::new();
         let mut queue: std::collections::VecDeque<(String, Identifier, Cause)> = touched.into();
         let mut formers: Vec<(String, Uuid, Uuid)> = Vec::new();

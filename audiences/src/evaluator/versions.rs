@@ -53,6 +53,11 @@ impl Evaluator {
         if targets.is_empty() {
             return Ok(());
         }
+        tracing::info!(
+            workspaces = targets.len(),
+            new_specs = new_specs.len(),
+            "new definitions or versions"
+        );
         for (ws, target) in &targets {
             for (id, v) in &target.versions {
                 let mut st = self.definitions.status(ws, id).await?;

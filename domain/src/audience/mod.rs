@@ -185,9 +185,9 @@ pub fn check_key(s: &str) -> Result<(), String> {
 }
 
 /// The source of the events the evaluator appends to the log. The profile
-/// fold keeps them in timelines but does not count them, so they never move
-/// a profile's first or last seen, and the evaluator skips them, so it never
-/// feeds on its own output.
+/// fold keeps them in timelines only (they name, link, set and count
+/// nothing, so they never move a profile's seen times or decide its holder),
+/// and the evaluator skips them, so it never feeds on its own output.
 pub const EVALUATOR_SOURCE: &str = "trailmark-evaluator";
 
 /// The events the evaluator itself appends. Definitions may not count them,

@@ -296,14 +296,22 @@ fn the_evaluators_own_events_are_not_activity() {
         blocked_ids: vec![],
         control: None,
     };
-    let counted = |ev: &crate::Event| {
-        crate::profile::project(ev)
-            .unwrap()
-            .facts
+    let facts = |ev: &crate::Event| crate::profile::project(ev).unwrap().facts;
+    // History only: a timeline entry, and nothing that names, links,
+    // counts or sets a trait.
+    assert!(matches!(
+        facts(&ev).as_slice(),
+        [crate::profile::Fact::Timeline { .. }]
+    ));
+    ev.source_id = "src_1".into();
+    assert!(
+        facts(&ev)
             .iter()
             .any(|f| matches!(f, crate::profile::Fact::Counted { .. }))
-    };
-    assert!(!counted(&ev));
-    ev.source_id = "src_1".into();
-    assert!(counted(&ev));
+    );
+    assert!(
+        facts(&ev)
+            .iter()
+            .any(|f| matches!(f, crate::profile::Fact::Named { .. }))
+    );
 }

@@ -122,6 +122,9 @@ pub fn project(ev: &Event) -> Result<Projection, FoldError> {
     if let Some(control) = &ev.control {
         return project_control(ev, control, primary);
     }
+    if ev.source_id == crate::audience::EVALUATOR_SOURCE {
+        return Ok(project_generated(ev, primary));
+    }
     let mut ids = BTreeSet::new();
     ids.insert(primary.clone());
     if let Some(u) = &ev.user_id {
@@ -233,16 +236,11 @@ pub fn project(ev: &Event) -> Result<Projection, FoldError> {
         }));
     }
     let counter = counter_name(ev);
-    // The evaluator's own events (audience entered or exited) are history,
-    // not activity: counted, they would move the seen times that audiences
-    // test, and an audience could keep itself alive.
-    if ev.source_id != crate::audience::EVALUATOR_SOURCE {
-        facts.push(Fact::Counted {
-            id: primary.clone(),
-            counter: counter.clone(),
-            time,
-        });
-    }
+    facts.push(Fact::Counted {
+        id: primary.clone(),
+        counter: counter.clone(),
+        time,
+    });
     for id in std::iter::once(&primary).chain(&accounts) {
         facts.push(Fact::Timeline {
             id: id.clone(),
@@ -257,6 +255,25 @@ pub fn project(ev: &Event) -> Result<Projection, FoldError> {
         named: named.clone(),
     }));
     Ok(Projection { primary, facts })
+}
+
+/// An event the audience evaluator appended (an audience entered or
+/// exited, a computed trait changed): history, so its one fact is its
+/// timeline entry. It names no identifier (the profile it reports on was
+/// named by the events that made it), links nothing, sets no trait and
+/// counts nothing: as activity it would move the seen times audiences test,
+/// and as evidence it would make the evaluator's own output decide who a
+/// profile's holder is.
+fn project_generated(ev: &Event, primary: Identifier) -> Projection {
+    Projection {
+        facts: vec![Fact::Timeline {
+            id: primary.clone(),
+            time: ev.timestamp,
+            message_id: ev.message_id.clone(),
+            counter: counter_name(ev),
+        }],
+        primary,
+    }
 }
 
 /// A control record's one fact: the admin's instruction, as evidence. It

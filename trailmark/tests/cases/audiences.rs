@@ -275,7 +275,7 @@ mod audience_cases {
         assert_eq!(v2["name"], "Bees");
         let v2_live = until(&s, &b_path, |v| v["live_version"] == 2 && v["size"] == 1).await;
         assert_eq!(v2_live["status"], "live");
-        let (_, m2) = s.get(&format!("/v1/profiles/user_id:m2/audiences")).await;
+        let (_, m2) = s.get("/v1/profiles/user_id:m2/audiences").await;
         let keys: Vec<&str> = m2["data"]
             .as_array()
             .unwrap()
