@@ -68,7 +68,7 @@ async fn flip(
     let mut round = 0usize;
     while !stop.load(Ordering::SeqCst) {
         let person = format!("p{}", round % PEOPLE);
-        let on = (round / PEOPLE) % 2 == 0;
+        let on = (round / PEOPLE).is_multiple_of(2);
         let body = json!({"userId": person, "traits": {"mode": if on { "on" } else { "off" }},
                           "messageId": format!("flip-{round}")});
         loop {
