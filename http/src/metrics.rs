@@ -58,6 +58,8 @@ pub struct Metrics {
     pub evaluator_change_delay_seconds: HistogramVec,
     /// Membership and computed-trait changes decided.
     pub evaluator_changes: IntCounter,
+    /// Records in the log the evaluator has not read yet.
+    pub evaluator_behind: IntGauge,
 }
 
 impl Default for Metrics {
@@ -128,6 +130,11 @@ impl Metrics {
             &["cause"],
         )
         .expect("valid metric");
+        let evaluator_behind = IntGauge::new(
+            "trailmark_evaluator_behind",
+            "Log not yet read by the audience evaluator (file log: bytes)",
+        )
+        .expect("valid metric");
         let evaluator_changes = IntCounter::new(
             "trailmark_evaluator_changes_total",
             "Membership and computed-trait changes decided",
@@ -143,6 +150,7 @@ impl Metrics {
             Box::new(evaluator_lag_seconds.clone()),
             Box::new(evaluator_change_delay_seconds.clone()),
             Box::new(evaluator_changes.clone()),
+            Box::new(evaluator_behind.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -157,6 +165,7 @@ impl Metrics {
             evaluator_lag_seconds,
             evaluator_change_delay_seconds,
             evaluator_changes,
+            evaluator_behind,
         }
     }
 

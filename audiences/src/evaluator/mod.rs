@@ -174,7 +174,27 @@ struct Run {
     outbox_seq: u64,
     dirty_left: bool,
     /// Identifiers of workspaces with nothing defined, already noted.
-    known: std::collections::HashSet<EvalKey>,
+    known: std::collections::HashSet<(String, trailmark_domain::Identifier)>,
+    /// Backfills that met the live reader less than a window ago.
+    joined: Vec<Joined>,
+}
+
+/// A backfill that met the live reader: until `until` (the clock's time,
+/// a de-duplication window and some slack after), the live reader also
+/// asks what it saw.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Joined {
+    consumer: String,
+    until: i64,
+}
+
+/// One contribution of one event to one leaf state, to fold.
+struct Folding<'e> {
+    event: &'e LoggedEvent,
+    catalog: Arc<Catalog>,
+    spec: SpecId,
+    key: EvalKey,
+    contribution: trailmark_domain::audience::leaf::Contribution,
 }
 
 /// Where the evaluator has got: for the API (`eval_lag_ms`) and for tests,
@@ -255,6 +275,7 @@ impl Evaluator {
         let mut last_sweep = Instant::now();
         let mut last_refresh = Instant::now();
         let mut last_size: Option<Instant> = None;
+        let mut last_behind = Instant::now();
         let mut last_progress = Progress::default();
         loop {
             let polled = tokio::select! {
@@ -306,6 +327,19 @@ impl Evaluator {
                 retry!(self.count_sizes(&run));
                 last_size = Some(Instant::now());
             }
+            if last_behind.elapsed() >= Duration::from_millis(500) {
+                if let Ok(ends) = self.log.end_positions().await {
+                    let behind: u64 = ends
+                        .iter()
+                        .enumerate()
+                        .map(|(p, end)| {
+                            end.saturating_sub(run.positions.get(&(p as u32)).copied().unwrap_or(0))
+                        })
+                        .sum();
+                    self.metrics.evaluator_behind.set(behind as i64);
+                }
+                last_behind = Instant::now();
+            }
             let progress = Progress {
                 positions: run.positions.clone(),
                 swept_to: run.swept_to,
@@ -342,6 +376,11 @@ impl Evaluator {
         }
         if let Some(v) = self.stats_row("sweep").await? {
             run.sweep_cursor = serde_json::from_slice(&v).ok();
+        }
+        if let Some(v) = self.stats_row("joined").await? {
+            let now = self.clock.now_micros();
+            run.joined = serde_json::from_slice::<Vec<Joined>>(&v).unwrap_or_default();
+            run.joined.retain(|j| j.until > now);
         }
         let ends = self.log.end_positions().await?;
         let behind = ends.iter().enumerate().any(|(p, end)| {

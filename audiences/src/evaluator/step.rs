@@ -34,22 +34,32 @@ impl Evaluator {
             positions: positions.to_vec(),
             ..EvalCommit::default()
         };
-        let fresh = self
-            .fresh_events(&self.config.group, &run.positions, events, &mut commit)
-            .await?;
         let catalogs: HashMap<String, Arc<Catalog>> = run
             .workspaces
             .iter()
             .map(|(ws, r)| (ws.clone(), r.catalog.clone()))
             .collect();
+        let events: Vec<&LoggedEvent> = events
+            .iter()
+            .filter(|le| {
+                run.positions
+                    .get(&le.partition)
+                    .is_none_or(|next| le.position >= *next)
+            })
+            .collect();
+        let joined = run.joined.clone();
+        let contributions = self
+            .contributions(&self.config.group, &events, &catalogs, &joined, &mut commit)
+            .await?;
         let mut overlay = std::mem::take(&mut run.leaf_cache);
+        self.fold(contributions, &mut overlay, &mut commit).await?;
         let mut touched: Vec<(String, Identifier, Cause)> = Vec::new();
         let mut own: Vec<&Event> = Vec::new();
-        self.fold(&fresh, &catalogs, &mut overlay, &mut commit, |le| {
+        for le in &events {
             let ev = &le.event;
             if ev.source_id == EVALUATOR_SOURCE {
                 own.push(ev);
-                return;
+                continue;
             }
             let cause = Cause::Event {
                 message_id: ev.message_id.clone(),
@@ -58,8 +68,7 @@ impl Evaluator {
             for id in touched_ids(ev) {
                 touched.push((ev.workspace_id.clone(), id, cause.clone()));
             }
-        })
-        .await?;
+        }
         let mut restored = self.restore(&own).await?;
         // A workspace with nothing defined needs no evaluation: its
         // identifiers are only noted, so that a first definition's pass
@@ -68,11 +77,10 @@ impl Evaluator {
             if catalogs.contains_key(ws) {
                 return true;
             }
-            let key = rows::id_profile_key(ws, id);
-            if run.known.insert(key.clone()) {
+            if run.known.insert((ws.clone(), id.clone())) {
                 commit.rows.push(EvalWrite::Put(
                     EvalTable::IdProfiles,
-                    key,
+                    rows::id_profile_key(ws, id),
                     Uuid::nil().as_bytes().to_vec(),
                 ));
             }
@@ -101,7 +109,7 @@ impl Evaluator {
         for (p, next) in positions {
             run.positions.insert(*p, *next);
         }
-        if let Some(last) = fresh.last() {
+        if let Some(last) = events.last() {
             let lag = (now - last.event.received_at).max(0);
             self.metrics.evaluator_lag_seconds.set(lag as f64 / 1e6);
         }
@@ -112,32 +120,59 @@ impl Evaluator {
         self.publish(run).await
     }
 
-    /// The events of a batch to fold: not before the checkpoint, and not a
-    /// retry of a message this consumer saw within the window (recorded in
-    /// `commit`).
-    pub(super) async fn fresh_events<'e>(
+    /// What a batch's events contribute to leaf states, with each client
+    /// retry of a message `consumer` saw within the window left out (as the
+    /// projector leaves it out), and the decisions recorded in `commit`.
+    ///
+    /// Only events that contribute are de-duplicated: the others fold
+    /// nothing, and evaluating a profile twice changes nothing. Within a
+    /// window after a backfill met this reader (`joined`), an event that
+    /// contributes to the backfilled specs is also checked against what the
+    /// backfill saw, so a retry on either side of the meeting point counts
+    /// once.
+    pub(super) async fn contributions<'e>(
         &self,
         consumer: &str,
-        checkpoints: &BTreeMap<u32, u64>,
-        events: &'e [LoggedEvent],
+        events: &[&'e LoggedEvent],
+        catalogs: &HashMap<String, Arc<Catalog>>,
+        joined: &[Joined],
         commit: &mut EvalCommit,
-    ) -> Result<Vec<&'e LoggedEvent>> {
-        let keys: Vec<(String, String)> = events
-            .iter()
-            .map(|le| (le.event.workspace_id.clone(), le.event.message_id.clone()))
-            .collect();
-        let mut seen = self.store.eval_seen(consumer, keys).await?;
-        let mut fresh = Vec::with_capacity(events.len());
+    ) -> Result<Vec<Folding<'e>>> {
+        let mut candidates = Vec::new();
         for le in events {
-            if checkpoints
-                .get(&le.partition)
-                .is_some_and(|next| le.position < *next)
-            {
+            let ev = &le.event;
+            if ev.source_id == EVALUATOR_SOURCE || ev.kind == EventType::Control {
                 continue;
             }
+            let Some(catalog) = catalogs.get(&ev.workspace_id) else {
+                continue;
+            };
+            let found = catalog.contributions(ev);
+            if !found.is_empty() {
+                candidates.push((*le, catalog.clone(), found));
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<(String, String)> = candidates
+            .iter()
+            .map(|(le, _, _)| (le.event.workspace_id.clone(), le.event.message_id.clone()))
+            .collect();
+        let mut seen = self.store.eval_seen(consumer, keys.clone()).await?;
+        let window = self.window();
+        for j in joined {
+            let theirs = self.store.eval_seen(&j.consumer, keys.clone()).await?;
+            for (key, at) in theirs {
+                let e = seen.entry(key).or_insert(at);
+                *e = (*e).max(at);
+            }
+        }
+        let mut out = Vec::new();
+        for (le, catalog, found) in candidates {
             let ev = &le.event;
             let key = (ev.workspace_id.clone(), ev.message_id.clone());
-            if is_duplicate(seen.get(&key).copied(), ev.received_at, self.window()) {
+            if is_duplicate(seen.get(&key).copied(), ev.received_at, window) {
                 continue;
             }
             seen.insert(key, ev.received_at);
@@ -147,41 +182,34 @@ impl Evaluator {
                 ev.message_id.clone(),
                 ev.received_at,
             ));
-            fresh.push(le);
+            let primary = ev.primary_identifier();
+            for (spec, c) in found {
+                let key = rows::leaf_key(&ev.workspace_id, &primary, &spec);
+                out.push(Folding {
+                    event: le,
+                    catalog: catalog.clone(),
+                    spec,
+                    key,
+                    contribution: c,
+                });
+            }
         }
-        Ok(fresh)
+        Ok(out)
     }
 
-    /// Folds events' contributions into leaf rows (in `overlay`, and as
-    /// standalone writes of `commit`), calling `each` for every event.
-    pub(super) async fn fold<'e>(
+    /// Folds contributions into leaf rows (in `overlay`, and as standalone
+    /// writes of `commit`), each row fenced by its partition's position.
+    pub(super) async fn fold(
         &self,
-        events: &[&'e LoggedEvent],
-        catalogs: &HashMap<String, Arc<Catalog>>,
+        contributions: Vec<Folding<'_>>,
         overlay: &mut Overlay,
         commit: &mut EvalCommit,
-        mut each: impl FnMut(&'e LoggedEvent),
     ) -> Result<()> {
-        let mut contributions = Vec::new();
-        let mut wanted = Vec::new();
-        for le in events {
-            each(le);
-            let ev = &le.event;
-            if ev.source_id == EVALUATOR_SOURCE || ev.kind == EventType::Control {
-                continue;
-            }
-            let Some(catalog) = catalogs.get(&ev.workspace_id) else {
-                continue;
-            };
-            let primary = ev.primary_identifier();
-            for (spec, c) in catalog.contributions(ev) {
-                let key = rows::leaf_key(&ev.workspace_id, &primary, &spec);
-                if !overlay.contains_key(&key) {
-                    wanted.push(key.clone());
-                }
-                contributions.push((le, catalog.clone(), spec, key, c));
-            }
-        }
+        let mut wanted: Vec<EvalKey> = contributions
+            .iter()
+            .filter(|c| !overlay.contains_key(&c.key))
+            .map(|c| c.key.clone())
+            .collect();
         if !wanted.is_empty() {
             wanted.sort();
             wanted.dedup();
@@ -191,34 +219,35 @@ impl Evaluator {
                 .await?
                 .into_iter()
                 .collect();
-            for (_, catalog, spec, key, _) in &contributions {
-                if overlay.contains_key(key) {
+            for c in &contributions {
+                if overlay.contains_key(&c.key) {
                     continue;
                 }
                 let row = found
-                    .get(key)
+                    .get(&c.key)
                     .and_then(|v| rows::decode::<LeafRow>(v))
                     .unwrap_or_else(|| LeafRow {
-                        state: catalog.specs()[spec].empty(),
+                        state: c.catalog.specs()[&c.spec].empty(),
                         applied: None,
                     });
-                overlay.insert(key.clone(), row);
+                overlay.insert(c.key.clone(), row);
             }
         }
         let mut changed = BTreeSet::new();
-        for (le, catalog, spec, key, c) in contributions {
-            let Some(row) = overlay.get_mut(&key) else {
+        for c in contributions {
+            let Some(row) = overlay.get_mut(&c.key) else {
                 continue;
             };
+            let le = c.event;
             if let Some((p, next)) = row.applied
                 && p == le.partition
                 && le.position < next
             {
                 continue;
             }
-            row.state.fold(&catalog.specs()[&spec], &c);
+            row.state.fold(&c.catalog.specs()[&c.spec], &c.contribution);
             row.applied = Some((le.partition, le.position + 1));
-            changed.insert(key);
+            changed.insert(c.key);
         }
         for key in changed {
             let row = &overlay[&key];

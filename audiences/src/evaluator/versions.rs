@@ -130,6 +130,17 @@ impl Evaluator {
                 );
                 run.folded.extend(bf.specs.iter().cloned());
                 self.put_stats("specs", &run.folded).await?;
+                // For a window, the live reader also asks what the
+                // backfill saw (see `contributions`).
+                let now = self.clock.now_micros();
+                run.joined.retain(|j| j.until > now);
+                run.joined.push(Joined {
+                    consumer: bf.consumer.clone(),
+                    until: now
+                        .saturating_add(self.window())
+                        .saturating_add(2 * rows::HOUR),
+                });
+                self.put_stats("joined", &run.joined).await?;
                 for (ws, target) in bf.target {
                     self.switch(run, ws, target);
                 }
@@ -172,12 +183,19 @@ impl Evaluator {
                     dedup_window_micros: self.window(),
                     ..EvalCommit::default()
                 };
-                let fresh = self
-                    .fresh_events(&bf.consumer, &bf.positions, &events, &mut commit)
+                let events: Vec<&LoggedEvent> = events
+                    .iter()
+                    .filter(|le| {
+                        bf.positions
+                            .get(&le.partition)
+                            .is_none_or(|next| le.position >= *next)
+                    })
+                    .collect();
+                let contributions = self
+                    .contributions(&bf.consumer, &events, &bf.catalogs, &[], &mut commit)
                     .await?;
                 let mut overlay = std::mem::take(&mut run.leaf_cache);
-                self.fold(&fresh, &bf.catalogs, &mut overlay, &mut commit, |_| {})
-                    .await?;
+                self.fold(contributions, &mut overlay, &mut commit).await?;
                 self.store.eval_commit(Arc::new(commit)).await?;
                 run.leaf_cache = overlay;
                 for (p, next) in positions {
