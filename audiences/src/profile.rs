@@ -120,12 +120,22 @@ pub async fn evaluate(
     let evaluation = if catalog.is_empty() {
         Evaluation::default()
     } else {
-        let traits = store.traits(ws, profile).await?;
-        let meta = store.metadata(ws, profile).await?;
+        // Only what the definitions read.
+        let traits = if catalog.reads_traits() {
+            store.traits(ws, profile).await?
+        } else {
+            BTreeMap::new()
+        };
+        let seen = if catalog.reads_seen() {
+            let meta = store.metadata(ws, profile).await?;
+            (!meta.counts.is_empty()).then_some((meta.first_seen, meta.last_seen))
+        } else {
+            None
+        };
         let leaves = leaves(store, ws, &members, catalog, overlay).await?;
         let data = ProfileData {
             traits: &traits,
-            seen: (!meta.counts.is_empty()).then_some((meta.first_seen, meta.last_seen)),
+            seen,
             leaves: &leaves,
         };
         catalog.evaluate(&data, now)
@@ -286,16 +296,25 @@ pub async fn evaluate(
             ));
         }
     }
-    // Identity: where each member was last evaluated.
-    let keys: Vec<EvalKey> = members
-        .iter()
-        .map(|m| rows::id_profile_key(ws, m))
-        .collect();
-    let last: HashMap<EvalKey, Vec<u8>> = store
-        .eval_get(EvalTable::IdProfiles, keys.clone())
-        .await?
-        .into_iter()
-        .collect();
+    // Identity: where each member was last evaluated. The same members as
+    // last time means none came from another profile.
+    let keys: Vec<EvalKey> = if before.members == after.members {
+        Vec::new()
+    } else {
+        members
+            .iter()
+            .map(|m| rows::id_profile_key(ws, m))
+            .collect()
+    };
+    let last: HashMap<EvalKey, Vec<u8>> = if keys.is_empty() {
+        HashMap::new()
+    } else {
+        store
+            .eval_get(EvalTable::IdProfiles, keys.clone())
+            .await?
+            .into_iter()
+            .collect()
+    };
     for key in keys {
         match last.get(&key) {
             Some(v) if v.as_slice() == pid.as_bytes() => {}

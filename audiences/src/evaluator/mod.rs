@@ -88,6 +88,10 @@ impl Default for EvaluatorConfig {
 /// How many leaf rows the evaluator keeps in memory between steps (it is
 /// their only writer, so the copies stay exact).
 const LEAF_CACHE_ROWS: usize = 200_000;
+/// How many profiles one step resolves and evaluates at once: their reads
+/// overlap (each a blocking task on the embedded store, a round trip on
+/// CQL), and they use both cores.
+const CONCURRENCY: usize = 16;
 /// How many noted identifiers it remembers.
 const KNOWN_ROWS: usize = 1_000_000;
 /// Profiles evaluated per slice of a pass or of the dirty list.

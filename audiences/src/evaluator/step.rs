@@ -5,6 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+
 use trailmark_domain::audience::{Catalog, EVALUATOR_SOURCE};
 use trailmark_domain::profile::is_duplicate;
 use trailmark_domain::{Event, EventType, IdKind, Identifier};
@@ -342,33 +344,65 @@ impl Evaluator {
         let mut touched = touched;
         touched.reverse();
         let mut done: BTreeSet<(String, Uuid)> = BTreeSet::new();
-        let mut queue: std::collections::VecDeque<(String, Identifier, Cause)> = touched.into();
         let mut formers: Vec<(String, Uuid, Uuid)> = Vec::new();
         let mut outcomes = Vec::new();
         let mut followed = 0;
         let _ = run;
-        while let Some((ws, id, cause)) = queue.pop_front() {
-            let Some(profile) = self.store.resolve(&ws, &id).await? else {
-                continue;
-            };
-            if !done.insert((ws.clone(), profile.profile_id)) {
-                continue;
-            }
-            let catalog = catalogs.get(&ws).unwrap_or(&empty);
-            let out = profile::evaluate(&*self.store, &ws, catalog, &profile, &cause, now, overlay)
+        // Rounds: the touched identifiers, then those that left the
+        // profiles evaluated (splits). Within a round, profiles are resolved
+        // and evaluated concurrently: each reads and writes only its own
+        // rows, and their writes are committed together after.
+        let mut round = touched;
+        while !round.is_empty() {
+            let resolved: Vec<_> = stream::iter(round)
+                .map(|(ws, id, cause)| async move {
+                    let p = self.store.resolve(&ws, &id).await?;
+                    Ok::<_, EvaluatorError>(p.map(|p| (ws, cause, p)))
+                })
+                .buffered(CONCURRENCY)
+                .try_collect()
                 .await?;
-            for d in &out.departed {
-                if followed < MAX_FOLLOW {
-                    followed += 1;
-                    queue.push_back((ws.clone(), d.clone(), cause.clone()));
+            let mut distinct = Vec::new();
+            for (ws, cause, profile) in resolved.into_iter().flatten() {
+                if done.insert((ws.clone(), profile.profile_id)) {
+                    distinct.push((ws, cause, profile));
                 }
             }
-            for f in &out.former {
-                if *f != profile.profile_id {
-                    formers.push((ws.clone(), *f, profile.profile_id));
+            let evaluated: Vec<_> = stream::iter(distinct)
+                .map(|(ws, cause, profile)| {
+                    let catalog = catalogs.get(&ws).unwrap_or(&empty).clone();
+                    async move {
+                        let out = profile::evaluate(
+                            &*self.store,
+                            &ws,
+                            &catalog,
+                            &profile,
+                            &cause,
+                            now,
+                            overlay,
+                        )
+                        .await?;
+                        Ok::<_, EvaluatorError>((ws, cause, profile.profile_id, out))
+                    }
+                })
+                .buffer_unordered(CONCURRENCY)
+                .try_collect()
+                .await?;
+            round = Vec::new();
+            for (ws, cause, pid, out) in evaluated {
+                for d in &out.departed {
+                    if followed < MAX_FOLLOW {
+                        followed += 1;
+                        round.push((ws.clone(), d.clone(), cause.clone()));
+                    }
                 }
+                for f in &out.former {
+                    if *f != pid {
+                        formers.push((ws.clone(), *f, pid));
+                    }
+                }
+                outcomes.push((ws, out));
             }
-            outcomes.push((ws.clone(), out));
         }
         // Profiles its members were last evaluated under: still standing
         // (a split gave them back), or retired.

@@ -1,6 +1,7 @@
 //! Work driven by time and by catching up: the sweep of due deadlines, and
 //! the profiles marked while catching up.
 
+use futures_util::stream::{self, StreamExt, TryStreamExt};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -9,9 +10,9 @@ use trailmark_domain::audience::Catalog;
 use trailmark_store::evaluator::{EvalCommit, EvalKey, EvalTable, EvalWrite};
 
 use super::*;
-use crate::Result;
 use crate::profile::{self};
 use crate::rows::{self, Cause};
+use crate::{EvaluatorError, Result};
 
 impl Evaluator {
     /// Evaluates the profiles whose deadline has passed.
@@ -40,44 +41,33 @@ impl Evaluator {
                     dedup_window_micros: self.window(),
                     ..EvalCommit::default()
                 };
-                let mut outcomes = Vec::new();
+                // Whatever happens below, these rows are done with; the
+                // evaluation writes each profile's next deadline.
+                let mut entries = Vec::with_capacity(due.len());
                 for (sort, _) in &due {
-                    // Whatever happens below, this row is done with.
                     commit.rows.push(EvalWrite::Delete(
                         EvalTable::Deadlines,
                         EvalKey::new(part.clone(), sort.clone()),
                     ));
-                    let Some((deadline, pid, ws)) = rows::read_deadline(sort) else {
-                        continue;
-                    };
-                    let Some(record) = profile::record(&*self.store, &ws, pid).await? else {
-                        continue;
-                    };
-                    let Some(holder) = Identifier::parse(&record.holder) else {
-                        continue;
-                    };
-                    let Some(p) = self.store.resolve(&ws, &holder).await? else {
-                        continue;
-                    };
-                    let empty = Arc::new(Catalog::default());
-                    let catalog = catalogs.get(&ws).unwrap_or(&empty);
-                    let cause = Cause::Deadline { at: deadline };
-                    let mut out = profile::evaluate(
-                        &*self.store,
-                        &ws,
-                        catalog,
-                        &p,
-                        &cause,
-                        now,
-                        &run.leaf_cache,
-                    )
-                    .await?;
-                    // The old row is deleted above; keep the new one.
-                    out.group.retain(|w| {
-                        !matches!(w, EvalWrite::Delete(EvalTable::Deadlines, k) if k.sort == *sort)
-                    });
-                    outcomes.push((ws, out));
+                    if let Some(entry) = rows::read_deadline(sort) {
+                        entries.push(entry);
+                    }
                 }
+                let holders: Vec<Option<(String, Identifier, Cause)>> = stream::iter(entries)
+                    .map(|(deadline, pid, ws)| async move {
+                        let record = profile::record(&*self.store, &ws, pid).await?;
+                        Ok::<_, EvaluatorError>(record.and_then(|r| {
+                            let holder = Identifier::parse(&r.holder)?;
+                            Some((ws, holder, Cause::Deadline { at: deadline }))
+                        }))
+                    })
+                    .buffered(CONCURRENCY)
+                    .try_collect()
+                    .await?;
+                let touched: Vec<_> = holders.into_iter().flatten().collect();
+                let outcomes = self
+                    .evaluate_all(run, &catalogs, touched, now, &run.leaf_cache)
+                    .await?;
                 self.add_outcomes(run, &mut commit, outcomes, now)?;
                 self.store.eval_commit(Arc::new(commit)).await?;
                 self.publish(run).await?;

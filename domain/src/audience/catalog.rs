@@ -47,6 +47,9 @@ pub struct Catalog {
     specs: BTreeMap<SpecId, Spec>,
     /// Specs by the event name they match.
     by_event: BTreeMap<String, Vec<SpecId>>,
+    /// Whether any audience reads traits, and seen times.
+    reads_traits: bool,
+    reads_seen: bool,
 }
 
 /// A profile evaluated at one time.
@@ -93,11 +96,16 @@ impl Catalog {
                 .or_default()
                 .push(id.clone());
         }
+        let leaves = || audiences.iter().flat_map(|a| a.condition.leaves());
+        let reads_traits = leaves().any(|l| matches!(l, Condition::Trait(_)));
+        let reads_seen = leaves().any(|l| matches!(l, Condition::Seen(_)));
         Catalog {
             audiences,
             traits,
             specs,
             by_event,
+            reads_traits,
+            reads_seen,
         }
     }
 
@@ -111,6 +119,16 @@ impl Catalog {
         }
         c.by_event.retain(|_, ids| !ids.is_empty());
         c
+    }
+
+    /// Whether evaluating needs the profile's traits.
+    pub fn reads_traits(&self) -> bool {
+        self.reads_traits
+    }
+
+    /// Whether evaluating needs the profile's first and last seen times.
+    pub fn reads_seen(&self) -> bool {
+        self.reads_seen
     }
 
     /// The audiences, in evaluation order.
