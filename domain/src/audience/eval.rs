@@ -112,18 +112,31 @@ pub fn evaluate(
                 Some(LeafState::Recent(entries)) => entries,
                 _ => &[],
             };
-            let mut count = 0u32;
-            let mut deadline = None;
-            for (time, _) in entries {
-                if e.window.contains(*time, now) {
-                    count += 1;
-                    deadline = earliest(deadline, leaves_window(&e.window, *time, now));
+            // Newest first: the events in the window at `now` are a prefix.
+            let in_window: Vec<i64> = entries
+                .iter()
+                .map(|(t, _)| *t)
+                .filter(|t| e.window.contains(*t, now))
+                .collect();
+            let count = in_window.len() as u32;
+            let holds = e.count_op.test(count, e.count);
+            // Time only lowers the count, one event at a time as each
+            // leaves the window: the result flips when the count crosses
+            // the threshold, when the N-th newest (count falls below N) or
+            // the (N+1)-th newest (count falls to N) leaves. Only that
+            // event's exit is a deadline; the others change nothing.
+            let n = e.count as usize;
+            let flips_at = match (e.count_op, holds) {
+                (CountOp::AtLeast, true) | (CountOp::Exactly, true) => n.checked_sub(1),
+                (CountOp::AtMost, false) | (CountOp::Exactly, false) if count as usize > n => {
+                    Some(n)
                 }
-            }
-            Verdict {
-                holds: e.count_op.test(count, e.count),
-                deadline,
-            }
+                _ => None,
+            };
+            let deadline = flips_at
+                .and_then(|i| in_window.get(i))
+                .and_then(|t| leaves_window(&e.window, *t, now));
+            Verdict { holds, deadline }
         }
     }
 }
