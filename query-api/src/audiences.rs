@@ -39,9 +39,10 @@ use trailmark_store::ProfileRef;
 use super::{ProfilePath, bad_query, cursor_object, decode_cursor, encode_cursor, limit, resolve};
 
 /// The most profiles one preview evaluates; past it, the answer says it is
-/// incomplete. About 2 s of work on the embedded store on a 2-core machine
-/// (see `benches/RESULTS.md`).
-pub const PREVIEW_PROFILES: usize = 20_000;
+/// incomplete (`complete: false`). About 2 s of work on the embedded store
+/// on a 2-core machine, where a preview evaluates about 450 profiles a
+/// second (see `benches/RESULTS.md`).
+pub const PREVIEW_PROFILES: usize = 1_000;
 
 fn definitions(state: &AppState) -> Definitions {
     Definitions::with_clock(state.directory.clone(), state.clock.clone())
