@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::Value;
 
 use super::ast::{ComputedTrait, Condition};
-use super::eval::{ProfileData, Verdict, compute, earliest, evaluate};
+use super::eval::{ProfileData, SpecIds, Verdict, compute, earliest, evaluate};
 use super::leaf::{Contribution, Spec, SpecId, event_properties};
 use crate::event::Event;
 
@@ -50,6 +50,9 @@ pub struct Catalog {
     /// Whether any audience reads traits, and seen times.
     reads_traits: bool,
     reads_seen: bool,
+    /// Each event condition's spec id, and each computed trait's.
+    ids: SpecIds,
+    trait_specs: Vec<SpecId>,
 }
 
 /// A profile evaluated at one time.
@@ -77,14 +80,20 @@ impl Catalog {
             audiences.into_iter().map(|a| (a.key.clone(), a)).collect();
         let audiences: Vec<AudienceDef> = order.iter().filter_map(|k| defs.remove(k)).collect();
         let mut specs = BTreeMap::new();
+        let mut ids = SpecIds::default();
         for a in &audiences {
             for leaf in a.condition.leaves() {
                 if let Condition::Event(e) = leaf {
                     let s = Spec::of_condition(e);
                     specs.insert(s.id(), s);
+                    ids.insert(e);
                 }
             }
         }
+        let trait_specs = traits
+            .iter()
+            .map(|t| Spec::of_trait(&t.definition).id())
+            .collect();
         for t in &traits {
             let s = Spec::of_trait(&t.definition);
             specs.insert(s.id(), s);
@@ -106,6 +115,8 @@ impl Catalog {
             by_event,
             reads_traits,
             reads_seen,
+            ids,
+            trait_specs,
         }
     }
 
@@ -171,9 +182,8 @@ impl Catalog {
     /// first, then audiences in reference order.
     pub fn evaluate(&self, data: &ProfileData<'_>, now: i64) -> Evaluation {
         let mut out = Evaluation::default();
-        for t in &self.traits {
-            let spec = Spec::of_trait(&t.definition).id();
-            let (value, deadline) = compute(&t.definition, data.leaves.get(&spec), now);
+        for (t, spec) in self.traits.iter().zip(&self.trait_specs) {
+            let (value, deadline) = compute(&t.definition, data.leaves.get(spec), now);
             if let Some(v) = value {
                 out.traits.insert(t.key.clone(), v);
             }
@@ -181,7 +191,7 @@ impl Catalog {
         }
         let mut verdicts: BTreeMap<String, Verdict> = BTreeMap::new();
         for a in &self.audiences {
-            let v = evaluate(&a.condition, data, &out.traits, &verdicts, now);
+            let v = evaluate(&a.condition, data, &out.traits, &verdicts, &self.ids, now);
             out.deadline = earliest(out.deadline, v.deadline);
             out.audiences.insert(a.key.clone(), v.holds);
             verdicts.insert(a.key.clone(), v);

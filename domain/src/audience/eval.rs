@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use super::ast::*;
-use super::leaf::{Aggregate, LeafState, Spec, SpecId};
+use super::leaf::{Aggregate, LeafState, Sliding, Spec, SpecId};
 use crate::profile::TraitValue;
 
 /// What evaluation reads of one profile. Leaf states are already merged
@@ -19,6 +19,29 @@ pub struct ProfileData<'a> {
     pub seen: Option<(i64, i64)>,
     /// Leaf states by spec; a spec without state matched no event.
     pub leaves: &'a BTreeMap<SpecId, LeafState>,
+}
+
+/// Spec ids of event conditions, worked out once (a spec's id is a hash of
+/// its canonical text, too dear to compute per evaluation); a condition not
+/// in it is worked out on the spot.
+#[derive(Debug, Clone, Default)]
+pub struct SpecIds(std::collections::HashMap<EventCondition, SpecId>);
+
+impl SpecIds {
+    /// Remembers the id of `e`'s spec.
+    pub fn insert(&mut self, e: &EventCondition) {
+        self.0
+            .entry(e.clone())
+            .or_insert_with(|| Spec::of_condition(e).id());
+    }
+
+    /// The id of `e`'s spec.
+    pub fn get(&self, e: &EventCondition) -> std::borrow::Cow<'_, SpecId> {
+        match self.0.get(e) {
+            Some(id) => std::borrow::Cow::Borrowed(id),
+            None => std::borrow::Cow::Owned(Spec::of_condition(e).id()),
+        }
+    }
 }
 
 /// The result of evaluating something at `now`: a value, and the earliest
@@ -50,6 +73,7 @@ pub fn evaluate(
     data: &ProfileData<'_>,
     computed: &BTreeMap<String, Value>,
     audiences: &BTreeMap<String, Verdict>,
+    ids: &SpecIds,
     now: i64,
 ) -> Verdict {
     match c {
@@ -58,7 +82,7 @@ pub fn evaluate(
             let mut holds = all;
             let mut deadline = None;
             for child in cs {
-                let v = evaluate(child, data, computed, audiences, now);
+                let v = evaluate(child, data, computed, audiences, ids, now);
                 holds = if all {
                     holds && v.holds
                 } else {
@@ -69,7 +93,7 @@ pub fn evaluate(
             Verdict { holds, deadline }
         }
         Condition::Not(child) => {
-            let v = evaluate(child, data, computed, audiences, now);
+            let v = evaluate(child, data, computed, audiences, ids, now);
             Verdict {
                 holds: !v.holds,
                 deadline: v.deadline,
@@ -107,8 +131,8 @@ pub fn evaluate(
             }
         }
         Condition::Event(e) => {
-            let spec = Spec::of_condition(e);
-            let entries: &[(i64, String)] = match data.leaves.get(&spec.id()) {
+            let spec = ids.get(e);
+            let entries: &[(i64, String)] = match data.leaves.get(spec.as_ref()) {
                 Some(LeafState::Recent(entries)) => entries,
                 _ => &[],
             };
@@ -167,12 +191,7 @@ pub fn compute(
     let mut deadline = None;
     match t.window {
         Window::Last { micros, .. } => {
-            let Spec::Reduce {
-                sliding: Some(s), ..
-            } = Spec::of_trait(t)
-            else {
-                return (None, None);
-            };
+            let s = Sliding::of(micros);
             let horizon = now.saturating_sub(micros);
             for (at, agg) in buckets {
                 let end = at.saturating_add(s.bucket);

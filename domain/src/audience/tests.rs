@@ -230,7 +230,8 @@ fn windows_expire_exactly_and_say_when() {
         seen: None,
         leaves: &leaves,
     };
-    let at = |now| eval::evaluate(&c, &data, &BTreeMap::new(), &BTreeMap::new(), now);
+    let ids = eval::SpecIds::default();
+    let at = |now| eval::evaluate(&c, &data, &BTreeMap::new(), &BTreeMap::new(), &ids, now);
     let v = at(10 * hour + 700_000_000);
     assert!(v.holds);
     // The first event leaves the window one hour after it happened.
@@ -254,6 +255,7 @@ fn missing_traits_fail_all_but_not_equal() {
             &data,
             &BTreeMap::new(),
             &BTreeMap::new(),
+            &eval::SpecIds::default(),
             0,
         )
         .holds
