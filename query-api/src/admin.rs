@@ -30,7 +30,9 @@ use trailmark_log::Record;
 /// The most identifiers one forced merge may name.
 pub const MAX_MERGE_IDENTIFIERS: usize = 100;
 
-fn bad_json(rejection: JsonRejection) -> ApiError {
+/// A JSON body that does not read as a 400 with serde's reason (shared by
+/// the admin and audience routes).
+pub(crate) fn bad_json(rejection: JsonRejection) -> ApiError {
     ApiError::BadRequest {
         code: "invalid_json",
         message: rejection.body_text().to_lowercase(),

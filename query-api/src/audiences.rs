@@ -36,6 +36,8 @@ use trailmark_http::auth::{Admin, Reader};
 use trailmark_http::{ApiError, AppState};
 use trailmark_store::ProfileRef;
 
+use crate::admin::bad_json;
+
 use super::{ProfilePath, bad_query, cursor_object, decode_cursor, encode_cursor, limit, resolve};
 
 /// The most profiles one preview evaluates; past it, the answer says it is
@@ -46,15 +48,6 @@ pub const PREVIEW_PROFILES: usize = 1_000;
 
 fn definitions(state: &AppState) -> Definitions {
     Definitions::with_clock(state.directory.clone(), state.clock.clone())
-}
-
-fn bad_json(rejection: JsonRejection) -> ApiError {
-    ApiError::BadRequest {
-        code: "invalid_json",
-        message: rejection.body_text().to_lowercase(),
-        field: None,
-        detail: None,
-    }
 }
 
 /// A definition error as a 400 naming its path.

@@ -492,6 +492,16 @@ impl Evaluator {
         self.put_stats(PROGRESS, p).await
     }
 
+    /// An empty commit of this evaluator's consumer: rows and groups only,
+    /// no checkpoint.
+    pub(super) fn commit(&self) -> EvalCommit {
+        EvalCommit {
+            consumer: self.config.group.clone(),
+            dedup_window_micros: self.window(),
+            ..EvalCommit::default()
+        }
+    }
+
     pub(super) fn window(&self) -> i64 {
         self.config.dedup_window.as_micros() as i64
     }

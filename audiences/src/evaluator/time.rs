@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use trailmark_domain::Identifier;
 use trailmark_domain::audience::Catalog;
-use trailmark_store::evaluator::{EvalCommit, EvalKey, EvalTable, EvalWrite};
+use trailmark_store::evaluator::{EvalKey, EvalTable, EvalWrite};
 
 use super::*;
 use crate::profile::{self};
@@ -36,11 +36,7 @@ impl Evaluator {
                 if due.is_empty() {
                     break;
                 }
-                let mut commit = EvalCommit {
-                    consumer: self.config.group.clone(),
-                    dedup_window_micros: self.window(),
-                    ..EvalCommit::default()
-                };
+                let mut commit = self.commit();
                 // Whatever happens below, these rows are done with; the
                 // evaluation writes each profile's next deadline.
                 let mut entries = Vec::with_capacity(due.len());
@@ -101,11 +97,7 @@ impl Evaluator {
                 if marked.is_empty() {
                     break;
                 }
-                let mut commit = EvalCommit {
-                    consumer: self.config.group.clone(),
-                    dedup_window_micros: self.window(),
-                    ..EvalCommit::default()
-                };
+                let mut commit = self.commit();
                 let mut touched = Vec::new();
                 for (sort, _) in &marked {
                     commit.rows.push(EvalWrite::Delete(

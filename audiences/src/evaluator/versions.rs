@@ -255,11 +255,7 @@ impl Evaluator {
                 touched.push((pass.ws.clone(), id, Cause::Definition { version }));
             }
         }
-        let mut commit = EvalCommit {
-            consumer: self.config.group.clone(),
-            dedup_window_micros: self.window(),
-            ..EvalCommit::default()
-        };
+        let mut commit = self.commit();
         let outcomes = self
             .evaluate_all(run, &catalogs, touched, now, &run.leaf_cache)
             .await?;
