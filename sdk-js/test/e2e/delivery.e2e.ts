@@ -150,7 +150,17 @@ describe.skipIf(!configured)('trailmark.js against a real server', () => {
     }, uid);
     await doomed.waitForTimeout(2500); // its flush fails
     await doomed.close(); // its page-exit requests fail too
-    await survivor.waitForTimeout(500);
+    // Stay down until the closing tab has given up: its keepalive request,
+    // the beacon it falls back to, and any retry the browser makes on its
+    // own. Coming back while one is still in flight lets the closed tab
+    // deliver, which is not what this test is about.
+    const quietSince = async () => {
+      for (let waited = 0; waited < 10_000; waited += 100) {
+        if (Date.now() - proxy.state.refusedAt >= 1500) return;
+        await survivor.waitForTimeout(100);
+      }
+    };
+    await quietSince();
     proxy.state.down = false;
     // The survivor adopts the queue on its next lease round (every 5 s).
     const rows = await eventsOf(tm, uid, (r) => r.filter((x) => x.type === 'track').length >= 2, 30_000);

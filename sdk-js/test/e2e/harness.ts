@@ -99,10 +99,12 @@ export async function startSite(
  * only outage Chromium's keepalive requests (which bypass Playwright's
  * routing and offline emulation) cannot get around. */
 export async function startFlakyProxy(target: string, failures: number) {
-  const state = { failed: 0, passed: 0, down: false };
+  const state = { failed: 0, passed: 0, down: false, refused: 0, refusedAt: 0 };
   const t = new URL(target);
   const server = createServer((req, res) => {
     if (state.down) {
+      state.refused++;
+      state.refusedAt = Date.now();
       req.socket.destroy();
       return;
     }
