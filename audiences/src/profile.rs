@@ -42,43 +42,93 @@ pub struct Outcome {
     pub changes: Vec<Cause>,
 }
 
-/// Leaf rows written earlier in the step or cached, by key: read before
-/// the store.
-pub type Overlay = HashMap<EvalKey, LeafRow>;
+/// Every leaf row of one member (an identifier of a workspace), by spec.
+pub type MemberLeaves = HashMap<SpecId, LeafRow>;
+
+/// The most rows read for one member: more specs than any catalog holds.
+const MEMBER_ROWS: usize = 100_000;
+
+/// Leaf rows the evaluator has read or written, a whole member at a time:
+/// an entry holds every row its member has (those of specs no longer
+/// defined too), so a member's absent spec is an empty state, not a miss.
+/// The evaluator is the only writer of leaf rows and writes them through
+/// here, so an entry is never stale.
+#[derive(Debug, Default)]
+pub struct LeafCache {
+    members: HashMap<Vec<u8>, MemberLeaves>,
+}
+
+impl LeafCache {
+    /// Reads the members of `parts` not held yet, in one store call.
+    pub async fn load(&mut self, store: &dyn ProfileStore, parts: Vec<Vec<u8>>) -> Result<()> {
+        let mut wanted: Vec<Vec<u8>> = parts
+            .into_iter()
+            .filter(|p| !self.members.contains_key(p))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        wanted.sort_unstable();
+        wanted.dedup();
+        let found = store
+            .eval_parts(EvalTable::Leaves, wanted.clone(), MEMBER_ROWS)
+            .await?;
+        for (part, found) in wanted.into_iter().zip(found) {
+            let mut rows = MemberLeaves::with_capacity(found.len());
+            for (sort, v) in found {
+                if let (Ok(spec), Some(row)) =
+                    (String::from_utf8(sort), rows::decode::<LeafRow>(&v))
+                {
+                    rows.insert(spec, row);
+                }
+            }
+            self.members.insert(part, rows);
+        }
+        Ok(())
+    }
+
+    /// A member's rows, if held.
+    pub fn member(&self, part: &[u8]) -> Option<&MemberLeaves> {
+        self.members.get(part)
+    }
+
+    /// A held member's rows, to fold into.
+    pub fn member_mut(&mut self, part: &[u8]) -> Option<&mut MemberLeaves> {
+        self.members.get_mut(part)
+    }
+
+    /// How many members are held.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Forgets every member (to bound memory).
+    pub fn clear(&mut self) {
+        self.members.clear();
+    }
+}
 
 /// A profile's members' leaf states for the catalog's specs, merged in
-/// member order.
-pub async fn leaves(
-    store: &dyn ProfileStore,
+/// member order, from `cache`, which must hold the members
+/// ([`LeafCache::load`]).
+pub fn leaves(
     ws: &str,
     members: &[Identifier],
     catalog: &Catalog,
-    overlay: &Overlay,
-) -> Result<BTreeMap<SpecId, LeafState>> {
-    let mut wanted = Vec::new();
-    let mut found: HashMap<EvalKey, LeafRow> = HashMap::new();
-    for m in members {
-        for spec in catalog.specs().keys() {
-            let key = rows::leaf_key(ws, m, spec);
-            match overlay.get(&key) {
-                Some(row) => {
-                    found.insert(key, row.clone());
-                }
-                None => wanted.push(key),
-            }
-        }
-    }
-    if !wanted.is_empty() {
-        for (key, v) in store.eval_get(EvalTable::Leaves, wanted).await? {
-            if let Some(row) = rows::decode::<LeafRow>(&v) {
-                found.insert(key, row);
-            }
-        }
-    }
+    cache: &LeafCache,
+) -> BTreeMap<SpecId, LeafState> {
     let mut out: BTreeMap<SpecId, LeafState> = BTreeMap::new();
     for m in members {
-        for (spec_id, spec) in catalog.specs() {
-            let Some(row) = found.get(&rows::leaf_key(ws, m, spec_id)) else {
+        let Some(rows) = cache.member(&rows::leaf_part(ws, m)) else {
+            continue;
+        };
+        for (spec_id, row) in rows {
+            let Some(spec) = catalog.specs().get(spec_id) else {
                 continue;
             };
             match out.get_mut(spec_id) {
@@ -89,7 +139,7 @@ pub async fn leaves(
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// Reads a profile's record.
@@ -98,25 +148,46 @@ pub async fn record(
     ws: &str,
     pid: Uuid,
 ) -> Result<Option<ProfileRecord>> {
-    let got = store
-        .eval_get(EvalTable::Profiles, vec![rows::profile_key(ws, pid)])
-        .await?;
-    Ok(got.into_iter().next().and_then(|(_, v)| rows::decode(&v)))
+    Ok(records(store, &[(ws, pid)]).await?.pop().flatten())
 }
 
-/// Evaluates `profile` at `now` against `catalog` and its record.
+/// Reads profiles' records, in one store call, in the order asked.
+pub async fn records(
+    store: &dyn ProfileStore,
+    profiles: &[(&str, Uuid)],
+) -> Result<Vec<Option<ProfileRecord>>> {
+    if profiles.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<EvalKey> = profiles
+        .iter()
+        .map(|(ws, pid)| rows::profile_key(ws, *pid))
+        .collect();
+    let mut got: HashMap<EvalKey, Vec<u8>> = store
+        .eval_get(EvalTable::Profiles, keys.clone())
+        .await?
+        .into_iter()
+        .collect();
+    Ok(keys
+        .iter()
+        .map(|k| got.remove(k).and_then(|v| rows::decode(&v)))
+        .collect())
+}
+
+/// Evaluates `profile` at `now` against `catalog` and its record
+/// (`before`), with its members' leaf rows in `cache`.
 pub async fn evaluate(
     store: &dyn ProfileStore,
     ws: &str,
     catalog: &Catalog,
     profile: &ProfileRef,
+    before: ProfileRecord,
     cause: &Cause,
     now: i64,
-    overlay: &Overlay,
+    cache: &LeafCache,
 ) -> Result<Outcome> {
     let pid = profile.profile_id;
     let members: Vec<Identifier> = profile.identifiers.keys().cloned().collect();
-    let before = record(store, ws, pid).await?.unwrap_or_default();
     let evaluation = if catalog.is_empty() {
         Evaluation::default()
     } else {
@@ -132,7 +203,7 @@ pub async fn evaluate(
         } else {
             None
         };
-        let leaves = leaves(store, ws, &members, catalog, overlay).await?;
+        let leaves = leaves(ws, &members, catalog, cache);
         let data = ProfileData {
             traits: &traits,
             seen,

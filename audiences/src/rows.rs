@@ -58,12 +58,14 @@ pub fn id_text(id: &Identifier) -> String {
     id.to_string()
 }
 
+/// The part of a member's leaf states.
+pub fn leaf_part(ws: &str, id: &Identifier) -> Vec<u8> {
+    parts(&[ws.as_bytes(), id_text(id).as_bytes()])
+}
+
 /// A leaf state's key.
 pub fn leaf_key(ws: &str, id: &Identifier, spec: &str) -> EvalKey {
-    EvalKey::new(
-        parts(&[ws.as_bytes(), id_text(id).as_bytes()]),
-        spec.as_bytes(),
-    )
+    EvalKey::new(leaf_part(ws, id), spec.as_bytes())
 }
 
 /// A profile record's key.

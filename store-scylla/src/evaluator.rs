@@ -58,6 +58,23 @@ impl EvaluatorReader for ScyllaStore {
         Ok(concurrently(reads).await?.into_iter().flatten().collect())
     }
 
+    async fn eval_parts(
+        &self,
+        table: EvalTable,
+        parts: Vec<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Vec<Vec<(Vec<u8>, Vec<u8>)>>> {
+        let limit = limit.min(i32::MAX as usize) as i32;
+        let all = &self.st.eval.scan[0];
+        let t = code(table);
+        // In the order of `parts`, which `concurrently` does not keep.
+        stream::iter(parts)
+            .map(|part| async move { self.rows(all, (t, part, limit)).await })
+            .buffered(CONCURRENCY)
+            .try_collect()
+            .await
+    }
+
     async fn eval_scan(
         &self,
         table: EvalTable,

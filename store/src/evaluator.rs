@@ -154,6 +154,16 @@ pub trait EvaluatorReader: Send + Sync + 'static {
         before: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+
+    /// Up to `limit` rows of each of `parts`, in sort order, in the order
+    /// of `parts`: one call for many parts (a step's profiles' leaf
+    /// states), so a store can read them together.
+    async fn eval_parts(
+        &self,
+        table: EvalTable,
+        parts: Vec<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Vec<Vec<(Vec<u8>, Vec<u8>)>>>;
 }
 
 /// The evaluator's state, kept by a store: reading, de-duplication and

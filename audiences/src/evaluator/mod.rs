@@ -42,7 +42,7 @@ use trailmark_store::{LoggedEvent, ProfileStore, WorkspaceDirectory};
 
 use crate::Result;
 use crate::definitions::{DefinitionRecord, Definitions, Kind, StatusRecord, compile};
-use crate::profile::Overlay;
+use crate::profile::LeafCache;
 use crate::rows::{self};
 
 /// Tuning of the evaluator.
@@ -85,9 +85,10 @@ impl Default for EvaluatorConfig {
     }
 }
 
-/// How many leaf rows the evaluator keeps in memory between steps (it is
-/// their only writer, so the copies stay exact).
-const LEAF_CACHE_ROWS: usize = 200_000;
+/// How many members' leaf rows the evaluator keeps in memory between
+/// steps (it is their only writer, so the copies stay exact); past it, it
+/// starts again empty.
+const LEAF_CACHE_MEMBERS: usize = 100_000;
 /// How many profiles one step resolves and evaluates at once: their reads
 /// overlap (each a blocking task on the embedded store, a round trip on
 /// CQL), and they use both cores.
@@ -168,7 +169,7 @@ struct Backfill {
 struct Run {
     workspaces: HashMap<String, Running>,
     folded: BTreeSet<SpecId>,
-    leaf_cache: Overlay,
+    leaf_cache: LeafCache,
     positions: BTreeMap<u32, u64>,
     catching_up: Option<Vec<u64>>,
     sweep_cursor: Option<i64>,
@@ -176,6 +177,10 @@ struct Run {
     passes: Vec<Pass>,
     backfill: Option<Backfill>,
     outbox_seq: u64,
+    /// The time part of outbox keys: the clock's, never going back.
+    outbox_at: i64,
+    /// The sort key of the last outbox row published.
+    outbox_published: Option<Vec<u8>>,
     dirty_left: bool,
     /// Identifiers of workspaces with nothing defined, already noted.
     known: std::collections::HashSet<(String, trailmark_domain::Identifier)>,
@@ -191,6 +196,10 @@ struct Joined {
     consumer: String,
     until: i64,
 }
+
+/// Identifiers an event (or a deadline, or a pass) touched, in the event's
+/// order (its primary first), with the cause to record.
+type Touch = (String, Vec<trailmark_domain::Identifier>, rows::Cause);
 
 /// One contribution of one event to one leaf state, to fold.
 struct Folding<'e> {

@@ -11,12 +11,12 @@ use trailmark_domain::audience::{Catalog, EVALUATOR_SOURCE};
 use trailmark_domain::profile::is_duplicate;
 use trailmark_domain::{Event, EventType, IdKind, Identifier};
 use trailmark_log::Record;
-use trailmark_store::LoggedEvent;
 use trailmark_store::evaluator::{EvalCommit, EvalKey, EvalTable, EvalWrite};
+use trailmark_store::{LoggedEvent, ProfileRef};
 use uuid::Uuid;
 
 use super::*;
-use crate::profile::{self, Outcome, Overlay};
+use crate::profile::{self, LeafCache, Outcome};
 use crate::rows::{self, Cause, LeafRow, MemberRow, MemberState, ProfileRecord};
 use crate::{EvaluatorError, Result};
 
@@ -53,9 +53,9 @@ impl Evaluator {
         let contributions = self
             .contributions(&self.config.group, &events, &catalogs, &joined, &mut commit)
             .await?;
-        let mut overlay = std::mem::take(&mut run.leaf_cache);
-        self.fold(contributions, &mut overlay, &mut commit).await?;
-        let mut touched: Vec<(String, Identifier, Cause)> = Vec::new();
+        let mut cache = std::mem::take(&mut run.leaf_cache);
+        self.fold(contributions, &mut cache, &mut commit).await?;
+        let mut touched: Vec<Touch> = Vec::new();
         let mut own: Vec<&Event> = Vec::new();
         for le in &events {
             let ev = &le.event;
@@ -67,43 +67,44 @@ impl Evaluator {
                 message_id: ev.message_id.clone(),
                 received_at: ev.received_at,
             };
-            for id in touched_ids(ev) {
-                touched.push((ev.workspace_id.clone(), id, cause.clone()));
-            }
+            touched.push((ev.workspace_id.clone(), touched_ids(ev), cause));
         }
         let mut restored = self.restore(&own).await?;
         // A workspace with nothing defined needs no evaluation: its
         // identifiers are only noted, so that a first definition's pass
         // finds every profile.
-        touched.retain(|(ws, id, _)| {
+        touched.retain(|(ws, ids, _)| {
             if catalogs.contains_key(ws) {
                 return true;
             }
-            if run.known.insert((ws.clone(), id.clone())) {
-                commit.rows.push(EvalWrite::Put(
-                    EvalTable::IdProfiles,
-                    rows::id_profile_key(ws, id),
-                    Uuid::nil().as_bytes().to_vec(),
-                ));
+            for id in ids {
+                if run.known.insert((ws.clone(), id.clone())) {
+                    commit.rows.push(EvalWrite::Put(
+                        EvalTable::IdProfiles,
+                        rows::id_profile_key(ws, id),
+                        Uuid::nil().as_bytes().to_vec(),
+                    ));
+                }
             }
             false
         });
         if run.known.len() > KNOWN_ROWS {
             run.known.clear();
         }
+        commit.groups.append(&mut restored);
         if run.catching_up.is_some() {
-            for (ws, id, _) in &touched {
-                commit.rows.push(EvalWrite::Put(
-                    EvalTable::Dirty,
-                    rows::dirty_key(ws, id),
-                    Vec::new(),
-                ));
+            for (ws, ids, _) in &touched {
+                for id in ids {
+                    commit.rows.push(EvalWrite::Put(
+                        EvalTable::Dirty,
+                        rows::dirty_key(ws, id),
+                        Vec::new(),
+                    ));
+                }
             }
-            commit.groups.append(&mut restored);
         } else {
-            commit.groups.append(&mut restored);
             let outcomes = self
-                .evaluate_all(run, &catalogs, touched, now, &overlay)
+                .evaluate_all(&catalogs, touched, now, &mut cache)
                 .await?;
             self.add_outcomes(run, &mut commit, outcomes, now)?;
         }
@@ -115,10 +116,10 @@ impl Evaluator {
             let lag = (now - last.event.received_at).max(0);
             self.metrics.evaluator_lag_seconds.set(lag as f64 / 1e6);
         }
-        if overlay.len() > LEAF_CACHE_ROWS {
-            overlay.clear();
+        if cache.len() > LEAF_CACHE_MEMBERS {
+            cache.clear();
         }
-        run.leaf_cache = overlay;
+        run.leaf_cache = cache;
         self.publish(run).await
     }
 
@@ -199,47 +200,33 @@ impl Evaluator {
         Ok(out)
     }
 
-    /// Folds contributions into leaf rows (in `overlay`, and as standalone
+    /// Folds contributions into leaf rows (in `cache`, and as standalone
     /// writes of `commit`), each row fenced by its partition's position.
     pub(super) async fn fold(
         &self,
         contributions: Vec<Folding<'_>>,
-        overlay: &mut Overlay,
+        cache: &mut LeafCache,
         commit: &mut EvalCommit,
     ) -> Result<()> {
-        let mut wanted: Vec<EvalKey> = contributions
-            .iter()
-            .filter(|c| !overlay.contains_key(&c.key))
-            .map(|c| c.key.clone())
-            .collect();
-        if !wanted.is_empty() {
-            wanted.sort();
-            wanted.dedup();
-            let found: HashMap<EvalKey, Vec<u8>> = self
-                .store
-                .eval_get(EvalTable::Leaves, wanted)
-                .await?
-                .into_iter()
-                .collect();
-            for c in &contributions {
-                if overlay.contains_key(&c.key) {
-                    continue;
-                }
-                let row = found
-                    .get(&c.key)
-                    .and_then(|v| rows::decode::<LeafRow>(v))
-                    .unwrap_or_else(|| LeafRow {
-                        state: c.catalog.specs()[&c.spec].empty(),
-                        applied: None,
-                    });
-                overlay.insert(c.key.clone(), row);
-            }
+        if contributions.is_empty() {
+            return Ok(());
         }
+        cache
+            .load(
+                &*self.store,
+                contributions.iter().map(|c| c.key.part.clone()).collect(),
+            )
+            .await?;
         let mut changed = BTreeSet::new();
         for c in contributions {
-            let Some(row) = overlay.get_mut(&c.key) else {
+            let Some(member) = cache.member_mut(&c.key.part) else {
                 continue;
             };
+            let spec = &c.catalog.specs()[&c.spec];
+            let row = member.entry(c.spec.clone()).or_insert_with(|| LeafRow {
+                state: spec.empty(),
+                applied: None,
+            });
             let le = c.event;
             if let Some((p, next)) = row.applied
                 && p == le.partition
@@ -247,12 +234,12 @@ impl Evaluator {
             {
                 continue;
             }
-            row.state.fold(&c.catalog.specs()[&c.spec], &c.contribution);
+            row.state.fold(spec, &c.contribution);
             row.applied = Some((le.partition, le.position + 1));
-            changed.insert(c.key);
+            changed.insert((c.key, c.spec));
         }
-        for key in changed {
-            let row = &overlay[&key];
+        for (key, spec) in changed {
+            let row = &cache.member(&key.part).expect("loaded")[&spec];
             commit
                 .rows
                 .push(EvalWrite::Put(EvalTable::Leaves, key, rows::encode(row)));
@@ -263,20 +250,29 @@ impl Evaluator {
     /// Restores memberships from the evaluator's own events: after a
     /// rebuild, the log is the only record of the changes it emitted.
     pub(super) async fn restore(&self, own: &[&Event]) -> Result<Vec<Vec<EvalWrite>>> {
-        let mut records: BTreeMap<(String, Uuid), ProfileRecord> = BTreeMap::new();
+        let read: Vec<_> = own
+            .iter()
+            .filter_map(|ev| Some((*ev, crate::emit::read_membership(ev)?)))
+            .collect();
+        // Every record they concern, in one read.
+        let mut records: BTreeMap<(String, Uuid), ProfileRecord> = {
+            let keys: BTreeSet<(&str, Uuid)> = read
+                .iter()
+                .map(|(ev, (_, pid, ..))| (ev.workspace_id.as_str(), *pid))
+                .collect();
+            let keys: Vec<(&str, Uuid)> = keys.into_iter().collect();
+            let found = profile::records(&*self.store, &keys).await?;
+            keys.into_iter()
+                .zip(found)
+                .map(|((ws, pid), r)| ((ws.to_string(), pid), r.unwrap_or_default()))
+                .collect()
+        };
         let mut changed = BTreeSet::new();
         let mut groups = Vec::new();
-        for ev in own {
-            let Some((def, pid, n, member, version)) = crate::emit::read_membership(ev) else {
-                continue;
-            };
+        for (ev, (def, pid, n, member, version)) in read {
             let ws = ev.workspace_id.clone();
             let key = (ws.clone(), pid);
-            if !records.contains_key(&key) {
-                let r = profile::record(&*self.store, &ws, pid).await?;
-                records.insert(key.clone(), r.unwrap_or_default());
-            }
-            let record = records.get_mut(&key).expect("just read");
+            let record = records.get_mut(&key).expect("read above");
             let behind = record.audiences.get(&def).is_none_or(|s| s.n < n);
             if !behind {
                 continue;
@@ -330,13 +326,19 @@ impl Evaluator {
 
     /// Evaluates the profiles of touched identifiers, and those identity
     /// changes among them reach (merged-away and split-off profiles).
+    ///
+    /// Each round reads what its profiles need together: their identities
+    /// (an event's first identifier, then those of its others its profile
+    /// does not hold), their records in one call, their members' leaf rows
+    /// in one call; then evaluates them concurrently. Each profile reads
+    /// and writes only its own rows, and their writes are committed together
+    /// after.
     pub(super) async fn evaluate_all(
         &self,
-        run: &Run,
         catalogs: &HashMap<String, Arc<Catalog>>,
-        touched: Vec<(String, Identifier, Cause)>,
+        touched: Vec<Touch>,
         now: i64,
-        overlay: &Overlay,
+        cache: &mut LeafCache,
     ) -> Result<Vec<(String, Outcome)>> {
         let empty = Arc::new(Catalog::default());
         // The newest event that touched a profile is its cause: evaluated
@@ -347,29 +349,36 @@ impl Evaluator {
         let mut formers: Vec<(String, Uuid, Uuid)> = Vec::new();
         let mut outcomes = Vec::new();
         let mut followed = 0;
-        let _ = run;
         // Rounds: the touched identifiers, then those that left the
-        // profiles evaluated (splits). Within a round, profiles are resolved
-        // and evaluated concurrently: each reads and writes only its own
-        // rows, and their writes are committed together after.
+        // profiles evaluated (splits).
         let mut round = touched;
         while !round.is_empty() {
-            let resolved: Vec<_> = stream::iter(round)
-                .map(|(ws, id, cause)| async move {
-                    let p = self.store.resolve(&ws, &id).await?;
-                    Ok::<_, EvaluatorError>(p.map(|p| (ws, cause, p)))
-                })
-                .buffered(CONCURRENCY)
-                .try_collect()
-                .await?;
             let mut distinct = Vec::new();
-            for (ws, cause, profile) in resolved.into_iter().flatten() {
+            for (ws, cause, profile) in self.resolve_round(round).await? {
                 if done.insert((ws.clone(), profile.profile_id)) {
                     distinct.push((ws, cause, profile));
                 }
             }
-            let evaluated: Vec<_> = stream::iter(distinct)
-                .map(|(ws, cause, profile)| {
+            let befores = {
+                let keys: Vec<(&str, Uuid)> = distinct
+                    .iter()
+                    .map(|(ws, _, p)| (ws.as_str(), p.profile_id))
+                    .collect();
+                profile::records(&*self.store, &keys).await?
+            };
+            cache
+                .load(
+                    &*self.store,
+                    distinct
+                        .iter()
+                        .filter(|(ws, _, _)| catalogs.get(ws).is_some_and(|c| !c.is_empty()))
+                        .flat_map(|(ws, _, p)| p.identifiers.keys().map(|m| rows::leaf_part(ws, m)))
+                        .collect(),
+                )
+                .await?;
+            let cached = &*cache;
+            let evaluated: Vec<_> = stream::iter(distinct.into_iter().zip(befores))
+                .map(|((ws, cause, profile), before)| {
                     let catalog = catalogs.get(&ws).unwrap_or(&empty).clone();
                     async move {
                         let out = profile::evaluate(
@@ -377,9 +386,10 @@ impl Evaluator {
                             &ws,
                             &catalog,
                             &profile,
+                            before.unwrap_or_default(),
                             &cause,
                             now,
-                            overlay,
+                            cached,
                         )
                         .await?;
                         Ok::<_, EvaluatorError>((ws, cause, profile.profile_id, out))
@@ -393,7 +403,7 @@ impl Evaluator {
                 for d in &out.departed {
                     if followed < MAX_FOLLOW {
                         followed += 1;
-                        round.push((ws.clone(), d.clone(), cause.clone()));
+                        round.push((ws.clone(), vec![d.clone()], cause.clone()));
                     }
                 }
                 for f in &out.former {
@@ -426,9 +436,26 @@ impl Evaluator {
             match standing {
                 Some(p) => {
                     let cause = Cause::Merged { into };
-                    let out =
-                        profile::evaluate(&*self.store, &ws, catalog, &p, &cause, now, overlay)
-                            .await?;
+                    cache
+                        .load(
+                            &*self.store,
+                            p.identifiers
+                                .keys()
+                                .map(|m| rows::leaf_part(&ws, m))
+                                .collect(),
+                        )
+                        .await?;
+                    let out = profile::evaluate(
+                        &*self.store,
+                        &ws,
+                        catalog,
+                        &p,
+                        before,
+                        &cause,
+                        now,
+                        cache,
+                    )
+                    .await?;
                     outcomes.push((ws, out));
                 }
                 None => {
@@ -444,6 +471,73 @@ impl Evaluator {
         Ok(outcomes)
     }
 
+    /// The profiles of a round's identifiers, each with the cause of the
+    /// first (newest) touch that reached it, in that order. An event's first
+    /// identifier is resolved first; its others only if that profile does
+    /// not hold them (in a web event, `userId` and `anonymousId` are
+    /// usually one profile: one walk, not three).
+    async fn resolve_round(&self, round: Vec<Touch>) -> Result<Vec<(String, Cause, ProfileRef)>> {
+        let mut found: HashMap<(String, Identifier), Option<Arc<ProfileRef>>> = HashMap::new();
+        let firsts: Vec<(String, Identifier)> = round
+            .iter()
+            .filter_map(|(ws, ids, _)| ids.first().map(|id| (ws.clone(), id.clone())))
+            .collect();
+        self.resolve_into(&mut found, firsts).await?;
+        let mut rest = Vec::new();
+        for (ws, ids, _) in &round {
+            let Some(first) = ids.first() else { continue };
+            let holds = found
+                .get(&(ws.clone(), first.clone()))
+                .and_then(|p| p.clone());
+            for id in &ids[1..] {
+                match &holds {
+                    Some(p) if p.identifiers.contains_key(id) => {
+                        found
+                            .entry((ws.clone(), id.clone()))
+                            .or_insert_with(|| Some(p.clone()));
+                    }
+                    _ => rest.push((ws.clone(), id.clone())),
+                }
+            }
+        }
+        self.resolve_into(&mut found, rest).await?;
+        let mut out = Vec::new();
+        let mut given: BTreeSet<(String, Uuid)> = BTreeSet::new();
+        for (ws, ids, cause) in round {
+            for id in ids {
+                let Some(Some(p)) = found.get(&(ws.clone(), id)) else {
+                    continue;
+                };
+                if given.insert((ws.clone(), p.profile_id)) {
+                    out.push((ws.clone(), cause.clone(), (**p).clone()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Resolves the identifiers `found` lacks, concurrently.
+    async fn resolve_into(
+        &self,
+        found: &mut HashMap<(String, Identifier), Option<Arc<ProfileRef>>>,
+        ids: Vec<(String, Identifier)>,
+    ) -> Result<()> {
+        let mut wanted: Vec<(String, Identifier)> =
+            ids.into_iter().filter(|k| !found.contains_key(k)).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let resolved: Vec<_> = stream::iter(wanted)
+            .map(|(ws, id)| async move {
+                let p = self.store.resolve(&ws, &id).await?;
+                Ok::<_, EvaluatorError>(((ws, id), p.map(Arc::new)))
+            })
+            .buffer_unordered(CONCURRENCY)
+            .try_collect()
+            .await?;
+        found.extend(resolved);
+        Ok(())
+    }
+
     /// Adds evaluation outcomes to a commit: each profile's writes with its
     /// events' outbox rows, as one group.
     pub(super) fn add_outcomes(
@@ -453,6 +547,9 @@ impl Evaluator {
         outcomes: Vec<(String, Outcome)>,
         now: i64,
     ) -> Result<()> {
+        // Outbox keys never go back, even if the clock does: `publish`
+        // reads on from the last key it published.
+        run.outbox_at = run.outbox_at.max(now);
         for (_, out) in outcomes {
             let mut group = out.group;
             for ev in &out.events {
@@ -463,7 +560,7 @@ impl Evaluator {
                 run.outbox_seq += 1;
                 group.push(EvalWrite::Put(
                     EvalTable::Outbox,
-                    rows::outbox_key(now, run.outbox_seq),
+                    rows::outbox_key(run.outbox_at, run.outbox_seq),
                     rows::outbox_value(&ev.partition_key(), &payload),
                 ));
             }
@@ -493,15 +590,26 @@ impl Evaluator {
     }
 
     /// Appends the outbox to the log, then clears what was appended.
-    pub(super) async fn publish(&self, _run: &mut Run) -> Result<()> {
+    ///
+    /// Outbox keys only grow, and this loop is the only reader, so each scan
+    /// starts after the last row published: the deleted rows before it (a
+    /// queue's tombstones) are never walked again.
+    pub(super) async fn publish(&self, run: &mut Run) -> Result<()> {
         loop {
             let rows_found = self
                 .store
-                .eval_scan(EvalTable::Outbox, &[], None, None, 500)
+                .eval_scan(
+                    EvalTable::Outbox,
+                    &[],
+                    run.outbox_published.as_deref(),
+                    None,
+                    500,
+                )
                 .await?;
-            if rows_found.is_empty() {
+            let Some((last, _)) = rows_found.last() else {
                 return Ok(());
-            }
+            };
+            let last = last.clone();
             let mut records = Vec::with_capacity(rows_found.len());
             let mut deletes = Vec::with_capacity(rows_found.len());
             for (sort, v) in rows_found {
@@ -522,6 +630,7 @@ impl Evaluator {
                     ..EvalCommit::default()
                 }))
                 .await?;
+            run.outbox_published = Some(last);
         }
     }
 }

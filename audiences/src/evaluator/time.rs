@@ -1,7 +1,6 @@
 //! Work driven by time and by catching up: the sweep of due deadlines, and
 //! the profiles marked while catching up.
 
-use futures_util::stream::{self, StreamExt, TryStreamExt};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -10,9 +9,9 @@ use trailmark_domain::audience::Catalog;
 use trailmark_store::evaluator::{EvalKey, EvalTable, EvalWrite};
 
 use super::*;
+use crate::Result;
 use crate::profile::{self};
 use crate::rows::{self, Cause};
-use crate::{EvaluatorError, Result};
 
 impl Evaluator {
     /// Evaluates the profiles whose deadline has passed.
@@ -49,21 +48,25 @@ impl Evaluator {
                         entries.push(entry);
                     }
                 }
-                let holders: Vec<Option<(String, Identifier, Cause)>> = stream::iter(entries)
-                    .map(|(deadline, pid, ws)| async move {
-                        let record = profile::record(&*self.store, &ws, pid).await?;
-                        Ok::<_, EvaluatorError>(record.and_then(|r| {
-                            let holder = Identifier::parse(&r.holder)?;
-                            Some((ws, holder, Cause::Deadline { at: deadline }))
-                        }))
+                let records = {
+                    let keys: Vec<(&str, uuid::Uuid)> = entries
+                        .iter()
+                        .map(|(_, pid, ws)| (ws.as_str(), *pid))
+                        .collect();
+                    profile::records(&*self.store, &keys).await?
+                };
+                let touched: Vec<Touch> = entries
+                    .into_iter()
+                    .zip(records)
+                    .filter_map(|((deadline, _, ws), record)| {
+                        let holder = Identifier::parse(&record?.holder)?;
+                        Some((ws, vec![holder], Cause::Deadline { at: deadline }))
                     })
-                    .buffered(CONCURRENCY)
-                    .try_collect()
-                    .await?;
-                let touched: Vec<_> = holders.into_iter().flatten().collect();
-                let outcomes = self
-                    .evaluate_all(run, &catalogs, touched, now, &run.leaf_cache)
-                    .await?;
+                    .collect();
+                let mut cache = std::mem::take(&mut run.leaf_cache);
+                let outcomes = self.evaluate_all(&catalogs, touched, now, &mut cache).await;
+                run.leaf_cache = cache;
+                let outcomes = outcomes?;
                 self.add_outcomes(run, &mut commit, outcomes, now)?;
                 self.store.eval_commit(Arc::new(commit)).await?;
                 self.publish(run).await?;
@@ -105,12 +108,13 @@ impl Evaluator {
                         EvalKey::new(ws.id.as_bytes().to_vec(), sort.clone()),
                     ));
                     if let Some(id) = std::str::from_utf8(sort).ok().and_then(Identifier::parse) {
-                        touched.push((ws.id.clone(), id, Cause::Definition { version: 0 }));
+                        touched.push((ws.id.clone(), vec![id], Cause::Definition { version: 0 }));
                     }
                 }
-                let outcomes = self
-                    .evaluate_all(run, &catalogs, touched, now, &run.leaf_cache)
-                    .await?;
+                let mut cache = std::mem::take(&mut run.leaf_cache);
+                let outcomes = self.evaluate_all(&catalogs, touched, now, &mut cache).await;
+                run.leaf_cache = cache;
+                let outcomes = outcomes?;
                 self.add_outcomes(run, &mut commit, outcomes, now)?;
                 self.store.eval_commit(Arc::new(commit)).await?;
                 self.publish(run).await?;

@@ -194,10 +194,11 @@ impl Evaluator {
                 let contributions = self
                     .contributions(&bf.consumer, &events, &bf.catalogs, &[], &mut commit)
                     .await?;
-                let mut overlay = std::mem::take(&mut run.leaf_cache);
-                self.fold(contributions, &mut overlay, &mut commit).await?;
+                let mut cache = std::mem::take(&mut run.leaf_cache);
+                let folded = self.fold(contributions, &mut cache, &mut commit).await;
+                run.leaf_cache = cache;
+                folded?;
                 self.store.eval_commit(Arc::new(commit)).await?;
-                run.leaf_cache = overlay;
                 for (p, next) in positions {
                     bf.positions.insert(p, next);
                 }
@@ -252,13 +253,14 @@ impl Evaluator {
         for (sort, _) in &found {
             if let Some(id) = std::str::from_utf8(sort).ok().and_then(Identifier::parse) {
                 let version = pass.versions.values().copied().max().unwrap_or(0);
-                touched.push((pass.ws.clone(), id, Cause::Definition { version }));
+                touched.push((pass.ws.clone(), vec![id], Cause::Definition { version }));
             }
         }
         let mut commit = self.commit();
-        let outcomes = self
-            .evaluate_all(run, &catalogs, touched, now, &run.leaf_cache)
-            .await?;
+        let mut cache = std::mem::take(&mut run.leaf_cache);
+        let outcomes = self.evaluate_all(&catalogs, touched, now, &mut cache).await;
+        run.leaf_cache = cache;
+        let outcomes = outcomes?;
         self.add_outcomes(run, &mut commit, outcomes, now)?;
         self.store.eval_commit(Arc::new(commit)).await?;
         self.publish(run).await?;

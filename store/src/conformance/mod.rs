@@ -718,6 +718,34 @@ pub async fn evaluator_rows(factory: &impl StoreFactory, at: &Path) {
         scan(None, None, 2).await,
         pairs(&[("p1", "1"), ("p2", "2")])
     );
+    // Many parts at once, in the order asked, each within its own part
+    // and table ("ws/a" is a prefix of "ws/a2", and a part of Profiles too).
+    let parts = store
+        .eval_parts(
+            EvalTable::Members,
+            vec![b"ws/a2".to_vec(), b"ws/none".to_vec(), b"ws/a".to_vec()],
+            2,
+        )
+        .await
+        .expect("parts");
+    let text = |rows: &[(Vec<u8>, Vec<u8>)]| -> Vec<(String, String)> {
+        rows.iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8(k.clone()).unwrap(),
+                    String::from_utf8(v.clone()).unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        parts.iter().map(|p| text(p)).collect::<Vec<_>>(),
+        vec![
+            pairs(&[("p0", "x")]),
+            vec![],
+            pairs(&[("p1", "1"), ("p2", "2")])
+        ]
+    );
     let got = store
         .eval_get(
             EvalTable::Profiles,

@@ -26,6 +26,18 @@ fn part_prefix(table: EvalTable, part: &[u8]) -> Vec<u8> {
     k
 }
 
+/// The first key after every key that starts with `prefix`, if any.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
 fn row_key(table: EvalTable, key: &EvalKey) -> Vec<u8> {
     let mut k = part_prefix(table, &key.part);
     k.extend_from_slice(&key.sort);
@@ -98,6 +110,32 @@ impl EvaluatorReader for EmbeddedStore {
         .await
     }
 
+    async fn eval_parts(
+        &self,
+        table: EvalTable,
+        parts: Vec<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Vec<Vec<(Vec<u8>, Vec<u8>)>>> {
+        self.blocking(move |inner| {
+            let snap = inner.db.snapshot();
+            let mut out = Vec::with_capacity(parts.len());
+            for part in parts {
+                let prefix = part_prefix(table, &part);
+                let mut rows = Vec::new();
+                for kv in snap.prefix(&inner.ks.evaluator, &prefix) {
+                    if rows.len() >= limit {
+                        break;
+                    }
+                    let (k, v) = kv.into_inner().map_err(unavailable)?;
+                    rows.push((k[prefix.len()..].to_vec(), v.to_vec()));
+                }
+                out.push(rows);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn eval_scan(
         &self,
         table: EvalTable,
@@ -113,13 +151,15 @@ impl EvaluatorReader for EmbeddedStore {
             // Exclusive: the first key after `a` and everything under it.
             from.push(0);
         }
+        // Always bounded above, so a scan never walks the tombstones past
+        // its part (a drained queue's, say) looking for a live key.
         let end = match before {
             Some(b) => {
                 let mut e = prefix.clone();
                 e.extend_from_slice(b);
                 Some(e)
             }
-            None => None,
+            None => prefix_end(&prefix),
         };
         self.blocking(move |inner| {
             let mut out = Vec::new();
