@@ -157,6 +157,7 @@ async fn open_store(config: &Config, drop_projections: bool) -> anyhow::Result<S
         ("embedded", path) => {
             let options = EmbeddedOptions {
                 cache_bytes: config.projector.fold_cache_mb << 20,
+                block_cache_bytes: (config.projector.block_cache_mb as u64) << 20,
                 drop_projections,
             };
             let store = EmbeddedStore::open_with(PathBuf::from(path), options)

@@ -112,6 +112,9 @@ pub struct ProjectorSection {
     /// The embedded store's fold cache, in MiB: rows the projector reads
     /// again and again, bounded in bytes.
     pub fold_cache_mb: usize,
+    /// The embedded store's block cache, in MiB: decoded blocks of every
+    /// keyspace, shared by the projector, the evaluator and the API.
+    pub block_cache_mb: usize,
 }
 
 /// `[evaluator]`: the audience and computed-trait evaluator.
@@ -199,6 +202,9 @@ impl Default for ProjectorSection {
             batch_size: p.batch_size,
             dedup_window_hours: 24,
             fold_cache_mb: trailmark_store::embedded::EmbeddedOptions::default().cache_bytes >> 20,
+            block_cache_mb: (trailmark_store::embedded::EmbeddedOptions::default()
+                .block_cache_bytes
+                >> 20) as usize,
         }
     }
 }
@@ -225,6 +231,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
         "projector.dedup_window_hours",
     ),
     ("TRAILMARK_FOLD_CACHE_MB", "projector.fold_cache_mb"),
+    ("TRAILMARK_BLOCK_CACHE_MB", "projector.block_cache_mb"),
     ("TRAILMARK_EVALUATOR", "evaluator.enabled"),
     ("TRAILMARK_SWEEP_INTERVAL_MS", "evaluator.sweep_interval_ms"),
     ("TRAILMARK_BOOTSTRAP_WRITE_KEY", "bootstrap.write_key"),
@@ -276,6 +283,9 @@ impl Config {
                 }
                 "TRAILMARK_FOLD_CACHE_MB" => {
                     self.projector.fold_cache_mb = v.parse().map_err(|e| bad(&e))?
+                }
+                "TRAILMARK_BLOCK_CACHE_MB" => {
+                    self.projector.block_cache_mb = v.parse().map_err(|e| bad(&e))?
                 }
                 "TRAILMARK_EVALUATOR" => self.evaluator.enabled = v.parse().map_err(|e| bad(&e))?,
                 "TRAILMARK_SWEEP_INTERVAL_MS" => {

@@ -215,6 +215,9 @@ struct Inner {
 pub struct EmbeddedOptions {
     /// The most bytes the fold's row cache holds before it is emptied.
     pub cache_bytes: usize,
+    /// The LSM engine's block cache, in bytes: decoded blocks of every
+    /// keyspace, shared by the projector, the evaluator and the API.
+    pub block_cache_bytes: u64,
     /// Open with every projection dropped, as `trailmark rebuild` wants:
     /// the keyspaces are deleted whole and created empty, which costs
     /// nothing like deleting their rows one by one (a tombstone each).
@@ -225,6 +228,7 @@ impl Default for EmbeddedOptions {
     fn default() -> Self {
         Self {
             cache_bytes: 128 << 20,
+            block_cache_bytes: 256 << 20,
             drop_projections: false,
         }
     }
@@ -390,6 +394,7 @@ impl EmbeddedStore {
     /// another key layout are dropped, for the projector to rebuild.
     pub fn open_with(dir: impl AsRef<Path>, options: EmbeddedOptions) -> Result<Self> {
         let db = Database::builder(dir.as_ref())
+            .cache_size(options.block_cache_bytes)
             .open()
             .map_err(unavailable)?;
         let open = |name: &str| {
