@@ -174,18 +174,29 @@ pub async fn records(
         .collect())
 }
 
-/// Evaluates `profile` at `now` against `catalog` and its record
-/// (`before`), with its members' leaf rows in `cache`.
+/// What a round of evaluations shares: the store, the leaf rows read for
+/// the round's profiles, and the time they are evaluated at.
+#[derive(Clone, Copy)]
+pub struct Round<'a> {
+    /// Where traits, seen times and identity rows are read.
+    pub store: &'a dyn ProfileStore,
+    /// The leaf rows of the round's profiles' members.
+    pub cache: &'a LeafCache,
+    /// The time evaluated at.
+    pub now: i64,
+}
+
+/// Evaluates `profile` at the round's time against `catalog` and its
+/// record (`before`).
 pub async fn evaluate(
-    store: &dyn ProfileStore,
+    round: Round<'_>,
     ws: &str,
     catalog: &Catalog,
     profile: &ProfileRef,
     before: ProfileRecord,
     cause: &Cause,
-    now: i64,
-    cache: &LeafCache,
 ) -> Result<Outcome> {
+    let Round { store, cache, now } = round;
     let pid = profile.profile_id;
     let members: Vec<Identifier> = profile.identifiers.keys().cloned().collect();
     let evaluation = if catalog.is_empty() {

@@ -381,15 +381,18 @@ impl Evaluator {
                 .map(|((ws, cause, profile), before)| {
                     let catalog = catalogs.get(&ws).unwrap_or(&empty).clone();
                     async move {
+                        let round = profile::Round {
+                            store: &*self.store,
+                            cache: cached,
+                            now,
+                        };
                         let out = profile::evaluate(
-                            &*self.store,
+                            round,
                             &ws,
                             &catalog,
                             &profile,
                             before.unwrap_or_default(),
                             &cause,
-                            now,
-                            cached,
                         )
                         .await?;
                         Ok::<_, EvaluatorError>((ws, cause, profile.profile_id, out))
@@ -445,17 +448,12 @@ impl Evaluator {
                                 .collect(),
                         )
                         .await?;
-                    let out = profile::evaluate(
-                        &*self.store,
-                        &ws,
-                        catalog,
-                        &p,
-                        before,
-                        &cause,
-                        now,
+                    let round = profile::Round {
+                        store: &*self.store,
                         cache,
-                    )
-                    .await?;
+                        now,
+                    };
+                    let out = profile::evaluate(round, &ws, catalog, &p, before, &cause).await?;
                     outcomes.push((ws, out));
                 }
                 None => {
