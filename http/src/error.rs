@@ -49,6 +49,13 @@ pub enum ApiError {
     NotFound(String),
     /// 405: the route exists, the method does not.
     MethodNotAllowed(String),
+    /// 409: the request conflicts with what exists (a key already taken).
+    Conflict {
+        /// Why.
+        message: String,
+        /// The field whose value conflicts.
+        field: Option<String>,
+    },
     /// 408: the request body did not arrive in time.
     Timeout(String),
     /// 415: a content encoding or type this route does not take.
@@ -97,6 +104,10 @@ impl ApiError {
             },
             StatusCode::NOT_FOUND => ApiError::NotFound(text),
             StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed(text),
+            StatusCode::CONFLICT => ApiError::Conflict {
+                message: text,
+                field: None,
+            },
             StatusCode::REQUEST_TIMEOUT => ApiError::Timeout(text),
             StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge {
                 message: text,
@@ -123,6 +134,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Rejected { status, .. } => *status,
@@ -185,6 +197,7 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(m) => ("forbidden", m, None, None),
             ApiError::NotFound(m) => ("not_found", m, None, None),
             ApiError::MethodNotAllowed(m) => ("method_not_allowed", m, None, None),
+            ApiError::Conflict { message, field } => ("conflict", message, field, None),
             ApiError::Timeout(m) => ("timeout", m, None, None),
             ApiError::UnsupportedMediaType(m) => ("unsupported_media_type", m, None, None),
             ApiError::Rejected { message, .. } => ("invalid_request", message, None, None),

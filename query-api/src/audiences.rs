@@ -66,9 +66,9 @@ fn api(e: DefinitionsError) -> ApiError {
         match e {
             DefinitionsError::Invalid(d) => invalid(&d),
             DefinitionsError::NotFound => ApiError::NotFound("no such definition".into()),
-            DefinitionsError::Conflict(key) => ApiError::Rejected {
-                status: StatusCode::CONFLICT,
+            DefinitionsError::Conflict(key) => ApiError::Conflict {
                 message: format!("the key {key:?} is taken"),
+                field: Some("key".into()),
             },
             DefinitionsError::Store(s) => s.into(),
         }

@@ -180,10 +180,12 @@ mod audience_cases {
         assert_eq!(status, 400, "{body}");
         assert!(body["error"]["message"].as_str().unwrap().contains("a -> b -> a"), "{body}");
         // A key is taken once.
-        let (status, _) = s
+        let (status, body) = s
             .admin(reqwest::Method::POST, "/v1/audiences", &json!({"key": "a", "query": "trait('z').exists()"}))
             .await;
-        assert_eq!(status, 409);
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["error"]["code"], "conflict", "{body}");
+        assert_eq!(body["error"]["field"], "key", "{body}");
         // An audience referred to cannot go.
         let (status, body) = s
             .admin(reqwest::Method::DELETE, &format!("/v1/audiences/{a_id}"), &json!({}))
