@@ -56,6 +56,9 @@ const MEMBER_ROWS: usize = 100_000;
 #[derive(Debug, Default)]
 pub struct LeafCache {
     members: HashMap<Vec<u8>, MemberLeaves>,
+    /// Encoded bytes read or written since it started empty: at least
+    /// what it holds.
+    bytes: usize,
 }
 
 impl LeafCache {
@@ -76,6 +79,7 @@ impl LeafCache {
         for (part, found) in wanted.into_iter().zip(found) {
             let mut rows = MemberLeaves::with_capacity(found.len());
             for (sort, v) in found {
+                self.bytes += sort.len() + v.len();
                 if let (Ok(spec), Some(row)) =
                     (String::from_utf8(sort), rows::decode::<LeafRow>(&v))
                 {
@@ -97,6 +101,16 @@ impl LeafCache {
         self.members.get_mut(part)
     }
 
+    /// Counts a row of `n` bytes written into it.
+    pub fn grew(&mut self, n: usize) {
+        self.bytes += n;
+    }
+
+    /// Encoded bytes read or written since it started empty.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// How many members are held.
     pub fn len(&self) -> usize {
         self.members.len()
@@ -110,7 +124,17 @@ impl LeafCache {
     /// Forgets every member (to bound memory).
     pub fn clear(&mut self) {
         self.members.clear();
+        self.bytes = 0;
     }
+}
+
+/// The parts of a profile's members' leaf rows, to load.
+pub fn leaf_parts(ws: &str, profile: &ProfileRef) -> Vec<Vec<u8>> {
+    profile
+        .identifiers
+        .keys()
+        .map(|m| rows::leaf_part(ws, m))
+        .collect()
 }
 
 /// A profile's members' leaf states for the catalog's specs, merged in

@@ -20,6 +20,7 @@ use serde_json::json;
 use trailmark_benches::event_stream;
 use trailmark_domain::audience::eval::ProfileData;
 use trailmark_domain::audience::json::computed_trait_from_json;
+use trailmark_domain::audience::leaf::{Contribution, LeafState, SpecId};
 use trailmark_domain::audience::query::parse_query;
 use trailmark_domain::audience::{AudienceDef, Catalog, TraitDef};
 use trailmark_domain::profile::TraitValue;
@@ -81,6 +82,22 @@ fn catalog(n: usize) -> Catalog {
     Catalog::new(audiences, traits)
 }
 
+/// Every contribution folded into one identifier's leaf states.
+fn fold_all(
+    catalog: &Catalog,
+    contributions: &[(SpecId, Contribution)],
+) -> BTreeMap<SpecId, LeafState> {
+    let mut states = BTreeMap::new();
+    for (id, c) in contributions {
+        let spec = &catalog.specs()[id];
+        states
+            .entry(id.clone())
+            .or_insert_with(|| spec.empty())
+            .fold(spec, c);
+    }
+    states
+}
+
 fn bench(c: &mut Criterion) {
     let catalog = catalog(100);
     let stream = event_stream(2_000, 50, 3);
@@ -102,26 +119,9 @@ fn bench(c: &mut Criterion) {
         .collect();
     g.throughput(Throughput::Elements(contributions.len() as u64));
     g.bench_function("fold", |b| {
-        b.iter(|| {
-            let mut states = BTreeMap::new();
-            for (id, c) in &contributions {
-                let spec = &catalog.specs()[id];
-                states
-                    .entry(id.clone())
-                    .or_insert_with(|| spec.empty())
-                    .fold(spec, c);
-            }
-            black_box(states.len())
-        })
+        b.iter(|| black_box(fold_all(&catalog, &contributions).len()))
     });
-    let mut leaves = BTreeMap::new();
-    for (id, c) in &contributions {
-        let spec = &catalog.specs()[id];
-        leaves
-            .entry(id.clone())
-            .or_insert_with(|| spec.empty())
-            .fold(spec, c);
-    }
+    let leaves = fold_all(&catalog, &contributions);
     let traits: BTreeMap<String, TraitValue> = [(
         "plan".to_owned(),
         TraitValue {

@@ -89,6 +89,10 @@ impl Default for EvaluatorConfig {
 /// steps (it is their only writer, so the copies stay exact); past it, it
 /// starts again empty.
 const LEAF_CACHE_MEMBERS: usize = 100_000;
+/// And how many bytes of them (encoded, counting each row read or written
+/// since it last started empty): a member's rows grow with what its events
+/// match, so a count of members alone would not bound memory.
+const LEAF_CACHE_BYTES: usize = 256 << 20;
 /// How many profiles one step resolves and evaluates at once: their reads
 /// overlap (each a blocking task on the embedded store, a round trip on
 /// CQL), and they use both cores.
@@ -186,6 +190,16 @@ struct Run {
     known: std::collections::HashSet<(String, trailmark_domain::Identifier)>,
     /// Backfills that met the live reader less than a window ago.
     joined: Vec<Joined>,
+}
+
+impl Run {
+    /// Each workspace's running catalog.
+    fn catalogs(&self) -> HashMap<String, Arc<Catalog>> {
+        self.workspaces
+            .iter()
+            .map(|(ws, r)| (ws.clone(), r.catalog.clone()))
+            .collect()
+    }
 }
 
 /// A backfill that met the live reader: until `until` (the clock's time,

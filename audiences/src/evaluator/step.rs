@@ -36,11 +36,7 @@ impl Evaluator {
             positions: positions.to_vec(),
             ..EvalCommit::default()
         };
-        let catalogs: HashMap<String, Arc<Catalog>> = run
-            .workspaces
-            .iter()
-            .map(|(ws, r)| (ws.clone(), r.catalog.clone()))
-            .collect();
+        let catalogs = run.catalogs();
         let events: Vec<&LoggedEvent> = events
             .iter()
             .filter(|le| {
@@ -53,8 +49,8 @@ impl Evaluator {
         let contributions = self
             .contributions(&self.config.group, &events, &catalogs, &joined, &mut commit)
             .await?;
-        let mut cache = std::mem::take(&mut run.leaf_cache);
-        self.fold(contributions, &mut cache, &mut commit).await?;
+        self.fold(contributions, &mut run.leaf_cache, &mut commit)
+            .await?;
         let mut touched: Vec<Touch> = Vec::new();
         let mut own: Vec<&Event> = Vec::new();
         for le in &events {
@@ -104,7 +100,7 @@ impl Evaluator {
             }
         } else {
             let outcomes = self
-                .evaluate_all(&catalogs, touched, now, &mut cache)
+                .evaluate_all(&catalogs, touched, now, &mut run.leaf_cache)
                 .await?;
             self.add_outcomes(run, &mut commit, outcomes, now)?;
         }
@@ -116,10 +112,9 @@ impl Evaluator {
             let lag = (now - last.event.received_at).max(0);
             self.metrics.evaluator_lag_seconds.set(lag as f64 / 1e6);
         }
-        if cache.len() > LEAF_CACHE_MEMBERS {
-            cache.clear();
+        if run.leaf_cache.len() > LEAF_CACHE_MEMBERS || run.leaf_cache.bytes() > LEAF_CACHE_BYTES {
+            run.leaf_cache.clear();
         }
-        run.leaf_cache = cache;
         self.publish(run).await
     }
 
@@ -239,10 +234,11 @@ impl Evaluator {
             changed.insert((c.key, c.spec));
         }
         for (key, spec) in changed {
-            let row = &cache.member(&key.part).expect("loaded")[&spec];
+            let row = rows::encode(&cache.member(&key.part).expect("loaded")[&spec]);
+            cache.grew(row.len());
             commit
                 .rows
-                .push(EvalWrite::Put(EvalTable::Leaves, key, rows::encode(row)));
+                .push(EvalWrite::Put(EvalTable::Leaves, key, row));
         }
         Ok(())
     }
@@ -372,7 +368,7 @@ impl Evaluator {
                     distinct
                         .iter()
                         .filter(|(ws, _, _)| catalogs.get(ws).is_some_and(|c| !c.is_empty()))
-                        .flat_map(|(ws, _, p)| p.identifiers.keys().map(|m| rows::leaf_part(ws, m)))
+                        .flat_map(|(ws, _, p)| profile::leaf_parts(ws, p))
                         .collect(),
                 )
                 .await?;
@@ -440,13 +436,7 @@ impl Evaluator {
                 Some(p) => {
                     let cause = Cause::Merged { into };
                     cache
-                        .load(
-                            &*self.store,
-                            p.identifiers
-                                .keys()
-                                .map(|m| rows::leaf_part(&ws, m))
-                                .collect(),
-                        )
+                        .load(&*self.store, profile::leaf_parts(&ws, &p))
                         .await?;
                     let round = profile::Round {
                         store: &*self.store,
@@ -620,14 +610,9 @@ impl Evaluator {
                 ));
             }
             self.log.append(records).await?;
-            self.store
-                .eval_commit(Arc::new(EvalCommit {
-                    consumer: self.config.group.clone(),
-                    rows: deletes,
-                    dedup_window_micros: self.window(),
-                    ..EvalCommit::default()
-                }))
-                .await?;
+            let mut commit = self.commit();
+            commit.rows = deletes;
+            self.store.eval_commit(Arc::new(commit)).await?;
             run.outbox_published = Some(last);
         }
     }

@@ -1,11 +1,9 @@
 //! Work driven by time and by catching up: the sweep of due deadlines, and
 //! the profiles marked while catching up.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use trailmark_domain::Identifier;
-use trailmark_domain::audience::Catalog;
 use trailmark_store::evaluator::{EvalKey, EvalTable, EvalWrite};
 
 use super::*;
@@ -19,11 +17,7 @@ impl Evaluator {
         let now = self.clock.now_micros();
         let now_hour = now.div_euclid(rows::HOUR);
         let mut hour = run.sweep_cursor.unwrap_or(now_hour - 1);
-        let catalogs: HashMap<String, Arc<Catalog>> = run
-            .workspaces
-            .iter()
-            .map(|(ws, r)| (ws.clone(), r.catalog.clone()))
-            .collect();
+        let catalogs = run.catalogs();
         let before = rows::time_bytes(now + 1).to_vec();
         while hour <= now_hour {
             let part = hour.to_be_bytes().to_vec();
@@ -63,10 +57,9 @@ impl Evaluator {
                         Some((ws, vec![holder], Cause::Deadline { at: deadline }))
                     })
                     .collect();
-                let mut cache = std::mem::take(&mut run.leaf_cache);
-                let outcomes = self.evaluate_all(&catalogs, touched, now, &mut cache).await;
-                run.leaf_cache = cache;
-                let outcomes = outcomes?;
+                let outcomes = self
+                    .evaluate_all(&catalogs, touched, now, &mut run.leaf_cache)
+                    .await?;
                 self.add_outcomes(run, &mut commit, outcomes, now)?;
                 self.store.eval_commit(Arc::new(commit)).await?;
                 self.publish(run).await?;
@@ -86,11 +79,7 @@ impl Evaluator {
     /// Evaluates the profiles marked while catching up, a slice at a time.
     pub(super) async fn drain_dirty(&self, run: &mut Run) -> Result<()> {
         let now = self.clock.now_micros();
-        let catalogs: HashMap<String, Arc<Catalog>> = run
-            .workspaces
-            .iter()
-            .map(|(ws, r)| (ws.clone(), r.catalog.clone()))
-            .collect();
+        let catalogs = run.catalogs();
         for ws in self.directory.workspaces().await? {
             loop {
                 let marked = self
@@ -111,10 +100,9 @@ impl Evaluator {
                         touched.push((ws.id.clone(), vec![id], Cause::Definition { version: 0 }));
                     }
                 }
-                let mut cache = std::mem::take(&mut run.leaf_cache);
-                let outcomes = self.evaluate_all(&catalogs, touched, now, &mut cache).await;
-                run.leaf_cache = cache;
-                let outcomes = outcomes?;
+                let outcomes = self
+                    .evaluate_all(&catalogs, touched, now, &mut run.leaf_cache)
+                    .await?;
                 self.add_outcomes(run, &mut commit, outcomes, now)?;
                 self.store.eval_commit(Arc::new(commit)).await?;
                 self.publish(run).await?;

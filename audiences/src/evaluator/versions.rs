@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use trailmark_domain::Identifier;
-use trailmark_domain::audience::Catalog;
 use trailmark_store::evaluator::{EvalCommit, EvalTable};
 use uuid::Uuid;
 
@@ -194,10 +193,8 @@ impl Evaluator {
                 let contributions = self
                     .contributions(&bf.consumer, &events, &bf.catalogs, &[], &mut commit)
                     .await?;
-                let mut cache = std::mem::take(&mut run.leaf_cache);
-                let folded = self.fold(contributions, &mut cache, &mut commit).await;
-                run.leaf_cache = cache;
-                folded?;
+                self.fold(contributions, &mut run.leaf_cache, &mut commit)
+                    .await?;
                 self.store.eval_commit(Arc::new(commit)).await?;
                 for (p, next) in positions {
                     bf.positions.insert(p, next);
@@ -241,11 +238,7 @@ impl Evaluator {
                 SLICE,
             )
             .await?;
-        let catalogs: HashMap<String, Arc<Catalog>> = run
-            .workspaces
-            .iter()
-            .map(|(ws, r)| (ws.clone(), r.catalog.clone()))
-            .collect();
+        let catalogs = run.catalogs();
         if let Some((last, _)) = found.last() {
             pass.after = Some(last.clone());
         }
@@ -257,10 +250,9 @@ impl Evaluator {
             }
         }
         let mut commit = self.commit();
-        let mut cache = std::mem::take(&mut run.leaf_cache);
-        let outcomes = self.evaluate_all(&catalogs, touched, now, &mut cache).await;
-        run.leaf_cache = cache;
-        let outcomes = outcomes?;
+        let outcomes = self
+            .evaluate_all(&catalogs, touched, now, &mut run.leaf_cache)
+            .await?;
         self.add_outcomes(run, &mut commit, outcomes, now)?;
         self.store.eval_commit(Arc::new(commit)).await?;
         self.publish(run).await?;

@@ -38,6 +38,27 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// Up to `limit` rows of `range` while they are under `prefix`, as
+/// `(sort, value)`: a part's rows, the part stripped.
+fn part_rows(
+    range: impl Iterator<Item = fjall::Guard>,
+    prefix: &[u8],
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for kv in range {
+        if out.len() >= limit {
+            break;
+        }
+        let (k, v) = kv.into_inner().map_err(unavailable)?;
+        if !k.starts_with(prefix) {
+            break;
+        }
+        out.push((k[prefix.len()..].to_vec(), v.to_vec()));
+    }
+    Ok(out)
+}
+
 fn row_key(table: EvalTable, key: &EvalKey) -> Vec<u8> {
     let mut k = part_prefix(table, &key.part);
     k.extend_from_slice(&key.sort);
@@ -121,15 +142,11 @@ impl EvaluatorReader for EmbeddedStore {
             let mut out = Vec::with_capacity(parts.len());
             for part in parts {
                 let prefix = part_prefix(table, &part);
-                let mut rows = Vec::new();
-                for kv in snap.prefix(&inner.ks.evaluator, &prefix) {
-                    if rows.len() >= limit {
-                        break;
-                    }
-                    let (k, v) = kv.into_inner().map_err(unavailable)?;
-                    rows.push((k[prefix.len()..].to_vec(), v.to_vec()));
-                }
-                out.push(rows);
+                out.push(part_rows(
+                    snap.prefix(&inner.ks.evaluator, &prefix),
+                    &prefix,
+                    limit,
+                )?);
             }
             Ok(out)
         })
@@ -162,23 +179,12 @@ impl EvaluatorReader for EmbeddedStore {
             None => prefix_end(&prefix),
         };
         self.blocking(move |inner| {
-            let mut out = Vec::new();
             let snap = inner.db.snapshot();
             let range: Box<dyn Iterator<Item = _>> = match end {
                 Some(e) => Box::new(snap.range(&inner.ks.evaluator, from..e)),
                 None => Box::new(snap.range(&inner.ks.evaluator, from..)),
             };
-            for kv in range {
-                if out.len() >= limit {
-                    break;
-                }
-                let (k, v) = kv.into_inner().map_err(unavailable)?;
-                if !k.starts_with(&prefix) {
-                    break;
-                }
-                out.push((k[prefix.len()..].to_vec(), v.to_vec()));
-            }
-            Ok(out)
+            part_rows(range, &prefix, limit)
         })
         .await
     }
