@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::Value;
 use trailmark_domain::audience::eval::ProfileData;
 use trailmark_domain::audience::leaf::{LeafState, SpecId};
-use trailmark_domain::audience::{Catalog, Evaluation};
+use trailmark_domain::audience::{Catalog, Changed, Evaluation};
 use trailmark_domain::{Event, Identifier};
 use trailmark_store::evaluator::{EvalKey, EvalTable, EvalWrite};
 use trailmark_store::{ProfileRef, ProfileStore};
@@ -40,6 +40,8 @@ pub struct Outcome {
     /// For changes caused by an event, when that event was received; for
     /// changes caused by a deadline, the deadline (metrics).
     pub changes: Vec<Cause>,
+    /// Audiences evaluated, and carried over unchanged (metrics).
+    pub audiences: (u64, u64),
 }
 
 /// Every leaf row of one member (an identifier of a workspace), by spec.
@@ -166,6 +168,33 @@ pub fn leaves(
     out
 }
 
+/// A record's verdicts as the [`Evaluation`] they came from, keyed as the
+/// catalog keys them (the record keys them by id).
+fn last_evaluation(catalog: &Catalog, record: &ProfileRecord) -> Evaluation {
+    let mut e = Evaluation {
+        deadline: record.deadline,
+        at: record.at,
+        ..Evaluation::default()
+    };
+    for a in catalog.audiences() {
+        if record.audiences.get(&a.id).is_some_and(|s| s.member) {
+            e.audiences.insert(a.key.clone(), true);
+        }
+        if let Some(d) = record.deadlines.get(&a.id) {
+            e.audience_deadlines.insert(a.key.clone(), *d);
+        }
+    }
+    for t in catalog.traits() {
+        if let Some(s) = record.traits.get(&t.id).filter(|s| !s.value.is_null()) {
+            e.traits.insert(t.key.clone(), s.value.clone());
+        }
+        if let Some(d) = record.deadlines.get(&t.id) {
+            e.trait_deadlines.insert(t.key.clone(), *d);
+        }
+    }
+    e
+}
+
 /// Reads a profile's record.
 pub async fn record(
     store: &dyn ProfileStore,
@@ -211,7 +240,9 @@ pub struct Round<'a> {
 }
 
 /// Evaluates `profile` at the round's time against `catalog` and its
-/// record (`before`).
+/// record (`before`): only what `changed` can reach when the record was
+/// made under this catalog for the same members, everything otherwise (or
+/// when `changed` is `None`). See [`Catalog::plan`].
 pub async fn evaluate(
     round: Round<'_>,
     ws: &str,
@@ -219,20 +250,32 @@ pub async fn evaluate(
     profile: &ProfileRef,
     before: ProfileRecord,
     cause: &Cause,
+    changed: Option<&Changed>,
 ) -> Result<Outcome> {
     let Round { store, cache, now } = round;
     let pid = profile.profile_id;
     let members: Vec<Identifier> = profile.identifiers.keys().cloned().collect();
+    let member_texts: Vec<String> = members.iter().map(rows::id_text).collect();
+    let prior = changed
+        .filter(|_| before.catalog == catalog.fingerprint() && before.members == member_texts)
+        .map(|c| (last_evaluation(catalog, &before), c));
+    let mut audiences = (0, 0);
     let evaluation = if catalog.is_empty() {
         Evaluation::default()
     } else {
-        // Only what the definitions read.
-        let traits = if catalog.reads_traits() {
+        let plan = catalog.plan(prior.as_ref().map(|(e, c)| (e, *c)), now);
+        let evaluated = plan.audiences();
+        audiences = (
+            evaluated as u64,
+            (catalog.audiences().len() - evaluated) as u64,
+        );
+        // Only what the planned definitions read.
+        let traits = if plan.reads_traits {
             store.traits(ws, profile).await?
         } else {
             BTreeMap::new()
         };
-        let seen = if catalog.reads_seen() {
+        let seen = if plan.reads_seen {
             let meta = store.metadata(ws, profile).await?;
             (!meta.counts.is_empty()).then_some((meta.first_seen, meta.last_seen))
         } else {
@@ -244,15 +287,32 @@ pub async fn evaluate(
             seen,
             leaves: &leaves,
         };
-        catalog.evaluate(&data, now)
+        catalog.evaluate_planned(&data, now, prior.as_ref().map(|(e, _)| e), &plan)
     };
-    let mut out = Outcome::default();
+    let mut out = Outcome {
+        audiences,
+        ..Outcome::default()
+    };
+    let mut deadlines = BTreeMap::new();
+    for a in catalog.audiences() {
+        if let Some(d) = evaluation.audience_deadlines.get(&a.key) {
+            deadlines.insert(a.id.clone(), *d);
+        }
+    }
+    for t in catalog.traits() {
+        if let Some(d) = evaluation.trait_deadlines.get(&t.key) {
+            deadlines.insert(t.id.clone(), *d);
+        }
+    }
     let mut after = ProfileRecord {
         holder: rows::id_text(&profile.holder),
-        members: members.iter().map(rows::id_text).collect(),
+        members: member_texts,
         audiences: BTreeMap::new(),
         traits: BTreeMap::new(),
         deadline: evaluation.deadline,
+        catalog: catalog.fingerprint(),
+        deadlines,
+        at: before.at,
     };
     // A change caused by time happened at the boundary that passed, not
     // when the sweep noticed it.
@@ -449,6 +509,9 @@ pub async fn evaluate(
     out.former.sort_unstable();
     out.former.dedup();
     if after != before {
+        // Its verdicts were made now (unchanged ones were made earlier and
+        // still hold, so an older time is also right: see `at`).
+        after.at = now;
         out.group.push(EvalWrite::Put(
             EvalTable::Profiles,
             rows::profile_key(ws, pid),
@@ -459,7 +522,8 @@ pub async fn evaluate(
 }
 
 /// Retires a profile that no longer stands alone (its members merged into
-/// `into`): it exits every audience and needs no more evaluation.
+/// `into`): it exits every audience and needs no more evaluation, and its
+/// record is marked so that nothing of it is carried over.
 pub fn retire(
     ws: &str,
     pid: Uuid,
@@ -471,6 +535,10 @@ pub fn retire(
     let mut out = Outcome::default();
     let mut after = before.clone();
     after.deadline = None;
+    after.deadlines.clear();
+    // Should its members stand alone again, what was folded meanwhile was
+    // evaluated under another profile: nothing here carries over.
+    after.catalog = 0;
     let cause = Cause::Merged { into };
     let holder = Identifier::parse(&before.holder).unwrap_or_else(|| {
         Identifier::new(trailmark_domain::IdKind::AnonymousId, before.holder.clone())
@@ -542,4 +610,51 @@ pub fn retire(
         rows::encode(&after),
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retired_record_carries_nothing_over() {
+        let before = ProfileRecord {
+            holder: "user_id:u1".into(),
+            members: vec!["user_id:u1".into()],
+            audiences: BTreeMap::from([(
+                "aud_1".to_owned(),
+                MemberState {
+                    member: true,
+                    n: 1,
+                    version: 1,
+                    since: 5,
+                },
+            )]),
+            deadline: Some(100),
+            catalog: 42,
+            deadlines: BTreeMap::from([("aud_1".to_owned(), 100)]),
+            at: 5,
+            ..ProfileRecord::default()
+        };
+        let out = retire(
+            "ws",
+            Uuid::nil(),
+            &before,
+            &Catalog::default(),
+            Uuid::max(),
+            10,
+        );
+        let after: ProfileRecord = out
+            .group
+            .iter()
+            .find_map(|w| match w {
+                EvalWrite::Put(EvalTable::Profiles, _, v) => rows::decode(v),
+                _ => None,
+            })
+            .expect("the record is written");
+        assert_eq!(after.catalog, 0, "an evaluation under no catalog");
+        assert!(after.deadlines.is_empty() && after.deadline.is_none());
+        assert!(!after.audiences["aud_1"].member);
+        assert_eq!(out.events.len(), 1, "one exit");
+    }
 }

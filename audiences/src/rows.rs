@@ -187,6 +187,18 @@ pub struct ProfileRecord {
     pub traits: BTreeMap<String, TraitState>,
     /// When it must be evaluated again with no new event.
     pub deadline: Option<i64>,
+    /// The [`Catalog::fingerprint`](trailmark_domain::audience::Catalog::fingerprint)
+    /// it was evaluated under; 0 when it cannot be carried over (none yet,
+    /// or retired).
+    #[serde(default)]
+    pub catalog: u64,
+    /// Each definition's own deadline, by id (those that have one).
+    #[serde(default)]
+    pub deadlines: BTreeMap<String, i64>,
+    /// When its verdicts were made, at the latest: the time of the
+    /// evaluation that last changed this record.
+    #[serde(default)]
+    pub at: i64,
 }
 
 /// A profile's membership of one audience.

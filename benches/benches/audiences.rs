@@ -22,7 +22,7 @@ use trailmark_domain::audience::eval::ProfileData;
 use trailmark_domain::audience::json::computed_trait_from_json;
 use trailmark_domain::audience::leaf::{Contribution, LeafState, SpecId};
 use trailmark_domain::audience::query::parse_query;
-use trailmark_domain::audience::{AudienceDef, Catalog, TraitDef};
+use trailmark_domain::audience::{AudienceDef, Catalog, Changed, TraitDef};
 use trailmark_domain::profile::TraitValue;
 
 /// The definitions `benches/run-audiences` makes, written the same way.
@@ -140,6 +140,32 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("evaluate", |b| {
         b.iter(|| black_box(catalog.evaluate(black_box(&data), now)))
+    });
+    // The same profile a second later, after one event that contributed to
+    // the specs of one event name (what the evaluator does per event): the
+    // plan, and the audiences it picks.
+    let last = catalog.evaluate(&data, now);
+    let one = stream
+        .iter()
+        .map(|ev| catalog.contributions(ev))
+        .find(|c| !c.is_empty())
+        .unwrap_or_default();
+    let changed = Changed {
+        specs: one.into_iter().map(|(s, _)| s).collect(),
+        traits: false,
+        seen: true,
+    };
+    let later = now + 1_000_000;
+    eprintln!(
+        "evaluate_changed: {} of {} audiences planned",
+        catalog.plan(Some((&last, &changed)), later).audiences(),
+        catalog.audiences().len()
+    );
+    g.bench_function("evaluate_changed", |b| {
+        b.iter(|| {
+            let plan = catalog.plan(Some((&last, black_box(&changed))), later);
+            black_box(catalog.evaluate_planned(&data, later, Some(&last), &plan))
+        })
     });
     g.finish();
 }

@@ -28,6 +28,7 @@ use serde_json::{Map, Value};
 use trailmark_domain::parse::{
     MAX_ID_CHARS, MAX_MESSAGE_ID_CHARS, RequestMeta, parse_batch, parse_single,
 };
+use trailmark_domain::profile::Fact;
 use trailmark_domain::{Event, EventType, Limits};
 
 const RECEIVED_AT: i64 = 1_700_000_000_000_000;
@@ -75,6 +76,14 @@ fn check_event(ev: &Event, kind: EventType) {
         ev.message_id.chars().count()
     );
     assert_eq!(ev.workspace_id, "ws_1");
+    // The evaluator re-reads traits only when this says they may change.
+    if let Ok(p) = trailmark_domain::profile::project(ev) {
+        let sets = p.facts.iter().any(|f| matches!(f, Fact::Trait { .. }));
+        assert!(
+            !sets || trailmark_domain::profile::may_set_traits(ev),
+            "may_set_traits said no to an event with traits: {ev:?}"
+        );
+    }
     assert_eq!(ev.source_id, "src_1");
     assert_eq!(ev.received_at, RECEIVED_AT);
     assert_eq!(ev.event.is_some(), kind == EventType::Track);

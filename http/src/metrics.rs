@@ -60,6 +60,9 @@ pub struct Metrics {
     pub evaluator_changes: IntCounter,
     /// Records in the log the evaluator has not read yet.
     pub evaluator_behind: IntGauge,
+    /// Audiences per profile evaluation, by `outcome`: `evaluated`, or
+    /// `carried` (nothing it reads changed, so its last verdict stands).
+    pub evaluator_audiences: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -140,6 +143,14 @@ impl Metrics {
             "Membership and computed-trait changes decided",
         )
         .expect("valid metric");
+        let evaluator_audiences = IntCounterVec::new(
+            Opts::new(
+                "trailmark_evaluator_audiences_total",
+                "Audiences per profile evaluation: evaluated, or carried over unchanged",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(ingest_events.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_request_duration.clone()),
@@ -151,6 +162,7 @@ impl Metrics {
             Box::new(evaluator_change_delay_seconds.clone()),
             Box::new(evaluator_changes.clone()),
             Box::new(evaluator_behind.clone()),
+            Box::new(evaluator_audiences.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -166,6 +178,7 @@ impl Metrics {
             evaluator_change_delay_seconds,
             evaluator_changes,
             evaluator_behind,
+            evaluator_audiences,
         }
     }
 

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use trailmark_domain::Clock;
-use trailmark_domain::audience::Catalog;
 use trailmark_domain::audience::leaf::SpecId;
+use trailmark_domain::audience::{Catalog, Changed};
 use trailmark_http::Metrics;
 use trailmark_log::{EventLog, StartPositions, Subscription};
 use trailmark_schemas::EventCodec;
@@ -212,8 +212,39 @@ struct Joined {
 }
 
 /// Identifiers an event (or a deadline, or a pass) touched, in the event's
-/// order (its primary first), with the cause to record.
-type Touch = (String, Vec<trailmark_domain::Identifier>, rows::Cause);
+/// order (its primary first), with the cause to record and what may have
+/// changed for their profiles (`None`: anything, so evaluate everything).
+struct Touch {
+    ws: String,
+    ids: Vec<trailmark_domain::Identifier>,
+    cause: rows::Cause,
+    changed: Option<Changed>,
+}
+
+impl Touch {
+    /// A touch after which everything is evaluated.
+    fn full(ws: String, ids: Vec<trailmark_domain::Identifier>, cause: rows::Cause) -> Touch {
+        Touch {
+            ws,
+            ids,
+            cause,
+            changed: None,
+        }
+    }
+}
+
+/// What changed for a profile, over every touch that reached it.
+fn union(into: &mut Option<Changed>, more: &Option<Changed>) {
+    match (into.as_mut(), more) {
+        (Some(c), Some(m)) => {
+            c.specs.extend(m.specs.iter().cloned());
+            c.traits |= m.traits;
+            c.seen |= m.seen;
+        }
+        (Some(_), None) => *into = None,
+        (None, _) => {}
+    }
+}
 
 /// One contribution of one event to one leaf state, to fold.
 struct Folding<'e> {

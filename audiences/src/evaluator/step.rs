@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 
-use trailmark_domain::audience::{Catalog, EVALUATOR_SOURCE};
-use trailmark_domain::profile::is_duplicate;
+use trailmark_domain::audience::leaf::SpecId;
+use trailmark_domain::audience::{Catalog, Changed, EVALUATOR_SOURCE};
+use trailmark_domain::profile::{is_duplicate, may_set_traits};
 use trailmark_domain::{Event, EventType, IdKind, Identifier};
 use trailmark_log::Record;
 use trailmark_store::evaluator::{EvalCommit, EvalKey, EvalTable, EvalWrite};
@@ -46,14 +47,14 @@ impl Evaluator {
             })
             .collect();
         let joined = run.joined.clone();
-        let contributions = self
+        let (contributions, mut specs) = self
             .contributions(&self.config.group, &events, &catalogs, &joined, &mut commit)
             .await?;
         self.fold(contributions, &mut run.leaf_cache, &mut commit)
             .await?;
         let mut touched: Vec<Touch> = Vec::new();
         let mut own: Vec<&Event> = Vec::new();
-        for le in &events {
+        for (le, specs) in events.iter().zip(specs.iter_mut()) {
             let ev = &le.event;
             if ev.source_id == EVALUATOR_SOURCE {
                 own.push(ev);
@@ -63,13 +64,27 @@ impl Evaluator {
                 message_id: ev.message_id.clone(),
                 received_at: ev.received_at,
             };
-            touched.push((ev.workspace_id.clone(), touched_ids(ev), cause));
+            // What the event may have changed: the specs it contributes to
+            // (a duplicate's too: after a crash between a fold and its
+            // evaluation, the replay is a duplicate), traits, seen times.
+            // A control record may change anything.
+            let changed = ev.control.is_none().then(|| Changed {
+                specs: std::mem::take(specs),
+                traits: may_set_traits(ev),
+                seen: true,
+            });
+            touched.push(Touch {
+                ws: ev.workspace_id.clone(),
+                ids: touched_ids(ev),
+                cause,
+                changed,
+            });
         }
         let mut restored = self.restore(&own).await?;
         // A workspace with nothing defined needs no evaluation: its
         // identifiers are only noted, so that a first definition's pass
         // finds every profile.
-        touched.retain(|(ws, ids, _)| {
+        touched.retain(|Touch { ws, ids, .. }| {
             if catalogs.contains_key(ws) {
                 return true;
             }
@@ -89,7 +104,7 @@ impl Evaluator {
         }
         commit.groups.append(&mut restored);
         if run.catching_up.is_some() {
-            for (ws, ids, _) in &touched {
+            for Touch { ws, ids, .. } in &touched {
                 for id in ids {
                     commit.rows.push(EvalWrite::Put(
                         EvalTable::Dirty,
@@ -120,7 +135,9 @@ impl Evaluator {
 
     /// What a batch's events contribute to leaf states, with each client
     /// retry of a message `consumer` saw within the window left out (as the
-    /// projector leaves it out), and the decisions recorded in `commit`.
+    /// projector leaves it out), and the decisions recorded in `commit`;
+    /// and, for each event in order, the specs it contributes to (retries
+    /// too).
     ///
     /// Only events that contribute are de-duplicated: the others fold
     /// nothing, and evaluating a profile twice changes nothing. Within a
@@ -135,9 +152,10 @@ impl Evaluator {
         catalogs: &HashMap<String, Arc<Catalog>>,
         joined: &[Joined],
         commit: &mut EvalCommit,
-    ) -> Result<Vec<Folding<'e>>> {
+    ) -> Result<(Vec<Folding<'e>>, Vec<BTreeSet<SpecId>>)> {
         let mut candidates = Vec::new();
-        for le in events {
+        let mut specs = vec![BTreeSet::new(); events.len()];
+        for (le, specs) in events.iter().zip(specs.iter_mut()) {
             let ev = &le.event;
             if ev.source_id == EVALUATOR_SOURCE || ev.kind == EventType::Control {
                 continue;
@@ -147,11 +165,12 @@ impl Evaluator {
             };
             let found = catalog.contributions(ev);
             if !found.is_empty() {
+                specs.extend(found.iter().map(|(s, _)| s.clone()));
                 candidates.push((*le, catalog.clone(), found));
             }
         }
         if candidates.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), specs));
         }
         let keys: Vec<(String, String)> = candidates
             .iter()
@@ -192,7 +211,7 @@ impl Evaluator {
                 });
             }
         }
-        Ok(out)
+        Ok((out, specs))
     }
 
     /// Folds contributions into leaf rows (in `cache`, and as standalone
@@ -350,15 +369,15 @@ impl Evaluator {
         let mut round = touched;
         while !round.is_empty() {
             let mut distinct = Vec::new();
-            for (ws, cause, profile) in self.resolve_round(round).await? {
-                if done.insert((ws.clone(), profile.profile_id)) {
-                    distinct.push((ws, cause, profile));
+            for r in self.resolve_round(round).await? {
+                if done.insert((r.ws.clone(), r.profile.profile_id)) {
+                    distinct.push(r);
                 }
             }
             let befores = {
                 let keys: Vec<(&str, Uuid)> = distinct
                     .iter()
-                    .map(|(ws, _, p)| (ws.as_str(), p.profile_id))
+                    .map(|r| (r.ws.as_str(), r.profile.profile_id))
                     .collect();
                 profile::records(&*self.store, &keys).await?
             };
@@ -367,33 +386,44 @@ impl Evaluator {
                     &*self.store,
                     distinct
                         .iter()
-                        .filter(|(ws, _, _)| catalogs.get(ws).is_some_and(|c| !c.is_empty()))
-                        .flat_map(|(ws, _, p)| profile::leaf_parts(ws, p))
+                        .filter(|r| catalogs.get(&r.ws).is_some_and(|c| !c.is_empty()))
+                        .flat_map(|r| profile::leaf_parts(&r.ws, &r.profile))
                         .collect(),
                 )
                 .await?;
             let cached = &*cache;
             let evaluated: Vec<_> = stream::iter(distinct.into_iter().zip(befores))
-                .map(|((ws, cause, profile), before)| {
-                    let catalog = catalogs.get(&ws).unwrap_or(&empty).clone();
-                    async move {
-                        let round = profile::Round {
-                            store: &*self.store,
-                            cache: cached,
-                            now,
-                        };
-                        let out = profile::evaluate(
-                            round,
-                            &ws,
-                            &catalog,
-                            &profile,
-                            before.unwrap_or_default(),
-                            &cause,
-                        )
-                        .await?;
-                        Ok::<_, EvaluatorError>((ws, cause, profile.profile_id, out))
-                    }
-                })
+                .map(
+                    |(
+                        Reached {
+                            ws,
+                            cause,
+                            profile,
+                            changed,
+                        },
+                        before,
+                    )| {
+                        let catalog = catalogs.get(&ws).unwrap_or(&empty).clone();
+                        async move {
+                            let round = profile::Round {
+                                store: &*self.store,
+                                cache: cached,
+                                now,
+                            };
+                            let out = profile::evaluate(
+                                round,
+                                &ws,
+                                &catalog,
+                                &profile,
+                                before.unwrap_or_default(),
+                                &cause,
+                                changed.as_ref(),
+                            )
+                            .await?;
+                            Ok::<_, EvaluatorError>((ws, cause, profile.profile_id, out))
+                        }
+                    },
+                )
                 .buffer_unordered(CONCURRENCY)
                 .try_collect()
                 .await?;
@@ -402,7 +432,7 @@ impl Evaluator {
                 for d in &out.departed {
                     if followed < MAX_FOLLOW {
                         followed += 1;
-                        round.push((ws.clone(), vec![d.clone()], cause.clone()));
+                        round.push(Touch::full(ws.clone(), vec![d.clone()], cause.clone()));
                     }
                 }
                 for f in &out.former {
@@ -443,11 +473,15 @@ impl Evaluator {
                         cache,
                         now,
                     };
-                    let out = profile::evaluate(round, &ws, catalog, &p, before, &cause).await?;
+                    let out =
+                        profile::evaluate(round, &ws, catalog, &p, before, &cause, None).await?;
                     outcomes.push((ws, out));
                 }
                 None => {
-                    if before.audiences.values().any(|s| s.member) || before.deadline.is_some() {
+                    if before.audiences.values().any(|s| s.member)
+                        || before.deadline.is_some()
+                        || before.catalog != 0
+                    {
                         outcomes.push((
                             ws.clone(),
                             profile::retire(&ws, former, &before, catalog, into, now),
@@ -460,19 +494,20 @@ impl Evaluator {
     }
 
     /// The profiles of a round's identifiers, each with the cause of the
-    /// first (newest) touch that reached it, in that order. An event's first
-    /// identifier is resolved first; its others only if that profile does
-    /// not hold them (in a web event, `userId` and `anonymousId` are
-    /// usually one profile: one walk, not three).
-    async fn resolve_round(&self, round: Vec<Touch>) -> Result<Vec<(String, Cause, ProfileRef)>> {
+    /// first (newest) touch that reached it, in that order, and what every
+    /// touch that reached it may have changed. An event's first identifier
+    /// is resolved first; its others only if that profile does not hold
+    /// them (in a web event, `userId` and `anonymousId` are usually one
+    /// profile: one walk, not three).
+    async fn resolve_round(&self, round: Vec<Touch>) -> Result<Vec<Reached>> {
         let mut found: HashMap<(String, Identifier), Option<Arc<ProfileRef>>> = HashMap::new();
         let firsts: Vec<(String, Identifier)> = round
             .iter()
-            .filter_map(|(ws, ids, _)| ids.first().map(|id| (ws.clone(), id.clone())))
+            .filter_map(|t| t.ids.first().map(|id| (t.ws.clone(), id.clone())))
             .collect();
         self.resolve_into(&mut found, firsts).await?;
         let mut rest = Vec::new();
-        for (ws, ids, _) in &round {
+        for Touch { ws, ids, .. } in &round {
             let Some(first) = ids.first() else { continue };
             let holds = found
                 .get(&(ws.clone(), first.clone()))
@@ -489,15 +524,32 @@ impl Evaluator {
             }
         }
         self.resolve_into(&mut found, rest).await?;
-        let mut out = Vec::new();
-        let mut given: BTreeSet<(String, Uuid)> = BTreeSet::new();
-        for (ws, ids, cause) in round {
+        let mut out: Vec<Reached> = Vec::new();
+        let mut given: HashMap<(String, Uuid), usize> = HashMap::new();
+        for Touch {
+            ws,
+            ids,
+            cause,
+            changed,
+        } in round
+        {
             for id in ids {
                 let Some(Some(p)) = found.get(&(ws.clone(), id)) else {
                     continue;
                 };
-                if given.insert((ws.clone(), p.profile_id)) {
-                    out.push((ws.clone(), cause.clone(), (**p).clone()));
+                match given.entry((ws.clone(), p.profile_id)) {
+                    std::collections::hash_map::Entry::Occupied(i) => {
+                        union(&mut out[*i.get()].changed, &changed);
+                    }
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(out.len());
+                        out.push(Reached {
+                            ws: ws.clone(),
+                            cause: cause.clone(),
+                            profile: (**p).clone(),
+                            changed: changed.clone(),
+                        });
+                    }
                 }
             }
         }
@@ -570,6 +622,14 @@ impl Evaluator {
             self.metrics
                 .evaluator_changes
                 .inc_by(out.events.len() as u64);
+            for (outcome, n) in [("evaluated", out.audiences.0), ("carried", out.audiences.1)] {
+                if n > 0 {
+                    self.metrics
+                        .evaluator_audiences
+                        .with_label_values(&[outcome])
+                        .inc_by(n);
+                }
+            }
             if !group.is_empty() {
                 commit.groups.push(group);
             }
@@ -616,6 +676,16 @@ impl Evaluator {
             run.outbox_published = Some(last);
         }
     }
+}
+
+/// A profile a round's touches reached.
+pub(super) struct Reached {
+    ws: String,
+    /// The cause of the first (newest) touch that reached it.
+    cause: Cause,
+    profile: ProfileRef,
+    /// What every touch that reached it may have changed.
+    changed: Option<Changed>,
 }
 
 /// The identifiers whose profiles an event may change: its primary, its

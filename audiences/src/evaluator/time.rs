@@ -54,7 +54,13 @@ impl Evaluator {
                     .zip(records)
                     .filter_map(|((deadline, _, ws), record)| {
                         let holder = Identifier::parse(&record?.holder)?;
-                        Some((ws, vec![holder], Cause::Deadline { at: deadline }))
+                        // Only time passed: what is due.
+                        Some(Touch {
+                            ws,
+                            ids: vec![holder],
+                            cause: Cause::Deadline { at: deadline },
+                            changed: Some(Changed::default()),
+                        })
                     })
                     .collect();
                 let outcomes = self
@@ -97,7 +103,11 @@ impl Evaluator {
                         EvalKey::new(ws.id.as_bytes().to_vec(), sort.clone()),
                     ));
                     if let Some(id) = std::str::from_utf8(sort).ok().and_then(Identifier::parse) {
-                        touched.push((ws.id.clone(), vec![id], Cause::Definition { version: 0 }));
+                        touched.push(Touch::full(
+                            ws.id.clone(),
+                            vec![id],
+                            Cause::Definition { version: 0 },
+                        ));
                     }
                 }
                 let outcomes = self

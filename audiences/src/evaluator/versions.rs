@@ -190,7 +190,7 @@ impl Evaluator {
                             .is_none_or(|next| le.position >= *next)
                     })
                     .collect();
-                let contributions = self
+                let (contributions, _) = self
                     .contributions(&bf.consumer, &events, &bf.catalogs, &[], &mut commit)
                     .await?;
                 self.fold(contributions, &mut run.leaf_cache, &mut commit)
@@ -246,7 +246,11 @@ impl Evaluator {
         for (sort, _) in &found {
             if let Some(id) = std::str::from_utf8(sort).ok().and_then(Identifier::parse) {
                 let version = pass.versions.values().copied().max().unwrap_or(0);
-                touched.push((pass.ws.clone(), vec![id], Cause::Definition { version }));
+                touched.push(Touch::full(
+                    pass.ws.clone(),
+                    vec![id],
+                    Cause::Definition { version },
+                ));
             }
         }
         let mut commit = self.commit();

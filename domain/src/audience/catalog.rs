@@ -1,6 +1,20 @@
 //! A workspace's live definitions, compiled for evaluation: the specs they
-//! need, an index of specs by event name, and the audiences in reference
-//! order.
+//! need, an index of specs by event name, the audiences in reference order,
+//! and what each audience reads.
+//!
+//! # Evaluating only what changed
+//! An evaluation is a pure function of a profile's data and `now`, and each
+//! definition's verdict holds until its deadline unless what it reads
+//! changes. So given a profile's last evaluation under the same catalog
+//! (its [`Evaluation`], with every definition's deadline) and what changed
+//! since ([`Changed`]), [`Catalog::plan`] picks the audiences whose verdict
+//! may differ: those whose deadline passed, that read a changed spec, the
+//! traits or seen times when those changed, a computed trait that may have
+//! changed, or an audience picked before them. The others keep their last
+//! verdict. Likewise a computed trait is computed again only when its state
+//! changed or its deadline passed. [`Catalog::evaluate_planned`] then gives
+//! exactly what a full [`Catalog::evaluate`] gives (a property test holds it
+//! to that).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -53,6 +67,53 @@ pub struct Catalog {
     /// Each event condition's spec id, and each computed trait's.
     ids: SpecIds,
     trait_specs: Vec<SpecId>,
+    /// What each audience reads, in `audiences`' order.
+    reads: Vec<Reads>,
+    /// Keys of the audiences other audiences read.
+    referenced: BTreeSet<String>,
+    /// A hash of what is defined (ids, keys, versions).
+    fingerprint: u64,
+}
+
+/// What one audience's condition reads.
+#[derive(Debug, Clone, Default)]
+struct Reads {
+    specs: Vec<SpecId>,
+    traits: bool,
+    seen: bool,
+    computed: Vec<String>,
+    audiences: Vec<String>,
+}
+
+/// What may have changed for a profile since its last evaluation. Saying
+/// more than changed is safe (more is evaluated); saying less is not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changed {
+    /// Specs whose state a member's event was folded into.
+    pub specs: BTreeSet<SpecId>,
+    /// Whether its traits may have changed.
+    pub traits: bool,
+    /// Whether its first or last seen time may have changed.
+    pub seen: bool,
+}
+
+/// Which audiences and computed traits an evaluation computes (the others
+/// keep their last verdict or value), and what it must read for them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    evaluate: Vec<bool>,
+    compute: Vec<bool>,
+    /// Whether the planned audiences read the profile's traits.
+    pub reads_traits: bool,
+    /// Whether they read its first and last seen times.
+    pub reads_seen: bool,
+}
+
+impl Plan {
+    /// How many audiences it computes.
+    pub fn audiences(&self) -> usize {
+        self.evaluate.iter().filter(|e| **e).count()
+    }
 }
 
 /// A profile evaluated at one time.
@@ -61,10 +122,17 @@ pub struct Evaluation {
     /// Membership of each audience, by key.
     pub audiences: BTreeMap<String, bool>,
     /// Each computed trait's value, by key; absent when no event ever
-    /// matched it.
+    /// matched it, or when it is `null` (no value in its window: every
+    /// condition reads `null` as absent).
     pub traits: BTreeMap<String, Value>,
     /// The earliest time any of them may change with no new data.
     pub deadline: Option<i64>,
+    /// The time it was evaluated at.
+    pub at: i64,
+    /// Each audience's own deadline, by key (those that have one).
+    pub audience_deadlines: BTreeMap<String, i64>,
+    /// Each computed trait's own deadline, by key (those that have one).
+    pub trait_deadlines: BTreeMap<String, i64>,
 }
 
 impl Catalog {
@@ -105,9 +173,42 @@ impl Catalog {
                 .or_default()
                 .push(id.clone());
         }
-        let leaves = || audiences.iter().flat_map(|a| a.condition.leaves());
-        let reads_traits = leaves().any(|l| matches!(l, Condition::Trait(_)));
-        let reads_seen = leaves().any(|l| matches!(l, Condition::Seen(_)));
+        let reads: Vec<Reads> = audiences
+            .iter()
+            .map(|a| {
+                let mut r = Reads::default();
+                for leaf in a.condition.leaves() {
+                    match leaf {
+                        Condition::Event(e) => r.specs.push(ids.get(e).into_owned()),
+                        Condition::Trait(_) => r.traits = true,
+                        Condition::Seen(_) => r.seen = true,
+                        Condition::ComputedTrait(p) => r.computed.push(p.name.clone()),
+                        Condition::Audience(k) => r.audiences.push(k.clone()),
+                        Condition::And(_) | Condition::Or(_) | Condition::Not(_) => {}
+                    }
+                }
+                r
+            })
+            .collect();
+        let referenced = reads
+            .iter()
+            .flat_map(|r| r.audiences.iter().cloned())
+            .collect();
+        let reads_traits = reads.iter().any(|r| r.traits);
+        let reads_seen = reads.iter().any(|r| r.seen);
+        let mut text = String::new();
+        for a in &audiences {
+            text.push_str(&format!(
+                "a\u{1f}{}\u{1f}{}\u{1f}{}\u{1e}",
+                a.id, a.key, a.version
+            ));
+        }
+        for t in &traits {
+            text.push_str(&format!(
+                "t\u{1f}{}\u{1f}{}\u{1f}{}\u{1e}",
+                t.id, t.key, t.version
+            ));
+        }
         Catalog {
             audiences,
             traits,
@@ -117,7 +218,17 @@ impl Catalog {
             reads_seen,
             ids,
             trait_specs,
+            reads,
+            referenced,
+            fingerprint: super::leaf::fnv1a(text.as_bytes()),
         }
+    }
+
+    /// A hash of what is defined (every audience's and computed trait's
+    /// id, key and version), the same in every build: an evaluation made
+    /// under another fingerprint cannot be carried over.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     /// The same definitions, folding only `specs` (a backfill of new leaf
@@ -181,20 +292,114 @@ impl Catalog {
     /// Evaluates every definition for one profile at `now`: computed traits
     /// first, then audiences in reference order.
     pub fn evaluate(&self, data: &ProfileData<'_>, now: i64) -> Evaluation {
-        let mut out = Evaluation::default();
-        for (t, spec) in self.traits.iter().zip(&self.trait_specs) {
-            let (value, deadline) = compute(&t.definition, data.leaves.get(spec), now);
-            if let Some(v) = value {
+        self.evaluate_planned(data, now, None, &self.plan(None, now))
+    }
+
+    /// Which audiences to evaluate at `now`, given the profile's last
+    /// evaluation under this catalog and what changed since (`prior`), or
+    /// all of them (`None`). See the module's documentation.
+    pub fn plan(&self, prior: Option<(&Evaluation, &Changed)>, now: i64) -> Plan {
+        // A verdict holds from when it was made until its deadline: not
+        // before (the clock went back).
+        let Some((last, changed)) = prior.filter(|(last, _)| now >= last.at) else {
+            return Plan {
+                evaluate: vec![true; self.audiences.len()],
+                compute: vec![true; self.traits.len()],
+                reads_traits: self.reads_traits,
+                reads_seen: self.reads_seen,
+            };
+        };
+        let due = |deadline: Option<&i64>| deadline.is_some_and(|d| now >= *d);
+        // Computed traits that may have changed: their state did, or time
+        // moved a boundary.
+        let compute: Vec<bool> = self
+            .traits
+            .iter()
+            .zip(&self.trait_specs)
+            .map(|(t, spec)| changed.specs.contains(spec) || due(last.trait_deadlines.get(&t.key)))
+            .collect();
+        let moved: BTreeSet<&str> = self
+            .traits
+            .iter()
+            .zip(&compute)
+            .filter(|(_, c)| **c)
+            .map(|(t, _)| t.key.as_str())
+            .collect();
+        let mut planned: BTreeSet<&str> = BTreeSet::new();
+        let mut plan = Plan {
+            evaluate: Vec::with_capacity(self.audiences.len()),
+            compute,
+            reads_traits: false,
+            reads_seen: false,
+        };
+        for (a, r) in self.audiences.iter().zip(&self.reads) {
+            let dirty = due(last.audience_deadlines.get(&a.key))
+                || (r.traits && changed.traits)
+                || (r.seen && changed.seen)
+                || r.specs.iter().any(|s| changed.specs.contains(s))
+                || r.computed.iter().any(|k| moved.contains(k.as_str()))
+                || r.audiences.iter().any(|k| planned.contains(k.as_str()));
+            if dirty {
+                planned.insert(&a.key);
+                plan.reads_traits |= r.traits;
+                plan.reads_seen |= r.seen;
+            }
+            plan.evaluate.push(dirty);
+        }
+        plan
+    }
+
+    /// Evaluates one profile at `now` as `plan` says: the planned computed
+    /// traits and audiences (in reference order), and for the others their
+    /// value or verdict in `prior` (the evaluation `plan` was made from).
+    /// The data must hold what the plan reads.
+    pub fn evaluate_planned(
+        &self,
+        data: &ProfileData<'_>,
+        now: i64,
+        prior: Option<&Evaluation>,
+        plan: &Plan,
+    ) -> Evaluation {
+        let mut out = Evaluation {
+            at: now,
+            ..Evaluation::default()
+        };
+        for (i, (t, spec)) in self.traits.iter().zip(&self.trait_specs).enumerate() {
+            let (value, deadline) = match prior {
+                Some(last) if now >= last.at && !plan.compute.get(i).copied().unwrap_or(true) => (
+                    last.traits.get(&t.key).cloned(),
+                    last.trait_deadlines.get(&t.key).copied(),
+                ),
+                _ => compute(&t.definition, data.leaves.get(spec), now),
+            };
+            if let Some(v) = value.filter(|v| !v.is_null()) {
                 out.traits.insert(t.key.clone(), v);
+            }
+            if let Some(d) = deadline {
+                out.trait_deadlines.insert(t.key.clone(), d);
             }
             out.deadline = earliest(out.deadline, deadline);
         }
+        // Verdicts other audiences read.
         let mut verdicts: BTreeMap<String, Verdict> = BTreeMap::new();
-        for a in &self.audiences {
-            let v = evaluate(&a.condition, data, &out.traits, &verdicts, &self.ids, now);
+        for (i, a) in self.audiences.iter().enumerate() {
+            let v = match prior {
+                Some(last) if now >= last.at && !plan.evaluate.get(i).copied().unwrap_or(true) => {
+                    Verdict {
+                        holds: last.audiences.get(&a.key).copied().unwrap_or(false),
+                        deadline: last.audience_deadlines.get(&a.key).copied(),
+                    }
+                }
+                _ => evaluate(&a.condition, data, &out.traits, &verdicts, &self.ids, now),
+            };
             out.deadline = earliest(out.deadline, v.deadline);
             out.audiences.insert(a.key.clone(), v.holds);
-            verdicts.insert(a.key.clone(), v);
+            if let Some(d) = v.deadline {
+                out.audience_deadlines.insert(a.key.clone(), d);
+            }
+            if self.referenced.contains(&a.key) {
+                verdicts.insert(a.key.clone(), v);
+            }
         }
         out
     }

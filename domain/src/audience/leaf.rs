@@ -109,13 +109,7 @@ impl Spec {
     /// Its identity: 16 hex digits of a 64-bit FNV-1a hash of its canonical
     /// form, stable across builds (it names stored state).
     pub fn id(&self) -> SpecId {
-        let text = self.canonical();
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in text.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        format!("{h:016x}")
+        format!("{:016x}", fnv1a(self.canonical().as_bytes()))
     }
 
     /// A canonical text of the spec: the same spec always gives the same
@@ -480,4 +474,15 @@ fn to_micros(v: &Value) -> i128 {
     } else {
         x.round() as i128
     }
+}
+
+/// The 64-bit FNV-1a hash of `bytes`: small, and the same in every build
+/// (spec ids and catalog fingerprints are stored).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }

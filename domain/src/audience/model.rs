@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::catalog::{Catalog, Evaluation};
+use super::catalog::{Catalog, Changed, Evaluation};
 use super::eval::ProfileData;
 use super::leaf::{LeafState, SpecId};
 use crate::event::{Event, Identifier};
@@ -85,15 +85,38 @@ impl AudienceModel {
 
     /// Evaluates the profile `id` belongs to at `now`.
     pub fn evaluate_profile(&self, id: &Identifier, now: i64) -> Option<Evaluation> {
+        self.reevaluate_profile(id, now, None)
+    }
+
+    /// Evaluates the profile `id` belongs to at `now` as the evaluator does:
+    /// from its last evaluation and what changed since (`prior`), through
+    /// [`Catalog::plan`], reading its traits and seen times only if the
+    /// plan says so; or fully (`None`).
+    pub fn reevaluate_profile(
+        &self,
+        id: &Identifier,
+        now: i64,
+        prior: Option<(&Evaluation, &Changed)>,
+    ) -> Option<Evaluation> {
         let view = self.profiles.profile(id)?;
         let members: Vec<Identifier> = view.identifiers.keys().cloned().collect();
         let leaves = self.merged(&members);
+        let plan = self.catalog.plan(prior, now);
+        let none = BTreeMap::new();
         let data = ProfileData {
-            traits: &view.traits,
-            seen: (!view.counts.is_empty()).then_some((view.first_seen, view.last_seen)),
+            traits: if plan.reads_traits {
+                &view.traits
+            } else {
+                &none
+            },
+            seen: (plan.reads_seen && !view.counts.is_empty())
+                .then_some((view.first_seen, view.last_seen)),
             leaves: &leaves,
         };
-        Some(self.catalog.evaluate(&data, now))
+        Some(
+            self.catalog
+                .evaluate_planned(&data, now, prior.map(|(e, _)| e), &plan),
+        )
     }
 
     /// Every person's profile evaluated at `now`, by holder.

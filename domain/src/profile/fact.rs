@@ -108,6 +108,20 @@ impl Projection {
     }
 }
 
+/// Whether [`project`] may give `ev` a [`Fact::Trait`] (or, for a control
+/// record, change traits some other way): a test that reads no JSON. It
+/// never says no when `project` gives one (the ingest parser's fuzz target
+/// checks that); it may say yes when it does not.
+pub fn may_set_traits(ev: &Event) -> bool {
+    ev.control.is_some()
+        || (matches!(ev.kind, EventType::Identify | EventType::Group) && ev.traits.is_some())
+        // `context.traits`, its key perhaps written with escapes.
+        || ev
+            .context
+            .as_deref()
+            .is_some_and(|c| c.contains("\"traits\"") || c.contains("\\u"))
+}
+
 /// Computes the [`Projection`] of one event. Pure. Fails only for an event
 /// ingest would have refused (see [`FoldError`]).
 ///

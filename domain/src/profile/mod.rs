@@ -42,7 +42,7 @@ mod fact;
 mod model;
 
 pub(crate) use context::ContextView;
-pub use fact::{Fact, Projection, project};
+pub use fact::{Fact, Projection, may_set_traits, project};
 pub use model::{ProfileModel, ProfileView};
 
 /// A trait value with the event that set it.
