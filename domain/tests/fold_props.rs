@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
-use trailmark_domain::identity::{RuleSettings, Rules};
-use trailmark_domain::profile::{ProfileModel, ProfileView};
+use trailmark_domain::identity::{Key, RuleSettings, Rules, Settled};
+use trailmark_domain::profile::{Named, ProfileModel, ProfileView, project};
 use trailmark_domain::{Event, EventType, IdKind, Identifier};
 
 const USERS: [&str; 4] = ["u1", "u2", "u3", "u4"];
@@ -449,4 +449,147 @@ proptest! {
             prop_assert_eq!(strip(reference.timeline(id)), strip(model.timeline(id)), "timeline of {}", id);
         }
     }
+
+    /// A reader that carries a resolved profile over each event that names
+    /// none of its members or that [`Settled::carry`] allows, and resolves
+    /// it again after any other,
+    /// always holds what resolving afresh gives: under the default rules
+    /// (which refuse links) and rules that refuse none, with events arriving
+    /// out of canonical order, and retries.
+    #[test]
+    fn a_carried_profile_is_the_profile_resolved_afresh(
+        (specs, order) in stream_and_order(),
+        refusing in any::<bool>(),
+    ) {
+        let events: Vec<Event> = specs.iter().enumerate().map(|(i, s)| build(i, s)).collect();
+        let mut model = if refusing { ProfileModel::new(WINDOW) } else { permissive() };
+        let mut carried: BTreeMap<Identifier, Carried> = BTreeMap::new();
+        // Every event in arrival order, and a retry of every third.
+        let arrivals = order.iter().flat_map(|&i| {
+            std::iter::once(&events[i]).chain((i % 3 == 0).then_some(&events[i]))
+        });
+        for ev in arrivals {
+            let projection = project(ev).expect("generated events project");
+            // As a reader finds them: only the profiles of the identifiers
+            // the event names are checked.
+            let named: BTreeSet<&Identifier> = projection.identifiers().collect();
+            for c in carried.values_mut() {
+                if !c.members.keys().any(|m| named.contains(m)) {
+                    continue;
+                }
+                let kept = c.settled.as_mut().is_some_and(|s| s.carry(&c.members, &projection));
+                if !kept {
+                    c.stale = true;
+                }
+            }
+            model.apply(ev).expect("generated events fold");
+            carried.retain(|_, c| !c.stale);
+            // Those carried are checked; those the event named and not
+            // carried (new, or just dropped) are read again.
+            let read: BTreeSet<Identifier> = carried
+                .keys()
+                .cloned()
+                .chain(named.into_iter().cloned())
+                .collect();
+            for id in &read {
+                let fresh = resolve(&model, id);
+                match (carried.get(id), fresh) {
+                    (Some(c), Some(f)) => {
+                        // Who the members are and their first keys (which
+                        // make the holder); their times move with every event.
+                        let firsts = |m: &BTreeMap<Identifier, Named>| -> Vec<(Identifier, Key)> {
+                            m.iter().map(|(i, n)| (i.clone(), n.first.clone())).collect()
+                        };
+                        prop_assert_eq!(firsts(&c.members), firsts(&f.members), "members of {}", id);
+                        prop_assert_eq!(&c.holder, &f.holder, "holder of {}", id);
+                    }
+                    (Some(_), None) => prop_assert!(false, "{} was carried but is not named", id),
+                    (None, Some(f)) => {
+                        if f.settled.is_some() {
+                            carried.insert(id.clone(), f);
+                        }
+                    }
+                    (None, None) => {}
+                }
+            }
+        }
+    }
+}
+
+/// A profile as a reader carries it.
+struct Carried {
+    /// Its named members, with their first keys as read.
+    members: BTreeMap<Identifier, Named>,
+    holder: Identifier,
+    settled: Option<Settled>,
+    stale: bool,
+}
+
+/// `id`'s profile resolved afresh, holder and all, if any event named it.
+fn resolve(model: &ProfileModel, id: &Identifier) -> Option<Carried> {
+    let view = model.profile(id)?;
+    // What a store reads: the named members; the first keys only matter
+    // for the holder, so the rest of `Named` is left as read.
+    let members: BTreeMap<Identifier, Named> = view.identifiers;
+    let settled = model.resolve(id)?.settled;
+    Some(Carried {
+        members,
+        holder: view.holder,
+        settled,
+        stale: false,
+    })
+}
+
+/// Every event that repeats the link of a settled profile, in order, is
+/// carried; a new identifier, or a link that sorts before the profile's
+/// evidence, is not.
+#[test]
+fn repeated_links_are_carried_and_new_ones_are_not() {
+    let mut model = ProfileModel::new(WINDOW);
+    let spec = |kind, user, anon, time, delay| Spec {
+        kind,
+        user,
+        anon,
+        previous: 0,
+        email: None,
+        email_in_context: false,
+        traits: Vec::new(),
+        context_traits: Vec::new(),
+        external: None,
+        time,
+        delay,
+    };
+    let first = build(0, &spec(EventType::Identify, Some(0), Some(0), 10, 100));
+    model.apply(&first).unwrap();
+    let u1 = Identifier::new(IdKind::UserId, USERS[0]);
+    let c = resolve(&model, &u1).expect("named");
+    let members = c.members;
+    let mut settled = c.settled.expect("a profile of its whole component");
+    assert!(
+        settled.latest.is_some(),
+        "the link is the component's evidence"
+    );
+    for i in 1..20 {
+        let again = build(
+            i,
+            &spec(EventType::Track, Some(0), Some(0), 10 + i as u8, 100),
+        );
+        assert!(
+            settled.carry(&members, &project(&again).unwrap()),
+            "a repeat of the link, later, changes nothing"
+        );
+    }
+    let only_user = build(20, &spec(EventType::Track, Some(0), None, 35, 100));
+    assert!(settled.carry(&members, &project(&only_user).unwrap()));
+    let new_anon = build(21, &spec(EventType::Track, Some(0), Some(1), 36, 100));
+    assert!(!settled.carry(&members, &project(&new_anon).unwrap()));
+    // The same link, received before the evidence the profile was read
+    // with: a replay of the component might decide otherwise.
+    let late = build(22, &spec(EventType::Track, Some(0), Some(0), 0, 0));
+    assert!(!settled.carry(&members, &project(&late).unwrap()));
+    // Room runs out: one piece of evidence per carried link.
+    settled.room = 1;
+    let again = build(23, &spec(EventType::Track, Some(0), Some(0), 39, 100));
+    assert!(settled.carry(&members, &project(&again).unwrap()));
+    assert!(!settled.carry(&members, &project(&again).unwrap()));
 }

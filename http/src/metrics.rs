@@ -63,6 +63,9 @@ pub struct Metrics {
     /// Audiences per profile evaluation, by `outcome`: `evaluated`, or
     /// `carried` (nothing it reads changed, so its last verdict stands).
     pub evaluator_audiences: IntCounterVec,
+    /// Profiles the evaluator needed, by `outcome`: `carried` (its copy
+    /// still stood), or `read` (resolved from the store).
+    pub evaluator_resolutions: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -151,6 +154,14 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid metric");
+        let evaluator_resolutions = IntCounterVec::new(
+            Opts::new(
+                "trailmark_evaluator_resolutions_total",
+                "Profiles the evaluator needed: carried over from its copy, or read from the store",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(ingest_events.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_request_duration.clone()),
@@ -163,6 +174,7 @@ impl Metrics {
             Box::new(evaluator_changes.clone()),
             Box::new(evaluator_behind.clone()),
             Box::new(evaluator_audiences.clone()),
+            Box::new(evaluator_resolutions.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -179,6 +191,7 @@ impl Metrics {
             evaluator_changes,
             evaluator_behind,
             evaluator_audiences,
+            evaluator_resolutions,
         }
     }
 

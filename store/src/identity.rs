@@ -200,6 +200,7 @@ pub fn profile_ref(
     resolved: Resolved<'_>,
     mut named: BTreeMap<Identifier, Named>,
 ) -> Result<ProfileRef> {
+    let settled = resolved.settled.clone();
     let members: BTreeSet<Identifier> = resolved.members.iter().cloned().collect();
     let decisions = resolved.graph.decisions_about(&members).cloned().collect();
     let mut identifiers = BTreeMap::new();
@@ -216,6 +217,7 @@ pub fn profile_ref(
         holder,
         identifiers,
         decisions,
+        settled,
     })
 }
 

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use serde_json::value::RawValue;
-use trailmark_domain::identity::{Decision, Outcome, RuleSettings};
+use trailmark_domain::identity::{Decision, Outcome, RuleSettings, Settled};
 use trailmark_domain::profile::{Named, TraitValue};
 use trailmark_domain::{Event, Identifier};
 
@@ -123,6 +123,10 @@ pub struct ProfileRef {
     /// accepted links with their evidence, refusals with the rule, splits.
     /// The explain API shows them.
     pub decisions: Vec<Decision>,
+    /// Set when the profile is the whole of its linked component: what a
+    /// reader needs to carry it over later events without resolving it
+    /// again ([`Settled::carry`]).
+    pub settled: Option<Settled>,
 }
 
 impl ProfileRef {

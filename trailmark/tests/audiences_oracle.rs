@@ -227,6 +227,7 @@ struct Harness {
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     codec: Arc<EventCodec>,
+    metrics: Arc<Metrics>,
 }
 
 impl Harness {
@@ -250,7 +251,7 @@ impl Harness {
             backends.directory.clone(),
             codec.clone(),
             clock.clone(),
-            metrics,
+            metrics.clone(),
             EvaluatorConfig {
                 poll_wait: Duration::from_millis(20),
                 sweep_interval: Duration::from_millis(20),
@@ -273,6 +274,7 @@ impl Harness {
             stop,
             tasks: vec![p, e],
             codec,
+            metrics,
         }
     }
 
@@ -490,6 +492,17 @@ async fn oracle(config: Config, seed: u64) {
     );
     assert!(late_id.is_some());
     assert!(checked > 100, "too few profiles checked: {checked}");
+    // Profiles were carried over events, not only resolved afresh, and
+    // streaming still equalled the batch recomputation.
+    let resolutions = |outcome| {
+        h.metrics
+            .evaluator_resolutions
+            .with_label_values(&[outcome])
+            .get()
+    };
+    let (carried, read) = (resolutions("carried"), resolutions("read"));
+    eprintln!("seed {seed}: profiles carried {carried}, read {read}");
+    assert!(carried > 0 && read > 0, "carried {carried}, read {read}");
     h.stop().await;
 }
 

@@ -174,6 +174,7 @@ struct Run {
     workspaces: HashMap<String, Running>,
     folded: BTreeSet<SpecId>,
     leaf_cache: LeafCache,
+    resolutions: Resolutions,
     positions: BTreeMap<u32, u64>,
     catching_up: Option<Vec<u64>>,
     sweep_cursor: Option<i64>,
@@ -603,8 +604,11 @@ impl Evaluator {
     }
 }
 
+mod resolutions;
 mod step;
 mod time;
 mod versions;
+
+use resolutions::Resolutions;
 
 use versions::running;

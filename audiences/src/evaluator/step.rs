@@ -46,6 +46,11 @@ impl Evaluator {
                     .is_none_or(|next| le.position >= *next)
             })
             .collect();
+        // The projector has folded the whole batch: carried profiles its
+        // events may have changed are dropped before anything is resolved.
+        for le in &events {
+            run.resolutions.observe(&le.event);
+        }
         let joined = run.joined.clone();
         let (contributions, mut specs) = self
             .contributions(&self.config.group, &events, &catalogs, &joined, &mut commit)
@@ -115,7 +120,13 @@ impl Evaluator {
             }
         } else {
             let outcomes = self
-                .evaluate_all(&catalogs, touched, now, &mut run.leaf_cache)
+                .evaluate_all(
+                    &catalogs,
+                    touched,
+                    now,
+                    &mut run.leaf_cache,
+                    &mut run.resolutions,
+                )
                 .await?;
             self.add_outcomes(run, &mut commit, outcomes, now)?;
         }
@@ -354,6 +365,7 @@ impl Evaluator {
         touched: Vec<Touch>,
         now: i64,
         cache: &mut LeafCache,
+        carried: &mut Resolutions,
     ) -> Result<Vec<(String, Outcome)>> {
         let empty = Arc::new(Catalog::default());
         // The newest event that touched a profile is its cause: evaluated
@@ -369,7 +381,7 @@ impl Evaluator {
         let mut round = touched;
         while !round.is_empty() {
             let mut distinct = Vec::new();
-            for r in self.resolve_round(round).await? {
+            for r in self.resolve_round(round, carried).await? {
                 if done.insert((r.ws.clone(), r.profile.profile_id)) {
                     distinct.push(r);
                 }
@@ -499,13 +511,17 @@ impl Evaluator {
     /// is resolved first; its others only if that profile does not hold
     /// them (in a web event, `userId` and `anonymousId` are usually one
     /// profile: one walk, not three).
-    async fn resolve_round(&self, round: Vec<Touch>) -> Result<Vec<Reached>> {
+    async fn resolve_round(
+        &self,
+        round: Vec<Touch>,
+        carried: &mut Resolutions,
+    ) -> Result<Vec<Reached>> {
         let mut found: HashMap<(String, Identifier), Option<Arc<ProfileRef>>> = HashMap::new();
         let firsts: Vec<(String, Identifier)> = round
             .iter()
             .filter_map(|t| t.ids.first().map(|id| (t.ws.clone(), id.clone())))
             .collect();
-        self.resolve_into(&mut found, firsts).await?;
+        self.resolve_into(&mut found, firsts, carried).await?;
         let mut rest = Vec::new();
         for Touch { ws, ids, .. } in &round {
             let Some(first) = ids.first() else { continue };
@@ -523,7 +539,7 @@ impl Evaluator {
                 }
             }
         }
-        self.resolve_into(&mut found, rest).await?;
+        self.resolve_into(&mut found, rest, carried).await?;
         let mut out: Vec<Reached> = Vec::new();
         let mut given: HashMap<(String, Uuid), usize> = HashMap::new();
         for Touch {
@@ -556,14 +572,26 @@ impl Evaluator {
         Ok(out)
     }
 
-    /// Resolves the identifiers `found` lacks, concurrently.
+    /// Resolves the identifiers `found` lacks: from the profiles carried
+    /// over, else from the store, concurrently (and carried from then on).
     async fn resolve_into(
         &self,
         found: &mut HashMap<(String, Identifier), Option<Arc<ProfileRef>>>,
         ids: Vec<(String, Identifier)>,
+        carried: &mut Resolutions,
     ) -> Result<()> {
-        let mut wanted: Vec<(String, Identifier)> =
-            ids.into_iter().filter(|k| !found.contains_key(k)).collect();
+        let mut wanted: Vec<(String, Identifier)> = Vec::new();
+        for k in ids {
+            if found.contains_key(&k) {
+                continue;
+            }
+            match carried.get(&k.0, &k.1) {
+                Some(p) => {
+                    found.insert(k, Some(p));
+                }
+                None => wanted.push(k),
+            }
+        }
         wanted.sort_unstable();
         wanted.dedup();
         let resolved: Vec<_> = stream::iter(wanted)
@@ -572,9 +600,23 @@ impl Evaluator {
                 Ok::<_, EvaluatorError>(((ws, id), p.map(Arc::new)))
             })
             .buffer_unordered(CONCURRENCY)
-            .try_collect()
+            .try_collect::<Vec<_>>()
             .await?;
+        for ((ws, _), p) in &resolved {
+            if let Some(p) = p {
+                carried.insert(ws, p);
+            }
+        }
         found.extend(resolved);
+        let (hits, misses) = carried.take_counts();
+        for (outcome, n) in [("carried", hits), ("read", misses)] {
+            if n > 0 {
+                self.metrics
+                    .evaluator_resolutions
+                    .with_label_values(&[outcome])
+                    .inc_by(n);
+            }
+        }
         Ok(())
     }
 

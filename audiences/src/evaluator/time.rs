@@ -64,7 +64,13 @@ impl Evaluator {
                     })
                     .collect();
                 let outcomes = self
-                    .evaluate_all(&catalogs, touched, now, &mut run.leaf_cache)
+                    .evaluate_all(
+                        &catalogs,
+                        touched,
+                        now,
+                        &mut run.leaf_cache,
+                        &mut run.resolutions,
+                    )
                     .await?;
                 self.add_outcomes(run, &mut commit, outcomes, now)?;
                 self.store.eval_commit(Arc::new(commit)).await?;
@@ -111,7 +117,13 @@ impl Evaluator {
                     }
                 }
                 let outcomes = self
-                    .evaluate_all(&catalogs, touched, now, &mut run.leaf_cache)
+                    .evaluate_all(
+                        &catalogs,
+                        touched,
+                        now,
+                        &mut run.leaf_cache,
+                        &mut run.resolutions,
+                    )
                     .await?;
                 self.add_outcomes(run, &mut commit, outcomes, now)?;
                 self.store.eval_commit(Arc::new(commit)).await?;

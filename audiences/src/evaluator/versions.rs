@@ -18,6 +18,13 @@ impl Evaluator {
     /// Re-reads definitions; starts a backfill for new leaf states, or a
     /// pass when new versions need no new state.
     pub(super) async fn refresh(&self, run: &mut Run) -> Result<()> {
+        // Identity rules are settings, not records of the log: profiles
+        // carried over under other rules are dropped.
+        for ws in run.workspaces.keys() {
+            let rules = self.directory.identity_rules(ws).await?;
+            let text = serde_json::to_string(&rules).unwrap_or_default();
+            run.resolutions.rules_read(ws, text);
+        }
         if run.backfill.is_some() {
             return Ok(());
         }
@@ -255,7 +262,13 @@ impl Evaluator {
         }
         let mut commit = self.commit();
         let outcomes = self
-            .evaluate_all(&catalogs, touched, now, &mut run.leaf_cache)
+            .evaluate_all(
+                &catalogs,
+                touched,
+                now,
+                &mut run.leaf_cache,
+                &mut run.resolutions,
+            )
             .await?;
         self.add_outcomes(run, &mut commit, outcomes, now)?;
         self.store.eval_commit(Arc::new(commit)).await?;

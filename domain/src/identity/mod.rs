@@ -60,7 +60,7 @@ mod walk;
 
 pub use graph::{Decision, Graph, Outcome, Rule, path};
 pub use rules::{Limit, RuleError, RuleSettings, Rules, Window};
-pub use walk::{MAX_ID_EVIDENCE, Resolved, Walk};
+pub use walk::{MAX_ID_EVIDENCE, Resolved, Settled, Walk};
 
 /// The canonical order of identity evidence: when ingest received the event,
 /// then its `messageId`.

@@ -5,9 +5,11 @@
 
 use std::collections::BTreeSet;
 
-use super::{Evidence, Graph, Rules};
-use crate::event::Identifier;
-use crate::profile::MAX_PROFILE_IDENTIFIERS;
+use std::collections::BTreeMap;
+
+use super::{Action, Evidence, Graph, Key, Rules};
+use crate::event::{IdKind, Identifier};
+use crate::profile::{Fact, MAX_PROFILE_IDENTIFIERS, Named, Projection};
 
 /// The most pieces of evidence one identifier may carry before its linked
 /// component counts as too large (see [`Walk`]). A store reads one more than
@@ -36,6 +38,8 @@ pub struct Walk<'r> {
     pending: Vec<Identifier>,
     evidence: BTreeSet<Evidence>,
     too_large: bool,
+    /// The most pieces of evidence read under one identifier.
+    busiest: usize,
 }
 
 impl<'r> Walk<'r> {
@@ -53,6 +57,7 @@ impl<'r> Walk<'r> {
             pending,
             evidence: BTreeSet::new(),
             too_large: false,
+            busiest: 0,
         }
     }
 
@@ -75,6 +80,7 @@ impl<'r> Walk<'r> {
             self.too_large = true;
             return;
         }
+        self.busiest = self.busiest.max(evidence.len());
         for e in evidence {
             for id in &e.ids {
                 if !self.rules.is_blocked(id) && self.reached.insert(id.clone()) {
@@ -98,18 +104,102 @@ impl<'r> Walk<'r> {
                 graph,
                 members: vec![self.start],
                 too_large: true,
+                settled: None,
             };
         }
+        let latest = self.evidence.last().map(|e| e.key.clone());
         let graph = Graph::replay(self.rules, self.evidence);
-        let members = graph
+        let members: Vec<Identifier> = graph
             .members(&self.start)
             .map(|m| m.cloned().collect())
             .unwrap_or_else(|| vec![self.start.clone()]);
+        // The profile is its whole component when the walk reached no
+        // identifier outside it (none refused, split off or in another
+        // profile; blocked ones are never reached).
+        let settled = (members.len() == self.reached.len()).then(|| Settled {
+            latest,
+            room: MAX_ID_EVIDENCE - self.busiest,
+        });
         Resolved {
             graph,
             members,
             too_large: false,
+            settled,
         }
+    }
+}
+
+/// What lets a reader carry a resolved profile over later events without
+/// walking its evidence again: set when the profile is the whole of its
+/// linked component. See [`Settled::carry`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    /// The largest key of the component's evidence (`None`: it has none).
+    pub latest: Option<Key>,
+    /// How many more pieces of evidence its busiest identifier may gain
+    /// before a walk would find the component too large.
+    pub room: usize,
+}
+
+impl Settled {
+    /// Whether the profile whose named members are `members` (each with
+    /// what its events said of it) is resolved the same after an event with
+    /// this `projection` is folded, as far as this can tell without reading
+    /// the store: it says no whenever it cannot tell.
+    ///
+    /// Yes when every person the event names is a member already named by
+    /// an event no later in canonical order (so the holder stays), and its
+    /// evidence, if any, links only members and sorts after all the
+    /// component's evidence: decided incrementally, such evidence finds its
+    /// identifiers in one profile and changes nothing ([`Graph::decide`]).
+    /// Admin instructions, and anything else, say no.
+    ///
+    /// Each yes to an event with evidence spends one piece of `room` (the
+    /// event may add a piece under each member); with none left, it says no.
+    /// Accounts ([`IdKind::GroupId`]) never join a person's profile, so
+    /// naming one changes nothing here.
+    ///
+    /// Two things outside the log are not seen here: a change of the
+    /// workspace's identity rules, and a rebuild of the store. A reader that
+    /// carries profiles must drop them on either.
+    pub fn carry(
+        &mut self,
+        members: &BTreeMap<Identifier, Named>,
+        projection: &Projection,
+    ) -> bool {
+        let mut linked = false;
+        for fact in &projection.facts {
+            match fact {
+                Fact::Named { id, named } => {
+                    if id.kind == IdKind::GroupId {
+                        continue;
+                    }
+                    if members.get(id).is_none_or(|m| m.first > named.first) {
+                        return false;
+                    }
+                }
+                Fact::Linked(e) => {
+                    let kept = matches!(e.action, Action::Event | Action::Alias)
+                        && e.ids.iter().all(|i| members.contains_key(i))
+                        && self.latest.as_ref().is_some_and(|l| e.key >= *l);
+                    if !kept {
+                        return false;
+                    }
+                    linked = true;
+                }
+                Fact::Trait { .. }
+                | Fact::Counted { .. }
+                | Fact::Timeline { .. }
+                | Fact::Member { .. } => {}
+            }
+        }
+        if linked {
+            if self.room == 0 {
+                return false;
+            }
+            self.room -= 1;
+        }
+        true
     }
 }
 
@@ -122,4 +212,7 @@ pub struct Resolved<'r> {
     pub members: Vec<Identifier>,
     /// Whether the component was too large to merge.
     pub too_large: bool,
+    /// Set when the start's profile is the whole of its component, so that
+    /// a reader may carry it over later events ([`Settled::carry`]).
+    pub settled: Option<Settled>,
 }

@@ -67,7 +67,7 @@ fn row_key(table: EvalTable, key: &EvalKey) -> Vec<u8> {
 
 impl Inner {
     fn eval_commit(&self, commit: &EvalCommit) -> Result<()> {
-        let mut state = self.writer.lock().expect("writer lock");
+        let mut state = self.eval_writer.lock().expect("evaluator writer lock");
         let mut w = Overlay::new(self, &mut state);
         for write in commit.rows.iter().chain(commit.groups.iter().flatten()) {
             match write {

@@ -205,6 +205,12 @@ struct Inner {
     /// writers must not interleave. (A std mutex: it is only held inside
     /// blocking tasks, never across an await.)
     writer: Mutex<WriterState>,
+    /// Serialises the evaluator's writers ([`crate::evaluator`] commits)
+    /// apart from the fold's: they read and write only rows the fold never
+    /// touches (the evaluator's tables, and their own consumers'
+    /// de-duplication rows and checkpoints), none of them cached, so the two
+    /// may commit at once and neither waits for the other's batch.
+    eval_writer: Mutex<WriterState>,
     /// Each workspace's identity rules, read once from `settings` (only this
     /// process writes them, so the copy is exact).
     rules: std::sync::RwLock<HashMap<String, Arc<Rules>>>,
@@ -433,6 +439,7 @@ impl EmbeddedStore {
                 cache_limit: options.cache_bytes,
                 ..WriterState::default()
             }),
+            eval_writer: Mutex::new(WriterState::default()),
             rules: Default::default(),
         };
         inner.upgrade_layout()?;
@@ -489,8 +496,10 @@ impl Inner {
     /// Deletes every projection and checkpoint, keeping workspaces.
     fn reset_projections(&self) -> Result<()> {
         let mut state = self.writer.lock().expect("writer lock");
+        let mut eval_state = self.eval_writer.lock().expect("evaluator writer lock");
         state.clear_cache();
         state.purge_from.clear();
+        eval_state.purge_from.clear();
         for ks in Ks::PROJECTIONS {
             let handle = self.ks.get(ks);
             loop {
