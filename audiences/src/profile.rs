@@ -11,9 +11,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::Value;
-use trailmark_domain::audience::eval::ProfileData;
+use trailmark_domain::audience::eval::{ProfileData, Verdict};
 use trailmark_domain::audience::leaf::{LeafState, SpecId};
-use trailmark_domain::audience::{Catalog, Changed, Evaluation};
+use trailmark_domain::audience::{Catalog, Changed, Verdicts};
 use trailmark_domain::{Event, Identifier};
 use trailmark_store::evaluator::{EvalKey, EvalTable, EvalWrite};
 use trailmark_store::{ProfileRef, ProfileStore};
@@ -168,31 +168,35 @@ pub fn leaves(
     out
 }
 
-/// A record's verdicts as the [`Evaluation`] they came from, keyed as the
-/// catalog keys them (the record keys them by id).
-fn last_evaluation(catalog: &Catalog, record: &ProfileRecord) -> Evaluation {
-    let mut e = Evaluation {
+/// A record's verdicts as the [`Verdicts`] they came from, by position in
+/// the catalog (the record keys them by definition id).
+fn last_verdicts(catalog: &Catalog, record: &ProfileRecord) -> Verdicts {
+    Verdicts {
+        audiences: catalog
+            .audiences()
+            .iter()
+            .map(|a| Verdict {
+                holds: record.audiences.get(&a.id).is_some_and(|s| s.member),
+                deadline: record.deadlines.get(&a.id).copied(),
+            })
+            .collect(),
+        traits: catalog
+            .traits()
+            .iter()
+            .map(|t| {
+                (
+                    record
+                        .traits
+                        .get(&t.id)
+                        .map(|s| s.value.clone())
+                        .filter(|v| !v.is_null()),
+                    record.deadlines.get(&t.id).copied(),
+                )
+            })
+            .collect(),
         deadline: record.deadline,
         at: record.at,
-        ..Evaluation::default()
-    };
-    for a in catalog.audiences() {
-        if record.audiences.get(&a.id).is_some_and(|s| s.member) {
-            e.audiences.insert(a.key.clone(), true);
-        }
-        if let Some(d) = record.deadlines.get(&a.id) {
-            e.audience_deadlines.insert(a.key.clone(), *d);
-        }
     }
-    for t in catalog.traits() {
-        if let Some(s) = record.traits.get(&t.id).filter(|s| !s.value.is_null()) {
-            e.traits.insert(t.key.clone(), s.value.clone());
-        }
-        if let Some(d) = record.deadlines.get(&t.id) {
-            e.trait_deadlines.insert(t.key.clone(), *d);
-        }
-    }
-    e
 }
 
 /// Reads a profile's record.
@@ -258,12 +262,12 @@ pub async fn evaluate(
     let member_texts: Vec<String> = members.iter().map(rows::id_text).collect();
     let prior = changed
         .filter(|_| before.catalog == catalog.fingerprint() && before.members == member_texts)
-        .map(|c| (last_evaluation(catalog, &before), c));
+        .map(|c| (last_verdicts(catalog, &before), c));
     let mut audiences = (0, 0);
     let evaluation = if catalog.is_empty() {
-        Evaluation::default()
+        Verdicts::default()
     } else {
-        let plan = catalog.plan(prior.as_ref().map(|(e, c)| (e, *c)), now);
+        let plan = catalog.plan_verdicts(prior.as_ref().map(|(e, c)| (e, *c)), now);
         let evaluated = plan.audiences();
         audiences = (
             evaluated as u64,
@@ -287,20 +291,20 @@ pub async fn evaluate(
             seen,
             leaves: &leaves,
         };
-        catalog.evaluate_planned(&data, now, prior.as_ref().map(|(e, _)| e), &plan)
+        catalog.evaluate_verdicts(&data, now, prior.as_ref().map(|(e, _)| e), &plan)
     };
     let mut out = Outcome {
         audiences,
         ..Outcome::default()
     };
     let mut deadlines = BTreeMap::new();
-    for a in catalog.audiences() {
-        if let Some(d) = evaluation.audience_deadlines.get(&a.key) {
-            deadlines.insert(a.id.clone(), *d);
+    for (a, v) in catalog.audiences().iter().zip(&evaluation.audiences) {
+        if let Some(d) = v.deadline {
+            deadlines.insert(a.id.clone(), d);
         }
     }
-    for t in catalog.traits() {
-        if let Some(d) = evaluation.trait_deadlines.get(&t.key) {
+    for (t, (_, deadline)) in catalog.traits().iter().zip(&evaluation.traits) {
+        if let Some(d) = deadline {
             deadlines.insert(t.id.clone(), *d);
         }
     }
@@ -335,8 +339,8 @@ pub async fn evaluate(
             }
         };
     }
-    for a in catalog.audiences() {
-        let member = evaluation.audiences.get(&a.key).copied().unwrap_or(false);
+    for (i, a) in catalog.audiences().iter().enumerate() {
+        let member = evaluation.audiences.get(i).is_some_and(|v| v.holds);
         let prev = before.audiences.get(&a.id);
         let was = prev.is_some_and(|p| p.member);
         if member == was {
@@ -402,8 +406,8 @@ pub async fn evaluate(
             ));
         }
     }
-    for t in catalog.traits() {
-        let value = evaluation.traits.get(&t.key);
+    for (i, t) in catalog.traits().iter().enumerate() {
+        let value = evaluation.traits.get(i).and_then(|(v, _)| v.as_ref());
         let prev = before.traits.get(&t.id);
         let previous = prev.map_or(&Value::Null, |p| &p.value);
         let current = value.unwrap_or(&Value::Null);

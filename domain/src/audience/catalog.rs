@@ -135,6 +135,25 @@ pub struct Evaluation {
     pub trait_deadlines: BTreeMap<String, i64>,
 }
 
+/// An [`Evaluation`] by position instead of key: audiences in the
+/// catalog's reference order ([`Catalog::audiences`]), computed traits in
+/// its order ([`Catalog::traits`]). It is what the evaluator keeps per
+/// profile and evaluates, with no key copied; it means the same as the
+/// [`Evaluation`] [`Catalog::evaluation_of`] makes of it, under the catalog
+/// it was made with.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Verdicts {
+    /// Each audience's verdict and own deadline.
+    pub audiences: Vec<Verdict>,
+    /// Each computed trait's value (`None`: absent, or `null`) and own
+    /// deadline.
+    pub traits: Vec<(Option<Value>, Option<i64>)>,
+    /// The earliest time any of them may change with no new data.
+    pub deadline: Option<i64>,
+    /// The time it was evaluated at.
+    pub at: i64,
+}
+
 impl Catalog {
     /// Compiles definitions whose references were checked
     /// ([`super::check_references`]).
@@ -299,6 +318,12 @@ impl Catalog {
     /// evaluation under this catalog and what changed since (`prior`), or
     /// all of them (`None`). See the module's documentation.
     pub fn plan(&self, prior: Option<(&Evaluation, &Changed)>, now: i64) -> Plan {
+        let prior = prior.map(|(e, c)| (self.verdicts_of(e), c));
+        self.plan_verdicts(prior.as_ref().map(|(v, c)| (v, *c)), now)
+    }
+
+    /// [`Catalog::plan`], from the last evaluation by position.
+    pub fn plan_verdicts(&self, prior: Option<(&Verdicts, &Changed)>, now: i64) -> Plan {
         // A verdict holds from when it was made until its deadline: not
         // before (the clock went back).
         let Some((last, changed)) = prior.filter(|(last, _)| now >= last.at) else {
@@ -309,14 +334,17 @@ impl Catalog {
                 reads_seen: self.reads_seen,
             };
         };
-        let due = |deadline: Option<&i64>| deadline.is_some_and(|d| now >= *d);
+        let due = |deadline: Option<i64>| deadline.is_some_and(|d| now >= d);
         // Computed traits that may have changed: their state did, or time
         // moved a boundary.
         let compute: Vec<bool> = self
             .traits
             .iter()
             .zip(&self.trait_specs)
-            .map(|(t, spec)| changed.specs.contains(spec) || due(last.trait_deadlines.get(&t.key)))
+            .enumerate()
+            .map(|(i, (_, spec))| {
+                changed.specs.contains(spec) || due(last.traits.get(i).and_then(|t| t.1))
+            })
             .collect();
         let moved: BTreeSet<&str> = self
             .traits
@@ -332,8 +360,8 @@ impl Catalog {
             reads_traits: false,
             reads_seen: false,
         };
-        for (a, r) in self.audiences.iter().zip(&self.reads) {
-            let dirty = due(last.audience_deadlines.get(&a.key))
+        for (i, (a, r)) in self.audiences.iter().zip(&self.reads).enumerate() {
+            let dirty = due(last.audiences.get(i).and_then(|v| v.deadline))
                 || (r.traits && changed.traits)
                 || (r.seen && changed.seen)
                 || r.specs.iter().any(|s| changed.specs.contains(s))
@@ -360,48 +388,112 @@ impl Catalog {
         prior: Option<&Evaluation>,
         plan: &Plan,
     ) -> Evaluation {
-        let mut out = Evaluation {
+        let prior = prior.map(|e| self.verdicts_of(e));
+        self.evaluation_of(self.evaluate_verdicts(data, now, prior.as_ref(), plan))
+    }
+
+    /// [`Catalog::evaluate_planned`], by position.
+    pub fn evaluate_verdicts(
+        &self,
+        data: &ProfileData<'_>,
+        now: i64,
+        prior: Option<&Verdicts>,
+        plan: &Plan,
+    ) -> Verdicts {
+        let prior = prior.filter(|last| now >= last.at);
+        let mut out = Verdicts {
             at: now,
-            ..Evaluation::default()
+            audiences: Vec::with_capacity(self.audiences.len()),
+            traits: Vec::with_capacity(self.traits.len()),
+            deadline: None,
         };
+        // Computed trait values, by key, for the conditions that read them.
+        let mut values: BTreeMap<String, Value> = BTreeMap::new();
         for (i, (t, spec)) in self.traits.iter().zip(&self.trait_specs).enumerate() {
             let (value, deadline) = match prior {
-                Some(last) if now >= last.at && !plan.compute.get(i).copied().unwrap_or(true) => (
-                    last.traits.get(&t.key).cloned(),
-                    last.trait_deadlines.get(&t.key).copied(),
-                ),
+                Some(last) if !plan.compute.get(i).copied().unwrap_or(true) => {
+                    last.traits.get(i).cloned().unwrap_or_default()
+                }
                 _ => compute(&t.definition, data.leaves.get(spec), now),
             };
-            if let Some(v) = value.filter(|v| !v.is_null()) {
-                out.traits.insert(t.key.clone(), v);
-            }
-            if let Some(d) = deadline {
-                out.trait_deadlines.insert(t.key.clone(), d);
+            let value = value.filter(|v| !v.is_null());
+            if let Some(v) = &value {
+                values.insert(t.key.clone(), v.clone());
             }
             out.deadline = earliest(out.deadline, deadline);
+            out.traits.push((value, deadline));
         }
         // Verdicts other audiences read.
         let mut verdicts: BTreeMap<String, Verdict> = BTreeMap::new();
         for (i, a) in self.audiences.iter().enumerate() {
             let v = match prior {
-                Some(last) if now >= last.at && !plan.evaluate.get(i).copied().unwrap_or(true) => {
-                    Verdict {
-                        holds: last.audiences.get(&a.key).copied().unwrap_or(false),
-                        deadline: last.audience_deadlines.get(&a.key).copied(),
-                    }
+                Some(last) if !plan.evaluate.get(i).copied().unwrap_or(true) => {
+                    last.audiences.get(i).copied().unwrap_or(Verdict {
+                        holds: false,
+                        deadline: None,
+                    })
                 }
-                _ => evaluate(&a.condition, data, &out.traits, &verdicts, &self.ids, now),
+                _ => evaluate(&a.condition, data, &values, &verdicts, &self.ids, now),
             };
             out.deadline = earliest(out.deadline, v.deadline);
-            out.audiences.insert(a.key.clone(), v.holds);
-            if let Some(d) = v.deadline {
-                out.audience_deadlines.insert(a.key.clone(), d);
-            }
             if self.referenced.contains(&a.key) {
                 verdicts.insert(a.key.clone(), v);
             }
+            out.audiences.push(v);
         }
         out
+    }
+
+    /// The keyed [`Evaluation`] of verdicts made under this catalog.
+    pub fn evaluation_of(&self, v: Verdicts) -> Evaluation {
+        let mut e = Evaluation {
+            deadline: v.deadline,
+            at: v.at,
+            ..Evaluation::default()
+        };
+        for (a, verdict) in self.audiences.iter().zip(v.audiences) {
+            e.audiences.insert(a.key.clone(), verdict.holds);
+            if let Some(d) = verdict.deadline {
+                e.audience_deadlines.insert(a.key.clone(), d);
+            }
+        }
+        for (t, (value, deadline)) in self.traits.iter().zip(v.traits) {
+            if let Some(value) = value {
+                e.traits.insert(t.key.clone(), value);
+            }
+            if let Some(d) = deadline {
+                e.trait_deadlines.insert(t.key.clone(), d);
+            }
+        }
+        e
+    }
+
+    /// An [`Evaluation`] by position in this catalog (a key it does not
+    /// define is left out; one it defines and the evaluation lacks is not a
+    /// member, with no value and no deadline).
+    pub fn verdicts_of(&self, e: &Evaluation) -> Verdicts {
+        Verdicts {
+            audiences: self
+                .audiences
+                .iter()
+                .map(|a| Verdict {
+                    holds: e.audiences.get(&a.key).copied().unwrap_or(false),
+                    deadline: e.audience_deadlines.get(&a.key).copied(),
+                })
+                .collect(),
+            traits: self
+                .traits
+                .iter()
+                .map(|t| {
+                    (
+                        e.traits.get(&t.key).filter(|v| !v.is_null()).cloned(),
+                        e.trait_deadlines.get(&t.key).copied(),
+                    )
+                })
+                .collect(),
+            deadline: e.deadline,
+            at: e.at,
+        }
     }
 
     /// The specs one audience or computed trait reads (for loading only

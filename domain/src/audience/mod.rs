@@ -47,7 +47,7 @@ mod model;
 pub mod query;
 pub mod value;
 
-pub use catalog::{AudienceDef, Catalog, Changed, Evaluation, Plan, TraitDef};
+pub use catalog::{AudienceDef, Catalog, Changed, Evaluation, Plan, TraitDef, Verdicts};
 pub use model::AudienceModel;
 
 use std::collections::{BTreeMap, BTreeSet};
