@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::Value;
 use trailmark_domain::audience::eval::{ProfileData, Verdict};
 use trailmark_domain::audience::leaf::{LeafState, SpecId};
-use trailmark_domain::audience::{Catalog, Changed, Verdicts};
+use trailmark_domain::audience::{Catalog, Changed, Plan, Verdicts};
 use trailmark_domain::{Event, Identifier};
 use trailmark_store::evaluator::{EvalKey, EvalTable, EvalWrite};
 use trailmark_store::{ProfileRef, ProfileStore};
@@ -139,13 +139,14 @@ pub fn leaf_parts(ws: &str, profile: &ProfileRef) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// A profile's members' leaf states for the catalog's specs, merged in
-/// member order, from `cache`, which must hold the members
+/// A profile's members' leaf states for the catalog's specs that `plan`
+/// reads, merged in member order, from `cache`, which must hold the members
 /// ([`LeafCache::load`]).
 pub fn leaves(
     ws: &str,
     members: &[Identifier],
     catalog: &Catalog,
+    plan: &Plan,
     cache: &LeafCache,
 ) -> BTreeMap<SpecId, LeafState> {
     let mut out: BTreeMap<SpecId, LeafState> = BTreeMap::new();
@@ -154,6 +155,9 @@ pub fn leaves(
             continue;
         };
         for (spec_id, row) in rows {
+            if !plan.reads_spec(spec_id) {
+                continue;
+            }
             let Some(spec) = catalog.specs().get(spec_id) else {
                 continue;
             };
@@ -285,7 +289,7 @@ pub async fn evaluate(
         } else {
             None
         };
-        let leaves = leaves(ws, &members, catalog, cache);
+        let leaves = leaves(ws, &members, catalog, &plan, cache);
         let data = ProfileData {
             traits: &traits,
             seen,

@@ -107,12 +107,21 @@ pub struct Plan {
     pub reads_traits: bool,
     /// Whether they read its first and last seen times.
     pub reads_seen: bool,
+    /// The leaf states the planned audiences and computed traits read
+    /// (`None`: all of them).
+    reads_specs: Option<BTreeSet<SpecId>>,
 }
 
 impl Plan {
     /// How many audiences it computes.
     pub fn audiences(&self) -> usize {
         self.evaluate.iter().filter(|e| **e).count()
+    }
+
+    /// Whether what it computes reads the leaf state of `spec` (the data
+    /// given to the evaluation needs only those).
+    pub fn reads_spec(&self, spec: &SpecId) -> bool {
+        self.reads_specs.as_ref().is_none_or(|s| s.contains(spec))
     }
 }
 
@@ -332,6 +341,7 @@ impl Catalog {
                 compute: vec![true; self.traits.len()],
                 reads_traits: self.reads_traits,
                 reads_seen: self.reads_seen,
+                reads_specs: None,
             };
         };
         let due = |deadline: Option<i64>| deadline.is_some_and(|d| now >= d);
@@ -354,11 +364,19 @@ impl Catalog {
             .map(|(t, _)| t.key.as_str())
             .collect();
         let mut planned: BTreeSet<&str> = BTreeSet::new();
+        let mut reads_specs: BTreeSet<SpecId> = self
+            .trait_specs
+            .iter()
+            .zip(&compute)
+            .filter(|(_, c)| **c)
+            .map(|(s, _)| s.clone())
+            .collect();
         let mut plan = Plan {
             evaluate: Vec::with_capacity(self.audiences.len()),
             compute,
             reads_traits: false,
             reads_seen: false,
+            reads_specs: None,
         };
         for (i, (a, r)) in self.audiences.iter().zip(&self.reads).enumerate() {
             let dirty = due(last.audiences.get(i).and_then(|v| v.deadline))
@@ -371,9 +389,11 @@ impl Catalog {
                 planned.insert(&a.key);
                 plan.reads_traits |= r.traits;
                 plan.reads_seen |= r.seen;
+                reads_specs.extend(r.specs.iter().cloned());
             }
             plan.evaluate.push(dirty);
         }
+        plan.reads_specs = Some(reads_specs);
         plan
     }
 

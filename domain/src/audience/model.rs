@@ -90,8 +90,8 @@ impl AudienceModel {
 
     /// Evaluates the profile `id` belongs to at `now` as the evaluator does:
     /// from its last evaluation and what changed since (`prior`), through
-    /// [`Catalog::plan`], reading its traits and seen times only if the
-    /// plan says so; or fully (`None`).
+    /// [`Catalog::plan`], reading its traits, seen times and leaf states
+    /// only if the plan says so; or fully (`None`).
     pub fn reevaluate_profile(
         &self,
         id: &Identifier,
@@ -100,8 +100,9 @@ impl AudienceModel {
     ) -> Option<Evaluation> {
         let view = self.profiles.profile(id)?;
         let members: Vec<Identifier> = view.identifiers.keys().cloned().collect();
-        let leaves = self.merged(&members);
         let plan = self.catalog.plan(prior, now);
+        let mut leaves = self.merged(&members);
+        leaves.retain(|spec, _| plan.reads_spec(spec));
         let none = BTreeMap::new();
         let data = ProfileData {
             traits: if plan.reads_traits {
