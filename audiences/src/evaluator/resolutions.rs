@@ -36,8 +36,9 @@ use uuid::Uuid;
 
 /// The most identifiers held; past it, it starts again empty.
 const MAX_IDS: usize = 400_000;
-/// And the most bytes of identifier values held (a value may be long).
-const MAX_BYTES: usize = 64 << 20;
+/// And the most bytes held, as [`entry_bytes`] counts them (a value may be
+/// long).
+const MAX_BYTES: usize = 128 << 20;
 
 /// One carried profile.
 struct Carried {
@@ -95,7 +96,7 @@ impl Resolutions {
             }
         }
         for id in profile.identifiers.keys() {
-            self.bytes += ws.len() + id.value.len() + 64;
+            self.bytes += entry_bytes(ws, id);
             self.by_id.insert((ws.to_owned(), id.clone()), pid);
         }
         let slim = ProfileRef {
@@ -174,8 +175,15 @@ impl Resolutions {
     }
 
     fn forget_workspace(&mut self, ws: &str) {
-        self.profiles.retain(|(w, _), _| w != ws);
-        self.by_id.retain(|(w, _), _| w != ws);
+        let pids: Vec<Uuid> = self
+            .profiles
+            .keys()
+            .filter(|(w, _)| w == ws)
+            .map(|(_, pid)| *pid)
+            .collect();
+        for pid in pids {
+            self.drop_profile(ws, pid);
+        }
     }
 
     fn drop_profile(&mut self, ws: &str, pid: Uuid) {
@@ -184,10 +192,18 @@ impl Resolutions {
                 let key = (ws.to_owned(), id.clone());
                 if self.by_id.get(&key) == Some(&pid) {
                     self.by_id.remove(&key);
+                    self.bytes = self.bytes.saturating_sub(entry_bytes(ws, id));
                 }
             }
         }
     }
+}
+
+/// What one identifier's entry costs, roughly: its key twice (the index
+/// and the profile's members), its first key and source in the profile's
+/// record of it, and the maps' overhead.
+fn entry_bytes(ws: &str, id: &Identifier) -> usize {
+    2 * (ws.len() + id.value.len()) + 160
 }
 
 #[cfg(test)]
@@ -271,6 +287,7 @@ mod tests {
         assert!(r.get("ws", &u1).is_none(), "a new identifier joins");
         assert!(r.get("ws", &a1).is_none(), "every member is dropped");
         assert!(r.by_id.is_empty() && r.profiles.is_empty());
+        assert_eq!(r.bytes, 0, "what is dropped is no longer counted");
     }
 
     #[test]
