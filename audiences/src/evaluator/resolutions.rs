@@ -46,11 +46,43 @@ struct Carried {
     settled: Settled,
 }
 
+/// One workspace's carried profiles, and the member index over them.
+#[derive(Default)]
+struct Workspace {
+    profiles: HashMap<Uuid, Carried>,
+    by_id: HashMap<Identifier, Uuid>,
+}
+
+impl Workspace {
+    /// Drops a profile and its members' entries, adding to `freed` what
+    /// they held.
+    fn drop_profile(&mut self, ws: &str, pid: Uuid, freed: &mut Freed) {
+        if let Some(c) = self.profiles.remove(&pid) {
+            for id in c.profile.identifiers.keys() {
+                if self.by_id.get(id) == Some(&pid) {
+                    self.by_id.remove(id);
+                    freed.ids += 1;
+                    freed.bytes += entry_bytes(ws, id);
+                }
+            }
+        }
+    }
+}
+
+/// Entries dropped, and the bytes they held.
+#[derive(Default)]
+struct Freed {
+    ids: usize,
+    bytes: usize,
+}
+
 /// The cache. One evaluator loop owns it.
 #[derive(Default)]
 pub(crate) struct Resolutions {
-    profiles: HashMap<(String, Uuid), Carried>,
-    by_id: HashMap<(String, Identifier), Uuid>,
+    workspaces: HashMap<String, Workspace>,
+    /// Identifiers held, over every workspace.
+    ids: usize,
+    /// Bytes held, as [`entry_bytes`] counts them.
     bytes: usize,
     /// The identity rules each workspace had when last read (as JSON).
     rules: HashMap<String, String>,
@@ -61,12 +93,10 @@ pub(crate) struct Resolutions {
 impl Resolutions {
     /// `id`'s profile, if carried.
     pub(crate) fn get(&mut self, ws: &str, id: &Identifier) -> Option<Arc<ProfileRef>> {
-        let key = (ws.to_owned(), id.clone());
-        let found = self
-            .by_id
-            .get(&key)
-            .and_then(|pid| self.profiles.get(&(key.0, *pid)))
-            .map(|c| c.profile.clone());
+        let found = self.workspaces.get(ws).and_then(|w| {
+            let pid = w.by_id.get(id)?;
+            Some(w.profiles.get(pid)?.profile.clone())
+        });
         if found.is_some() {
             self.hits += 1;
         } else {
@@ -81,79 +111,87 @@ impl Resolutions {
         let Some(settled) = profile.settled.clone() else {
             return;
         };
-        let pid = profile.profile_id;
-        self.drop_profile(ws, pid);
-        if self.by_id.len() + profile.identifiers.len() > MAX_IDS || self.bytes > MAX_BYTES {
-            self.profiles.clear();
-            self.by_id.clear();
+        if self.ids + profile.identifiers.len() > MAX_IDS || self.bytes > MAX_BYTES {
+            self.workspaces.clear();
+            self.ids = 0;
             self.bytes = 0;
         }
+        let w = self.workspaces.entry(ws.to_owned()).or_default();
+        let pid = profile.profile_id;
+        let mut freed = Freed::default();
+        w.drop_profile(ws, pid, &mut freed);
         for id in profile.identifiers.keys() {
-            if let Some(other) = self.by_id.get(&(ws.to_owned(), id.clone())).copied() {
+            if let Some(other) = w.by_id.get(id).copied() {
                 // The member was carried in another profile: this read is
                 // newer.
-                self.drop_profile(ws, other);
+                w.drop_profile(ws, other, &mut freed);
             }
         }
         for id in profile.identifiers.keys() {
+            self.ids += 1;
             self.bytes += entry_bytes(ws, id);
-            self.by_id.insert((ws.to_owned(), id.clone()), pid);
+            w.by_id.insert(id.clone(), pid);
         }
         let slim = ProfileRef {
             decisions: Vec::new(),
             ..profile.clone()
         };
-        self.profiles.insert(
-            (ws.to_owned(), pid),
+        w.profiles.insert(
+            pid,
             Carried {
                 profile: Arc::new(slim),
                 settled,
             },
         );
+        self.forget(freed);
     }
 
     /// Shows it an event the projector has folded: drops every carried
     /// profile the event may have changed.
     pub(crate) fn observe(&mut self, ev: &Event) {
-        if self.by_id.is_empty() || ev.source_id == EVALUATOR_SOURCE {
-            // The evaluator's own events name no identifier.
+        // The evaluator's own events name no identifier.
+        if ev.source_id == EVALUATOR_SOURCE {
             return;
         }
         let ws = ev.workspace_id.as_str();
+        let Some(w) = self.workspaces.get_mut(ws) else {
+            return;
+        };
         if ev.control.is_some() {
             self.forget_workspace(ws);
             return;
         }
-        let projection = match project(ev) {
-            Ok(p) => p,
+        let mut freed = Freed::default();
+        match project(ev) {
+            Ok(projection) => {
+                let mut pids: Vec<Uuid> = projection
+                    .identifiers()
+                    .filter(|id| id.kind != IdKind::GroupId)
+                    .filter_map(|id| w.by_id.get(id).copied())
+                    .collect();
+                pids.sort_unstable();
+                pids.dedup();
+                for pid in pids {
+                    let kept = w
+                        .profiles
+                        .get_mut(&pid)
+                        .is_some_and(|c| c.settled.carry(&c.profile.identifiers, &projection));
+                    if !kept {
+                        w.drop_profile(ws, pid, &mut freed);
+                    }
+                }
+            }
             Err(_) => {
                 // The projector dead-letters it, so it changed nothing;
                 // its plain identifiers are dropped all the same.
                 for id in super::step::touched_ids(ev) {
-                    if let Some(pid) = self.by_id.get(&(ws.to_owned(), id)).copied() {
-                        self.drop_profile(ws, pid);
+                    if let Some(pid) = w.by_id.get(&id).copied() {
+                        w.drop_profile(ws, pid, &mut freed);
                     }
                 }
-                return;
-            }
-        };
-        let mut pids: Vec<Uuid> = projection
-            .identifiers()
-            .filter(|id| id.kind != IdKind::GroupId)
-            .filter_map(|id| self.by_id.get(&(ws.to_owned(), id.clone())).copied())
-            .collect();
-        pids.sort_unstable();
-        pids.dedup();
-        for pid in pids {
-            let key = (ws.to_owned(), pid);
-            let kept = match self.profiles.get_mut(&key) {
-                Some(c) => c.settled.carry(&c.profile.identifiers, &projection),
-                None => false,
-            };
-            if !kept {
-                self.drop_profile(ws, pid);
             }
         }
+        self.forget(freed);
     }
 
     /// Notes a workspace's identity rules as just read; a change drops
@@ -175,27 +213,18 @@ impl Resolutions {
     }
 
     fn forget_workspace(&mut self, ws: &str) {
-        let pids: Vec<Uuid> = self
-            .profiles
-            .keys()
-            .filter(|(w, _)| w == ws)
-            .map(|(_, pid)| *pid)
-            .collect();
-        for pid in pids {
-            self.drop_profile(ws, pid);
+        if let Some(w) = self.workspaces.remove(ws) {
+            self.forget(Freed {
+                ids: w.by_id.len(),
+                bytes: w.by_id.keys().map(|id| entry_bytes(ws, id)).sum(),
+            });
         }
     }
 
-    fn drop_profile(&mut self, ws: &str, pid: Uuid) {
-        if let Some(c) = self.profiles.remove(&(ws.to_owned(), pid)) {
-            for id in c.profile.identifiers.keys() {
-                let key = (ws.to_owned(), id.clone());
-                if self.by_id.get(&key) == Some(&pid) {
-                    self.by_id.remove(&key);
-                    self.bytes = self.bytes.saturating_sub(entry_bytes(ws, id));
-                }
-            }
-        }
+    /// Takes dropped entries off the totals.
+    fn forget(&mut self, freed: Freed) {
+        self.ids = self.ids.saturating_sub(freed.ids);
+        self.bytes = self.bytes.saturating_sub(freed.bytes);
     }
 }
 
@@ -212,6 +241,7 @@ mod tests {
 
     use trailmark_domain::identity::Key;
     use trailmark_domain::profile::Named;
+    use trailmark_testkit::EventBuilder;
 
     use super::*;
 
@@ -246,31 +276,13 @@ mod tests {
         }
     }
 
-    fn track(user: &str, anon: Option<&str>, received_at: i64) -> Event {
-        Event {
-            workspace_id: "ws".into(),
-            source_id: "src".into(),
-            message_id: format!("t{received_at}"),
-            kind: trailmark_domain::EventType::Track,
-            user_id: Some(user.into()),
-            anonymous_id: anon.map(str::to_owned),
-            event: Some("Clicked".into()),
-            name: None,
-            category: None,
-            group_id: None,
-            previous_id: None,
-            timestamp: received_at,
-            original_timestamp: None,
-            sent_at: None,
-            received_at,
-            properties: None,
-            traits: None,
-            context: None,
-            integrations: None,
-            request_ip: None,
-            blocked_ids: Vec::new(),
-            control: None,
-        }
+    fn track(user: &str, anon: &str, seconds: i64) -> Event {
+        EventBuilder::track("Clicked")
+            .workspace("ws")
+            .user(user)
+            .anon(anon)
+            .received(seconds)
+            .build()
     }
 
     #[test]
@@ -280,14 +292,18 @@ mod tests {
         r.insert("ws", &p);
         let u1 = Identifier::parse("user_id:u1").unwrap();
         let a1 = Identifier::parse("anonymous_id:a1").unwrap();
-        r.observe(&track("u1", Some("a1"), 10));
+        r.observe(&track("u1", "a1", 10));
         assert_eq!(r.get("ws", &u1).unwrap().profile_id, p.profile_id);
         assert!(r.get("other", &u1).is_none(), "workspaces apart");
-        r.observe(&track("u1", Some("a2"), 11));
+        r.observe(&track("u1", "a2", 11));
         assert!(r.get("ws", &u1).is_none(), "a new identifier joins");
         assert!(r.get("ws", &a1).is_none(), "every member is dropped");
-        assert!(r.by_id.is_empty() && r.profiles.is_empty());
-        assert_eq!(r.bytes, 0, "what is dropped is no longer counted");
+        assert!(r.workspaces["ws"].by_id.is_empty() && r.workspaces["ws"].profiles.is_empty());
+        assert_eq!(
+            (r.ids, r.bytes),
+            (0, 0),
+            "what is dropped is no longer counted"
+        );
     }
 
     #[test]

@@ -119,16 +119,8 @@ impl Evaluator {
                 }
             }
         } else {
-            let outcomes = self
-                .evaluate_all(
-                    &catalogs,
-                    touched,
-                    now,
-                    &mut run.leaf_cache,
-                    &mut run.resolutions,
-                )
+            self.evaluate_into(run, &catalogs, touched, now, &mut commit)
                 .await?;
-            self.add_outcomes(run, &mut commit, outcomes, now)?;
         }
         self.store.eval_commit(Arc::new(commit)).await?;
         for (p, next) in positions {
@@ -618,6 +610,29 @@ impl Evaluator {
             }
         }
         Ok(())
+    }
+
+    /// Evaluates the touched profiles with the run's leaf states and
+    /// carried profiles ([`Self::evaluate_all`]), and adds the outcomes to
+    /// `commit`.
+    pub(super) async fn evaluate_into(
+        &self,
+        run: &mut Run,
+        catalogs: &HashMap<String, Arc<Catalog>>,
+        touched: Vec<Touch>,
+        now: i64,
+        commit: &mut EvalCommit,
+    ) -> Result<()> {
+        let outcomes = self
+            .evaluate_all(
+                catalogs,
+                touched,
+                now,
+                &mut run.leaf_cache,
+                &mut run.resolutions,
+            )
+            .await?;
+        self.add_outcomes(run, commit, outcomes, now)
     }
 
     /// Adds evaluation outcomes to a commit: each profile's writes with its

@@ -63,16 +63,8 @@ impl Evaluator {
                         })
                     })
                     .collect();
-                let outcomes = self
-                    .evaluate_all(
-                        &catalogs,
-                        touched,
-                        now,
-                        &mut run.leaf_cache,
-                        &mut run.resolutions,
-                    )
+                self.evaluate_into(run, &catalogs, touched, now, &mut commit)
                     .await?;
-                self.add_outcomes(run, &mut commit, outcomes, now)?;
                 self.store.eval_commit(Arc::new(commit)).await?;
                 self.publish(run).await?;
             }
@@ -116,16 +108,8 @@ impl Evaluator {
                         ));
                     }
                 }
-                let outcomes = self
-                    .evaluate_all(
-                        &catalogs,
-                        touched,
-                        now,
-                        &mut run.leaf_cache,
-                        &mut run.resolutions,
-                    )
+                self.evaluate_into(run, &catalogs, touched, now, &mut commit)
                     .await?;
-                self.add_outcomes(run, &mut commit, outcomes, now)?;
                 self.store.eval_commit(Arc::new(commit)).await?;
                 self.publish(run).await?;
             }

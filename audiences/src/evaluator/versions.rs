@@ -261,16 +261,8 @@ impl Evaluator {
             }
         }
         let mut commit = self.commit();
-        let outcomes = self
-            .evaluate_all(
-                &catalogs,
-                touched,
-                now,
-                &mut run.leaf_cache,
-                &mut run.resolutions,
-            )
+        self.evaluate_into(run, &catalogs, touched, now, &mut commit)
             .await?;
-        self.add_outcomes(run, &mut commit, outcomes, now)?;
         self.store.eval_commit(Arc::new(commit)).await?;
         self.publish(run).await?;
         if found.len() < SLICE {

@@ -14,7 +14,9 @@
 //! verdict. Likewise a computed trait is computed again only when its state
 //! changed or its deadline passed. [`Catalog::evaluate_planned`] then gives
 //! exactly what a full [`Catalog::evaluate`] gives (a property test holds it
-//! to that).
+//! to that). Both are keyed forms of [`Catalog::plan_verdicts`] and
+//! [`Catalog::evaluate_verdicts`], which work by position ([`Verdicts`]),
+//! as the evaluator runs them.
 
 use std::collections::{BTreeMap, BTreeSet};
 
