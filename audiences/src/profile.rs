@@ -15,7 +15,7 @@ use trailmark_domain::audience::eval::{ProfileData, Verdict};
 use trailmark_domain::audience::leaf::{LeafState, SpecId};
 use trailmark_domain::audience::{Catalog, Changed, Plan, Verdicts};
 use trailmark_domain::{Event, Identifier};
-use trailmark_store::evaluator::{EvalKey, EvalTable, EvalWrite};
+use trailmark_store::evaluator::{EvalCommit, EvalKey, EvalTable, EvalWrite};
 use trailmark_store::{ProfileRef, ProfileStore};
 use uuid::Uuid;
 
@@ -50,6 +50,10 @@ pub type MemberLeaves = HashMap<SpecId, LeafRow>;
 /// The most rows read for one member: more specs than any catalog holds.
 const MEMBER_ROWS: usize = 100_000;
 
+/// What holding one member costs besides its key and rows: the map entry
+/// and the empty map of its rows.
+const MEMBER_OVERHEAD: usize = 96;
+
 /// Leaf rows the evaluator has read or written, a whole member at a time:
 /// an entry holds every row its member has (those of specs no longer
 /// defined too), so a member's absent spec is an empty state, not a miss.
@@ -79,6 +83,7 @@ impl LeafCache {
             .eval_parts(EvalTable::Leaves, wanted.clone(), MEMBER_ROWS)
             .await?;
         for (part, found) in wanted.into_iter().zip(found) {
+            self.bytes += part.len() + MEMBER_OVERHEAD;
             let mut rows = MemberLeaves::with_capacity(found.len());
             for (sort, v) in found {
                 self.bytes += sort.len() + v.len();
@@ -203,36 +208,102 @@ fn last_verdicts(catalog: &Catalog, record: &ProfileRecord) -> Verdicts {
     }
 }
 
-/// Reads a profile's record.
-pub async fn record(
-    store: &dyn ProfileStore,
-    ws: &str,
-    pid: Uuid,
-) -> Result<Option<ProfileRecord>> {
-    Ok(records(store, &[(ws, pid)]).await?.pop().flatten())
+/// Profile records the evaluator has read or committed, as the store holds
+/// them (encoded; absent ones too). The evaluator is their only writer, and
+/// a commit's records go in only once it is written ([`Self::committed`]),
+/// so a copy is never stale; after a failed commit the loop forgets them all
+/// ([`Self::clear`]), since a store may have written part of it.
+#[derive(Debug, Default)]
+pub struct RecordCache {
+    rows: HashMap<EvalKey, Option<Vec<u8>>>,
+    /// Bytes held: keys, values and a per-entry overhead.
+    bytes: usize,
 }
 
-/// Reads profiles' records, in one store call, in the order asked.
-pub async fn records(
-    store: &dyn ProfileStore,
-    profiles: &[(&str, Uuid)],
-) -> Result<Vec<Option<ProfileRecord>>> {
-    if profiles.is_empty() {
-        return Ok(Vec::new());
+/// What holding one record costs besides its key and value.
+const RECORD_OVERHEAD: usize = 64;
+
+impl RecordCache {
+    /// Profiles' records, in the order asked: those not held in one store
+    /// call, remembered.
+    pub async fn records(
+        &mut self,
+        store: &dyn ProfileStore,
+        profiles: &[(&str, Uuid)],
+    ) -> Result<Vec<Option<ProfileRecord>>> {
+        let keys: Vec<EvalKey> = profiles
+            .iter()
+            .map(|(ws, pid)| rows::profile_key(ws, *pid))
+            .collect();
+        let mut missing: Vec<EvalKey> = keys
+            .iter()
+            .filter(|k| !self.rows.contains_key(*k))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            missing.sort_unstable();
+            missing.dedup();
+            let mut got: HashMap<EvalKey, Vec<u8>> = store
+                .eval_get(EvalTable::Profiles, missing.clone())
+                .await?
+                .into_iter()
+                .collect();
+            for k in missing {
+                let v = got.remove(&k);
+                self.hold(k, v);
+            }
+        }
+        Ok(keys
+            .iter()
+            .map(|k| {
+                self.rows
+                    .get(k)
+                    .and_then(|v| v.as_deref())
+                    .and_then(rows::decode)
+            })
+            .collect())
     }
-    let keys: Vec<EvalKey> = profiles
-        .iter()
-        .map(|(ws, pid)| rows::profile_key(ws, *pid))
-        .collect();
-    let mut got: HashMap<EvalKey, Vec<u8>> = store
-        .eval_get(EvalTable::Profiles, keys.clone())
-        .await?
-        .into_iter()
-        .collect();
-    Ok(keys
-        .iter()
-        .map(|k| got.remove(k).and_then(|v| rows::decode(&v)))
-        .collect())
+
+    /// Takes in the records of a commit that was written.
+    pub fn committed(&mut self, commit: &EvalCommit) {
+        for w in commit.rows.iter().chain(commit.groups.iter().flatten()) {
+            match w {
+                EvalWrite::Put(EvalTable::Profiles, k, v) => self.hold(k.clone(), Some(v.clone())),
+                EvalWrite::Delete(EvalTable::Profiles, k) => self.hold(k.clone(), None),
+                _ => {}
+            }
+        }
+    }
+
+    fn hold(&mut self, key: EvalKey, value: Option<Vec<u8>>) {
+        let key_cost = key.part.len() + key.sort.len() + RECORD_OVERHEAD;
+        let value_len = value.as_ref().map_or(0, Vec::len);
+        match self.rows.insert(key, value) {
+            Some(old) => self.bytes = self.bytes - old.map_or(0, |v| v.len()) + value_len,
+            None => self.bytes += key_cost + value_len,
+        }
+    }
+
+    /// How many records are held.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Forgets every record.
+    pub fn clear(&mut self) {
+        self.rows.clear();
+        self.bytes = 0;
+    }
 }
 
 /// What a round of evaluations shares: the store, the leaf rows read for
@@ -623,6 +694,84 @@ pub fn retire(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(holder: &str) -> ProfileRecord {
+        ProfileRecord {
+            holder: holder.into(),
+            members: vec![holder.into()],
+            ..ProfileRecord::default()
+        }
+    }
+
+    fn put(ws: &str, pid: Uuid, r: &ProfileRecord) -> EvalCommit {
+        EvalCommit {
+            consumer: "evaluator".into(),
+            groups: vec![vec![EvalWrite::Put(
+                EvalTable::Profiles,
+                rows::profile_key(ws, pid),
+                rows::encode(r),
+            )]],
+            ..EvalCommit::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_record_cache_holds_what_was_read_and_committed() {
+        use trailmark_store::evaluator::EvaluatorStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = trailmark_store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let first = record("user_id:a");
+        store
+            .eval_commit(std::sync::Arc::new(put("ws", a, &first)))
+            .await
+            .unwrap();
+        let mut cache = RecordCache::default();
+        let got = cache
+            .records(&store, &[("ws", a), ("ws", b), ("ws", a)])
+            .await
+            .unwrap();
+        assert_eq!(got, vec![Some(first.clone()), None, Some(first.clone())]);
+        assert_eq!(cache.len(), 2, "read once each, the absent one too");
+
+        // Held copies are served without the store: a write that did not
+        // go through the cache is not seen...
+        let behind = record("user_id:behind");
+        store
+            .eval_commit(std::sync::Arc::new(put("ws", a, &behind)))
+            .await
+            .unwrap();
+        let got = cache.records(&store, &[("ws", a)]).await.unwrap();
+        assert_eq!(got, vec![Some(first)]);
+        // ...and a committed one is, the absent record's too.
+        let second = record("user_id:b");
+        let mut commit = put("ws", b, &second);
+        commit.groups.push(vec![EvalWrite::Delete(
+            EvalTable::Profiles,
+            rows::profile_key("ws", a),
+        )]);
+        cache.committed(&commit);
+        let got = cache
+            .records(&store, &[("ws", a), ("ws", b)])
+            .await
+            .unwrap();
+        assert_eq!(got, vec![None, Some(second)]);
+
+        // Its bytes are what it holds, however often a row was replaced.
+        let held: usize = [
+            ("ws", a, None),
+            ("ws", b, Some(rows::encode(&record("user_id:b")))),
+        ]
+        .iter()
+        .map(|(ws, pid, v)| {
+            let k = rows::profile_key(ws, *pid);
+            k.part.len() + k.sort.len() + RECORD_OVERHEAD + v.as_ref().map_or(0, Vec::len)
+        })
+        .sum();
+        assert_eq!(cache.bytes(), held);
+        cache.clear();
+        assert_eq!((cache.len(), cache.bytes()), (0, 0));
+    }
 
     #[test]
     fn a_retired_record_carries_nothing_over() {

@@ -42,7 +42,7 @@ use trailmark_store::{LoggedEvent, ProfileStore, WorkspaceDirectory};
 
 use crate::Result;
 use crate::definitions::{DefinitionRecord, Definitions, Kind, StatusRecord, compile};
-use crate::profile::LeafCache;
+use crate::profile::{LeafCache, RecordCache};
 use crate::rows::{self};
 
 /// Tuning of the evaluator.
@@ -87,12 +87,19 @@ impl Default for EvaluatorConfig {
 
 /// How many members' leaf rows the evaluator keeps in memory between
 /// steps (it is their only writer, so the copies stay exact); past it, it
-/// starts again empty.
-const LEAF_CACHE_MEMBERS: usize = 100_000;
+/// starts again empty. A member with no rows yet is held too (so that its
+/// next event reads nothing), and a site's active visitors number hundreds
+/// of thousands: a smaller bound emptied it every few seconds under load.
+const LEAF_CACHE_MEMBERS: usize = 1_000_000;
 /// And how many bytes of them (encoded, counting each row read or written
-/// since it last started empty): a member's rows grow with what its events
-/// match, so a count of members alone would not bound memory.
+/// since it last started empty, and each member's key and entry): a
+/// member's rows grow with what its events match, so a count of members
+/// alone would not bound memory.
 const LEAF_CACHE_BYTES: usize = 256 << 20;
+/// How many profile records it keeps in memory between steps (it is their
+/// only writer), and how many bytes of them.
+const RECORD_CACHE_ROWS: usize = 1_000_000;
+const RECORD_CACHE_BYTES: usize = 128 << 20;
 /// How many profiles one step resolves and evaluates at once: their reads
 /// overlap (each a blocking task on the embedded store, a round trip on
 /// CQL), and they use both cores.
@@ -173,8 +180,7 @@ struct Backfill {
 struct Run {
     workspaces: HashMap<String, Running>,
     folded: BTreeSet<SpecId>,
-    leaf_cache: LeafCache,
-    resolutions: Resolutions,
+    caches: Caches,
     positions: BTreeMap<u32, u64>,
     catching_up: Option<Vec<u64>>,
     sweep_cursor: Option<i64>,
@@ -191,6 +197,35 @@ struct Run {
     known: std::collections::HashSet<(String, trailmark_domain::Identifier)>,
     /// Backfills that met the live reader less than a window ago.
     joined: Vec<Joined>,
+}
+
+/// What the loop keeps in memory of the store: copies of rows only it
+/// writes (leaf states, profile records) and profiles resolved, each exact
+/// and bounded.
+#[derive(Default)]
+struct Caches {
+    leaves: LeafCache,
+    resolutions: Resolutions,
+    records: RecordCache,
+}
+
+impl Caches {
+    /// Forgets the copies of rows a failed commit may have left different
+    /// from the store (a fold writes into its copy before it commits).
+    fn forget_unsaved(&mut self) {
+        self.leaves.clear();
+        self.records.clear();
+    }
+
+    /// Empties whichever is past its bound.
+    fn bound(&mut self) {
+        if self.leaves.len() > LEAF_CACHE_MEMBERS || self.leaves.bytes() > LEAF_CACHE_BYTES {
+            self.leaves.clear();
+        }
+        if self.records.len() > RECORD_CACHE_ROWS || self.records.bytes() > RECORD_CACHE_BYTES {
+            self.records.clear();
+        }
+    }
 }
 
 impl Run {
@@ -545,6 +580,24 @@ impl Evaluator {
 
     pub(super) async fn write_progress(&self, p: &Progress) -> Result<()> {
         self.put_stats(PROGRESS, p).await
+    }
+
+    /// Writes a commit of the loop's: its records are then held, and if it
+    /// fails, every copy it may have made different from the store is
+    /// forgotten.
+    async fn commit_run(&self, run: &mut Run, commit: EvalCommit) -> Result<()> {
+        let commit = Arc::new(commit);
+        match self.store.eval_commit(commit.clone()).await {
+            Ok(()) => {
+                run.caches.records.committed(&commit);
+                run.caches.bound();
+                Ok(())
+            }
+            Err(e) => {
+                run.caches.forget_unsaved();
+                Err(e.into())
+            }
+        }
     }
 
     /// An empty commit of this evaluator's consumer: rows and groups only,

@@ -17,7 +17,7 @@ use trailmark_store::{LoggedEvent, ProfileRef};
 use uuid::Uuid;
 
 use super::*;
-use crate::profile::{self, LeafCache, Outcome};
+use crate::profile::{self, LeafCache, Outcome, RecordCache};
 use crate::rows::{self, Cause, LeafRow, MemberRow, MemberState, ProfileRecord};
 use crate::{EvaluatorError, Result};
 
@@ -49,13 +49,13 @@ impl Evaluator {
         // The projector has folded the whole batch: carried profiles its
         // events may have changed are dropped before anything is resolved.
         for le in &events {
-            run.resolutions.observe(&le.event);
+            run.caches.resolutions.observe(&le.event);
         }
         let joined = run.joined.clone();
         let (contributions, mut specs) = self
             .contributions(&self.config.group, &events, &catalogs, &joined, &mut commit)
             .await?;
-        self.fold(contributions, &mut run.leaf_cache, &mut commit)
+        self.fold(contributions, &mut run.caches.leaves, &mut commit)
             .await?;
         let mut touched: Vec<Touch> = Vec::new();
         let mut own: Vec<&Event> = Vec::new();
@@ -85,7 +85,7 @@ impl Evaluator {
                 changed,
             });
         }
-        let mut restored = self.restore(&own).await?;
+        let mut restored = self.restore(&own, &mut run.caches.records).await?;
         // A workspace with nothing defined needs no evaluation: its
         // identifiers are only noted, so that a first definition's pass
         // finds every profile.
@@ -122,16 +122,13 @@ impl Evaluator {
             self.evaluate_into(run, &catalogs, touched, now, &mut commit)
                 .await?;
         }
-        self.store.eval_commit(Arc::new(commit)).await?;
+        self.commit_run(run, commit).await?;
         for (p, next) in positions {
             run.positions.insert(*p, *next);
         }
         if let Some(last) = events.last() {
             let lag = (now - last.event.received_at).max(0);
             self.metrics.evaluator_lag_seconds.set(lag as f64 / 1e6);
-        }
-        if run.leaf_cache.len() > LEAF_CACHE_MEMBERS || run.leaf_cache.bytes() > LEAF_CACHE_BYTES {
-            run.leaf_cache.clear();
         }
         self.publish(run).await
     }
@@ -267,7 +264,11 @@ impl Evaluator {
 
     /// Restores memberships from the evaluator's own events: after a
     /// rebuild, the log is the only record of the changes it emitted.
-    pub(super) async fn restore(&self, own: &[&Event]) -> Result<Vec<Vec<EvalWrite>>> {
+    pub(super) async fn restore(
+        &self,
+        own: &[&Event],
+        cache: &mut RecordCache,
+    ) -> Result<Vec<Vec<EvalWrite>>> {
         let read: Vec<_> = own
             .iter()
             .filter_map(|ev| Some((*ev, crate::emit::read_membership(ev)?)))
@@ -279,7 +280,7 @@ impl Evaluator {
                 .map(|(ev, (_, pid, ..))| (ev.workspace_id.as_str(), *pid))
                 .collect();
             let keys: Vec<(&str, Uuid)> = keys.into_iter().collect();
-            let found = profile::records(&*self.store, &keys).await?;
+            let found = cache.records(&*self.store, &keys).await?;
             keys.into_iter()
                 .zip(found)
                 .map(|((ws, pid), r)| ((ws.to_string(), pid), r.unwrap_or_default()))
@@ -356,9 +357,13 @@ impl Evaluator {
         catalogs: &HashMap<String, Arc<Catalog>>,
         touched: Vec<Touch>,
         now: i64,
-        cache: &mut LeafCache,
-        carried: &mut Resolutions,
+        caches: &mut Caches,
     ) -> Result<Vec<(String, Outcome)>> {
+        let Caches {
+            leaves: cache,
+            resolutions: carried,
+            records,
+        } = caches;
         let empty = Arc::new(Catalog::default());
         // The newest event that touched a profile is its cause: evaluated
         // newest first, each profile once.
@@ -383,7 +388,7 @@ impl Evaluator {
                     .iter()
                     .map(|r| (r.ws.as_str(), r.profile.profile_id))
                     .collect();
-                profile::records(&*self.store, &keys).await?
+                records.records(&*self.store, &keys).await?
             };
             cache
                 .load(
@@ -453,7 +458,12 @@ impl Evaluator {
             if done.contains(&(ws.clone(), former)) {
                 continue;
             }
-            let Some(before) = profile::record(&*self.store, &ws, former).await? else {
+            let Some(before) = records
+                .records(&*self.store, &[(&ws, former)])
+                .await?
+                .pop()
+                .flatten()
+            else {
                 continue;
             };
             let catalog = catalogs.get(&ws).unwrap_or(&empty);
@@ -624,13 +634,7 @@ impl Evaluator {
         commit: &mut EvalCommit,
     ) -> Result<()> {
         let outcomes = self
-            .evaluate_all(
-                catalogs,
-                touched,
-                now,
-                &mut run.leaf_cache,
-                &mut run.resolutions,
-            )
+            .evaluate_all(catalogs, touched, now, &mut run.caches)
             .await?;
         self.add_outcomes(run, commit, outcomes, now)
     }

@@ -1,14 +1,11 @@
 //! Work driven by time and by catching up: the sweep of due deadlines, and
 //! the profiles marked while catching up.
 
-use std::sync::Arc;
-
 use trailmark_domain::Identifier;
 use trailmark_store::evaluator::{EvalKey, EvalTable, EvalWrite};
 
 use super::*;
 use crate::Result;
-use crate::profile::{self};
 use crate::rows::{self, Cause};
 
 impl Evaluator {
@@ -47,7 +44,7 @@ impl Evaluator {
                         .iter()
                         .map(|(_, pid, ws)| (ws.as_str(), *pid))
                         .collect();
-                    profile::records(&*self.store, &keys).await?
+                    run.caches.records.records(&*self.store, &keys).await?
                 };
                 let touched: Vec<Touch> = entries
                     .into_iter()
@@ -65,7 +62,7 @@ impl Evaluator {
                     .collect();
                 self.evaluate_into(run, &catalogs, touched, now, &mut commit)
                     .await?;
-                self.store.eval_commit(Arc::new(commit)).await?;
+                self.commit_run(run, commit).await?;
                 self.publish(run).await?;
             }
             if hour < now_hour {
@@ -110,7 +107,7 @@ impl Evaluator {
                 }
                 self.evaluate_into(run, &catalogs, touched, now, &mut commit)
                     .await?;
-                self.store.eval_commit(Arc::new(commit)).await?;
+                self.commit_run(run, commit).await?;
                 self.publish(run).await?;
             }
         }

@@ -23,7 +23,7 @@ impl Evaluator {
         for ws in run.workspaces.keys() {
             let rules = self.directory.identity_rules(ws).await?;
             let text = serde_json::to_string(&rules).unwrap_or_default();
-            run.resolutions.rules_read(ws, text);
+            run.caches.resolutions.rules_read(ws, text);
         }
         if run.backfill.is_some() {
             return Ok(());
@@ -200,9 +200,9 @@ impl Evaluator {
                 let (contributions, _) = self
                     .contributions(&bf.consumer, &events, &bf.catalogs, &[], &mut commit)
                     .await?;
-                self.fold(contributions, &mut run.leaf_cache, &mut commit)
+                self.fold(contributions, &mut run.caches.leaves, &mut commit)
                     .await?;
-                self.store.eval_commit(Arc::new(commit)).await?;
+                self.commit_run(run, commit).await?;
                 for (p, next) in positions {
                     bf.positions.insert(p, next);
                 }
@@ -263,7 +263,7 @@ impl Evaluator {
         let mut commit = self.commit();
         self.evaluate_into(run, &catalogs, touched, now, &mut commit)
             .await?;
-        self.store.eval_commit(Arc::new(commit)).await?;
+        self.commit_run(run, commit).await?;
         self.publish(run).await?;
         if found.len() < SLICE {
             for (id, v) in &pass.versions {
