@@ -14,6 +14,12 @@ use trailmark::app::{self, Role};
 use trailmark::backends::Backends;
 use trailmark::config::{Config, ENV_OVERRIDES};
 
+/// mimalloc rather than glibc's malloc: the services allocate many small,
+/// short-lived values per event across threads, where glibc spent a quarter
+/// of the process's CPU (benches/RESULTS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Trailmark: an event-sourced customer data platform. Point a Segment SDK
 /// at it; it logs every event durably, builds profiles from them, and
 /// serves them over the Profile API.
