@@ -106,11 +106,25 @@ pub struct Preview {
     pub truncated: bool,
 }
 
+/// How far a preview goes.
+#[derive(Debug, Clone, Copy)]
+pub struct PreviewLimits {
+    /// The most profiles evaluated.
+    pub profiles: usize,
+    /// The most holders sampled.
+    pub sample: usize,
+    /// Past this much time it stops (after the page it is on).
+    pub time: std::time::Duration,
+}
+
+/// Profiles a preview evaluates at once: each is a few store reads.
+const PREVIEW_CONCURRENCY: usize = 8;
+
 /// Evaluates a condition over a workspace's profiles as they are now,
 /// without state of its own: event conditions are counted from each
 /// profile's timeline (the newest matching events, as the leaf state
-/// would keep them). Stops after `max_profiles` profiles.
-#[allow(clippy::too_many_arguments)]
+/// would keep them). Profiles are taken in identifier order, a page at a
+/// time, several at once; it stops at `limits`, saying so (`truncated`).
 pub async fn preview(
     rows_of: &dyn EvaluatorReader,
     profiles: &dyn ProfileReader,
@@ -118,9 +132,10 @@ pub async fn preview(
     catalog: &Catalog,
     key: &str,
     now: i64,
-    max_profiles: usize,
-    sample: usize,
+    limits: PreviewLimits,
 ) -> Result<Preview, StoreError> {
+    use futures_util::stream::{self, StreamExt, TryStreamExt};
+    let started = std::time::Instant::now();
     let mut out = Preview::default();
     let mut after: Option<Vec<u8>> = None;
     'pages: loop {
@@ -137,29 +152,43 @@ pub async fn preview(
             break;
         };
         after = Some(last.clone());
-        for (sort, _) in &page {
-            let Some(id) = std::str::from_utf8(sort).ok().and_then(Identifier::parse) else {
-                continue;
-            };
-            let Some(profile) = profiles.resolve(ws, &id).await? else {
-                continue;
-            };
-            if profile.holder != id {
-                continue;
-            }
-            if out.evaluated as usize >= max_profiles {
+        let ids: Vec<Identifier> = page
+            .iter()
+            .filter_map(|(sort, _)| std::str::from_utf8(sort).ok().and_then(Identifier::parse))
+            .collect();
+        // Each profile once, through its holder; in page order.
+        let found: Vec<Option<(Identifier, bool)>> = stream::iter(ids)
+            .map(|id| async move {
+                let Some(profile) = profiles.resolve(ws, &id).await? else {
+                    return Ok(None);
+                };
+                if profile.holder != id {
+                    return Ok(None);
+                }
+                let holds = evaluate_now(profiles, ws, catalog, &profile, key, now).await?;
+                Ok::<_, StoreError>(Some((id, holds)))
+            })
+            .buffered(PREVIEW_CONCURRENCY)
+            .try_collect()
+            .await?;
+        for (holder, holds) in found.into_iter().flatten() {
+            if out.evaluated as usize >= limits.profiles {
                 out.truncated = true;
                 break 'pages;
             }
             out.evaluated += 1;
-            if evaluate_now(profiles, ws, catalog, &profile, key, now).await? {
+            if holds {
                 out.count += 1;
-                if out.sample.len() < sample {
-                    out.sample.push(profile.holder.clone());
+                if out.sample.len() < limits.sample {
+                    out.sample.push(holder);
                 }
             }
         }
         if page.len() < 500 {
+            break;
+        }
+        if started.elapsed() >= limits.time {
+            out.truncated = true;
             break;
         }
     }

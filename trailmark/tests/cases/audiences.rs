@@ -311,6 +311,18 @@ mod audience_cases {
         assert_eq!(p["count"], 2);
         assert_eq!(p["complete"], true);
         assert_eq!(p["sample"].as_array().unwrap().len(), 2);
+        // Through the audiences it names (b names a): only m2 has y = 2.
+        let (status, p) = s
+            .admin(
+                reqwest::Method::POST,
+                "/v1/audiences/preview",
+                &json!({"query": "audience('b') && trait('x').exists()"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{p}");
+        assert_eq!(p["count"], 1, "{p}");
+        assert_eq!(p["sample"], json!(["user_id:m2"]), "{p}");
+        assert_eq!(p["evaluated"], 3, "{p}");
 
         // Delete b, then a.
         let (status, _) = s
