@@ -28,6 +28,19 @@ mod audience_cases {
         created
     }
 
+    /// Previews a query, which must succeed.
+    async fn preview(s: &TestServer, query: &str) -> Value {
+        let (status, p) = s
+            .admin(
+                reqwest::Method::POST,
+                "/v1/audiences/preview",
+                &json!({ "query": query }),
+            )
+            .await;
+        assert_eq!(status, 200, "{p}");
+        p
+    }
+
     /// Waits until the definition's newest version is live.
     async fn live(s: &TestServer, path: &str) -> Value {
         until(s, path, |b| b["status"] == "live").await
@@ -300,26 +313,12 @@ mod audience_cases {
         assert_eq!(t["traits"], json!({"a": true, "b": true}));
 
         // Preview, synchronously.
-        let (status, p) = s
-            .admin(
-                reqwest::Method::POST,
-                "/v1/audiences/preview",
-                &json!({"query": "trait('y') = 1"}),
-            )
-            .await;
-        assert_eq!(status, 200, "{p}");
+        let p = preview(&s, "trait('y') = 1").await;
         assert_eq!(p["count"], 2);
         assert_eq!(p["complete"], true);
         assert_eq!(p["sample"].as_array().unwrap().len(), 2);
         // Through the audiences it names (b names a): only m2 has y = 2.
-        let (status, p) = s
-            .admin(
-                reqwest::Method::POST,
-                "/v1/audiences/preview",
-                &json!({"query": "audience('b') && trait('x').exists()"}),
-            )
-            .await;
-        assert_eq!(status, 200, "{p}");
+        let p = preview(&s, "audience('b') && trait('x').exists()").await;
         assert_eq!(p["count"], 1, "{p}");
         assert_eq!(p["sample"], json!(["user_id:m2"]), "{p}");
         assert_eq!(p["evaluated"], 3, "{p}");
