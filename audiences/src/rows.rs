@@ -1,4 +1,5 @@
-//! The evaluator's rows: how each [`EvalTable`] is keyed, and what its
+//! The evaluator's rows: how each
+//! [`EvalTable`](trailmark_store::evaluator::EvalTable) is keyed, and what its
 //! values hold. Every rule about them lives here and in the evaluator; the
 //! stores only keep bytes.
 //!

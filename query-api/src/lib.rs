@@ -15,7 +15,7 @@
 //! - `GET /v1/profiles/{id}/merges`: why the profile holds each identifier.
 //! - `GET /v1/profiles/{id}/links`: the accounts the profile belongs to.
 //!
-//! Accounts (`group_id`) are a collection of their own ([`accounts`]):
+//! Accounts (`group_id`) are a collection of their own (`accounts`):
 //! `/v1/accounts/{group_id}/traits|events|metadata|external_ids|links|users`.
 //! Segment's paths, `/v1/spaces/{space}/collections/{users|accounts}/profiles/{ref}/…`,
 //! serve both collections.

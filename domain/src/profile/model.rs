@@ -16,7 +16,7 @@ pub struct ProfileView {
     pub identifiers: BTreeMap<Identifier, Named>,
     /// The winning value of each trait.
     pub traits: BTreeMap<String, TraitValue>,
-    /// Event counts by [`counter_name`].
+    /// Event counts by [`counter_name`](super::counter_name).
     pub counts: BTreeMap<String, u64>,
     /// The earliest event time.
     pub first_seen: i64,

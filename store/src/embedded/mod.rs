@@ -16,15 +16,15 @@
 //! | `checkpoints`| consumer partition (BE u32)           | position (BE u64)          |
 //! | `dedup`      | consumer ws messageId                 | receivedAt (BE)            |
 //! | `dedup_time` | consumer partition (BE u32) receivedAt (BE) dedup key | empty (purge index) |
-//! | `identity`   | ws id                                 | [`Named`] record ([`fold`])|
-//! | `evidence`   | ws id slot digest (16)                | identity evidence ([`fold`])|
+//! | `identity`   | ws id                                 | [`Named`] record (`fold`)  |
+//! | `evidence`   | ws id slot digest (16)                | identity evidence (`fold`)  |
 //! | `profile_ids`| ws profile id (16)                    | id                         |
 //! | `traits`     | ws id trait-name                      | [`TraitValue`] JSON        |
 //! | `stats`      | ws id                                 | first, last, counts by name|
 //! | `timeline`   | ws id time (BE) messageId             | counter len, counter, JSON |
 //! | `account_members` | ws account member                | [`Named`] of the membership|
 //! | `member_accounts` | ws member account                | [`Named`] of the membership|
-//! | `evaluator`  | table code, part, sort ([`evaluator`]) | the evaluator's row        |
+//! | `evaluator`  | table code, part, sort (`evaluator`)   | the evaluator's row        |
 //!
 //! A store whose projections were written with another layout version is
 //! emptied of them when opened; the projector then rebuilds them from the
@@ -293,7 +293,7 @@ impl WriterState {
     }
 }
 
-/// The embedded [`ProfileStore`] and [`WorkspaceDirectory`].
+/// The embedded [`ProfileStore`](crate::ProfileStore) and [`WorkspaceDirectory`].
 #[derive(Clone)]
 pub struct EmbeddedStore {
     inner: Arc<Inner>,
