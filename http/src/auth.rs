@@ -13,9 +13,9 @@
 //!
 //! The workspace always comes from the credential, never from the payload.
 
-use std::collections::HashMap;
-use std::hash::Hash;
-use std::sync::RwLock;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
@@ -87,51 +87,126 @@ fn percent_decode(s: &str) -> String {
 
 /// Recently resolved credentials, so that the hot paths (every ingest
 /// request, every profile read) do not hash and look up the same key each
-/// time. Only known credentials are kept, each for at most `ttl`, so a
-/// credential removed from the directory stops working within `ttl`; the
-/// cache is emptied when it reaches `max` entries. While the directory is
-/// unavailable (a store outage), an expired entry is still honoured, so ingest
-/// keeps accepting events from known sources into the log.
+/// time. Only known credentials are kept; the cache is emptied when it
+/// reaches `max` entries of a kind. An entry older than `ttl` is still
+/// honoured while one background lookup refreshes it ([`Refreshing`]), so a
+/// request never waits on the directory for a credential it has seen, even
+/// while a store node restarts or the store is down; a credential removed
+/// from the directory stops working within `ttl` plus one lookup.
 pub struct CredentialCache {
-    writes: Cache<WriteGrant>,
-    reads: Cache<ReadGrant>,
+    writes: Arc<Refreshing<WriteGrant>>,
+    reads: Arc<Refreshing<ReadGrant>>,
 }
 
-struct Cache<G> {
-    entries: RwLock<HashMap<String, (G, Instant)>>,
+/// A cache of directory answers by key, refreshed ahead: a value older than
+/// `ttl` is served as it is while a background task, at most one per key,
+/// reads it again. A read that finds the key gone removes it; a read that
+/// fails keeps the value for another `ttl` (the directory is down, and the
+/// last answer is the best one). Only a key never seen waits for the
+/// directory.
+struct Refreshing<V> {
+    entries: RwLock<HashMap<String, (V, Instant)>>,
+    refreshing: Mutex<HashSet<String>>,
     ttl: Duration,
     max: usize,
 }
 
-impl<G: Clone> Cache<G> {
+/// What [`Refreshing::get`] found.
+enum Found<V> {
+    Fresh(V),
+    Stale(V),
+    Missing,
+}
+
+impl<V: Clone + Send + Sync + 'static> Refreshing<V> {
     fn new(ttl: Duration, max: usize) -> Self {
         Self {
             entries: RwLock::new(HashMap::new()),
+            refreshing: Mutex::new(HashSet::new()),
             ttl,
             max,
         }
     }
 
-    fn get(&self, key: &str) -> Option<G> {
-        let entries = self.entries.read().expect("credential cache lock");
-        entries
-            .get(key)
-            .filter(|(_, at)| at.elapsed() < self.ttl)
-            .map(|(g, _)| g.clone())
+    fn get(&self, key: &str) -> Found<V> {
+        let entries = self.entries.read().expect("refreshing cache lock");
+        match entries.get(key) {
+            Some((v, at)) if at.elapsed() < self.ttl => Found::Fresh(v.clone()),
+            Some((v, _)) => Found::Stale(v.clone()),
+            None => Found::Missing,
+        }
     }
 
-    /// The entry whatever its age: for when the directory cannot answer.
-    fn get_stale(&self, key: &str) -> Option<G> {
-        let entries = self.entries.read().expect("credential cache lock");
-        entries.get(key).map(|(g, _)| g.clone())
-    }
-
-    fn put(&self, key: &str, grant: G) {
-        let mut entries = self.entries.write().expect("credential cache lock");
-        if entries.len() >= self.max {
+    fn put(&self, key: &str, value: V) {
+        let mut entries = self.entries.write().expect("refreshing cache lock");
+        if entries.len() >= self.max && !entries.contains_key(key) {
             entries.clear();
         }
-        entries.insert(key.to_owned(), (grant, Instant::now()));
+        entries.insert(key.to_owned(), (value, Instant::now()));
+    }
+
+    fn remove(&self, key: &str) {
+        self.entries
+            .write()
+            .expect("refreshing cache lock")
+            .remove(key);
+    }
+
+    /// The value of `key`: a cached one at once (refreshing it in the
+    /// background when stale), else `fetch`'s answer, cached when found.
+    async fn get_or_fetch<F>(
+        self: &Arc<Self>,
+        key: &str,
+        fetch: impl FnOnce() -> F,
+    ) -> trailmark_store::Result<Option<V>>
+    where
+        F: Future<Output = trailmark_store::Result<Option<V>>> + Send + 'static,
+    {
+        match self.get(key) {
+            Found::Fresh(v) => Ok(Some(v)),
+            Found::Stale(v) => {
+                self.refresh(key, v.clone(), fetch());
+                Ok(Some(v))
+            }
+            Found::Missing => {
+                let found = fetch().await?;
+                if let Some(v) = &found {
+                    self.put(key, v.clone());
+                }
+                Ok(found)
+            }
+        }
+    }
+
+    /// Starts one background read of `key`, unless one is running.
+    fn refresh<F>(self: &Arc<Self>, key: &str, stale: V, fetch: F)
+    where
+        F: Future<Output = trailmark_store::Result<Option<V>>> + Send + 'static,
+    {
+        if !self
+            .refreshing
+            .lock()
+            .expect("refreshing set lock")
+            .insert(key.to_owned())
+        {
+            return;
+        }
+        let (cache, key) = (self.clone(), key.to_owned());
+        tokio::spawn(async move {
+            match fetch.await {
+                Ok(Some(v)) => cache.put(&key, v),
+                Ok(None) => cache.remove(&key),
+                Err(e) => {
+                    tracing::warn!(error = %e, "directory unavailable; keeping the last answer");
+                    cache.put(&key, stale);
+                }
+            }
+            cache
+                .refreshing
+                .lock()
+                .expect("refreshing set lock")
+                .remove(&key);
+        });
     }
 }
 
@@ -145,38 +220,10 @@ impl CredentialCache {
     /// A cache keeping each credential for `ttl`, up to `max` of each kind.
     pub fn new(ttl: Duration, max: usize) -> Self {
         Self {
-            writes: Cache::new(ttl, max),
-            reads: Cache::new(ttl, max),
+            writes: Arc::new(Refreshing::new(ttl, max)),
+            reads: Arc::new(Refreshing::new(ttl, max)),
         }
     }
-}
-
-async fn cached<G, F>(cache: &Cache<G>, key: &str, lookup: F) -> Result<Option<G>, ApiError>
-where
-    G: Clone + Eq + Hash,
-    F: std::future::Future<Output = trailmark_store::Result<Option<G>>>,
-{
-    if let Some(g) = cache.get(key) {
-        return Ok(Some(g));
-    }
-    let found = match lookup.await {
-        Ok(found) => found,
-        Err(e) if e.is_retryable() => match cache.get_stale(key) {
-            Some(g) => {
-                tracing::warn!(error = %e, "directory unavailable; using a cached credential");
-                // Trust it for another period rather than make every request
-                // wait for the directory's timeout first.
-                cache.put(key, g.clone());
-                return Ok(Some(g));
-            }
-            None => return Err(e.into()),
-        },
-        Err(e) => return Err(e.into()),
-    };
-    if let Some(g) = &found {
-        cache.put(key, g.clone());
-    }
-    Ok(found)
 }
 
 /// Resolves a write key to its grant, or 401.
@@ -186,13 +233,17 @@ pub async fn authorize_write(state: &AppState, key: Option<&str>) -> Result<Writ
             "a write key is required: basic auth, ?writeKey= or a writeKey field".into(),
         ));
     };
-    cached(
-        &state.credentials.writes,
-        key,
-        state.directory.resolve_write_key(key),
-    )
-    .await?
-    .ok_or_else(|| ApiError::Unauthorized("unknown write key".into()))
+    let directory = state.directory.clone();
+    let owned = key.to_owned();
+    state
+        .credentials
+        .writes
+        .get_or_fetch(
+            key,
+            || async move { directory.resolve_write_key(&owned).await },
+        )
+        .await?
+        .ok_or_else(|| ApiError::Unauthorized("unknown write key".into()))
 }
 
 /// An authenticated reader of one workspace. Extracting it checks the token.
@@ -208,12 +259,16 @@ impl FromRequestParts<AppState> for Reader {
                 "a secret token is required: bearer or basic auth".into(),
             ));
         };
-        let grant = cached(
-            &state.credentials.reads,
-            &token,
-            state.directory.resolve_token(&token),
-        )
-        .await?;
+        let directory = state.directory.clone();
+        let owned = token.clone();
+        let grant = state
+            .credentials
+            .reads
+            .get_or_fetch(
+                &token,
+                || async move { directory.resolve_token(&owned).await },
+            )
+            .await?;
         if let Some(grant) = grant {
             return Ok(Reader(grant));
         }
@@ -245,13 +300,17 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
-/// Workspaces' identity rules as ingest applies them (blocked values), each
-/// read from the directory at most every [`RULES_TTL`]: a change applies to
-/// new events within that long. While the directory cannot answer, the last
-/// rules read (or the defaults) stay in force, so ingest keeps accepting.
-#[derive(Default)]
-pub struct RulesCache {
-    entries: RwLock<HashMap<String, (Arc<Rules>, Instant)>>,
+/// Workspaces' identity rules as ingest applies them (blocked values), read
+/// again in the background once older than [`RULES_TTL`]: a change applies
+/// to new events within that long (plus one read). While the directory
+/// cannot answer, the last rules read (or the defaults, for a workspace
+/// never read) stay in force, so ingest keeps accepting.
+pub struct RulesCache(Arc<Refreshing<Arc<Rules>>>);
+
+impl Default for RulesCache {
+    fn default() -> Self {
+        Self(Arc::new(Refreshing::new(RULES_TTL, 10_000)))
+    }
 }
 
 /// How long ingest trusts the identity rules it read.
@@ -259,41 +318,33 @@ pub const RULES_TTL: Duration = Duration::from_secs(10);
 
 impl RulesCache {
     /// The rules of `workspace`.
-    pub async fn get(&self, directory: &dyn WorkspaceDirectory, workspace: &str) -> Arc<Rules> {
-        let cached = self
-            .entries
-            .read()
-            .expect("rules cache lock")
-            .get(workspace)
-            .cloned();
-        if let Some((r, at)) = &cached
-            && at.elapsed() < RULES_TTL
-        {
-            return r.clone();
-        }
-        let rules = match directory.identity_rules(workspace).await {
-            Ok(Some(s)) => Rules::from_settings(&s).unwrap_or_default(),
-            Ok(None) => Rules::default(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read identity rules; keeping the last known");
-                return cached.map_or_else(|| Arc::new(Rules::default()), |(r, _)| r);
-            }
+    pub async fn get(
+        &self,
+        directory: &Arc<dyn WorkspaceDirectory>,
+        workspace: &str,
+    ) -> Arc<Rules> {
+        let directory = directory.clone();
+        let owned = workspace.to_owned();
+        let fetch = || async move {
+            let settings = directory.identity_rules(&owned).await?;
+            let rules = settings
+                .map(|s| Rules::from_settings(&s).unwrap_or_default())
+                .unwrap_or_default();
+            Ok(Some(Arc::new(rules)))
         };
-        let rules = Arc::new(rules);
-        let mut entries = self.entries.write().expect("rules cache lock");
-        if entries.len() >= 10_000 {
-            entries.clear();
+        match self.0.get_or_fetch(workspace, fetch).await {
+            Ok(Some(rules)) => rules,
+            Ok(None) => Arc::new(Rules::default()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read identity rules; using the defaults");
+                Arc::new(Rules::default())
+            }
         }
-        entries.insert(workspace.to_owned(), (rules.clone(), Instant::now()));
-        rules
     }
 
     /// Forgets a workspace's rules, after this process changed them.
     pub fn forget(&self, workspace: &str) {
-        self.entries
-            .write()
-            .expect("rules cache lock")
-            .remove(workspace);
+        self.0.remove(workspace);
     }
 }
 
@@ -316,18 +367,82 @@ mod tests {
         assert_eq!(credential_from_headers(&h), None);
     }
 
-    #[test]
-    fn the_cache_forgets_after_its_ttl_and_when_full() {
-        let cache: Cache<u32> = Cache::new(Duration::from_millis(30), 2);
-        cache.put("a", 1);
-        assert_eq!(cache.get("a"), Some(1));
-        std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(cache.get("a"), None, "expired");
-        cache.put("a", 1);
-        cache.put("b", 2);
-        cache.put("c", 3);
-        assert_eq!(cache.get("a"), None, "emptied when full");
-        assert_eq!(cache.get("c"), Some(3));
+    /// Waits until `key`'s background refresh has finished.
+    async fn settled<V: Clone + Send + Sync + 'static>(cache: &Refreshing<V>, key: &str) {
+        while cache.refreshing.lock().unwrap().contains(key) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_cache_refreshes_ahead_and_never_waits_for_a_known_key() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use trailmark_store::StoreError;
+        let ttl = Duration::from_millis(30);
+        let cache = Arc::new(Refreshing::<u32>::new(ttl, 2));
+        let got = |r: trailmark_store::Result<Option<u32>>| r.ok().flatten();
+        // Unknown: waits for the directory, and caches what it found.
+        assert_eq!(
+            got(cache.get_or_fetch("a", || async { Ok(Some(1)) }).await),
+            Some(1)
+        );
+        assert_eq!(
+            got(cache
+                .get_or_fetch("a", || async { unreachable!("fresh") })
+                .await),
+            Some(1)
+        );
+        // Stale: answered at once, even by a directory that hangs, with one
+        // refresh however many ask.
+        tokio::time::sleep(ttl + Duration::from_millis(10)).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        for _ in 0..5 {
+            let calls = calls.clone();
+            let v = cache
+                .get_or_fetch("a", || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok(Some(2))
+                })
+                .await;
+            assert_eq!(got(v), Some(1));
+        }
+        assert!(started.elapsed() < Duration::from_millis(100));
+        settled(&cache, "a").await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one refresh at a time");
+        assert!(matches!(cache.get("a"), Found::Fresh(2)));
+        // A failed refresh keeps the last answer for another period.
+        tokio::time::sleep(ttl + Duration::from_millis(10)).await;
+        let v = cache
+            .get_or_fetch("a", || async {
+                Err(StoreError::Unavailable("down".into()))
+            })
+            .await;
+        assert_eq!(got(v), Some(2));
+        settled(&cache, "a").await;
+        assert!(matches!(cache.get("a"), Found::Fresh(2)));
+        // A refresh that finds the key gone removes it.
+        tokio::time::sleep(ttl + Duration::from_millis(10)).await;
+        assert_eq!(
+            got(cache.get_or_fetch("a", || async { Ok(None) }).await),
+            Some(2)
+        );
+        settled(&cache, "a").await;
+        assert!(matches!(cache.get("a"), Found::Missing));
+        assert_eq!(
+            got(cache.get_or_fetch("a", || async { Ok(None) }).await),
+            None
+        );
+        // Bounded: a third key empties the cache first.
+        for (k, v) in [("a", 1), ("b", 2), ("c", 3)] {
+            cache.put(k, v);
+        }
+        assert!(
+            matches!(cache.get("a"), Found::Missing),
+            "emptied when full"
+        );
+        assert!(matches!(cache.get("c"), Found::Fresh(3)));
     }
 
     #[test]

@@ -271,7 +271,7 @@ async fn single(
         .inspect_err(|_| reject(&state))?;
     state
         .identity_rules
-        .get(&*state.directory, &grant.workspace_id)
+        .get(&state.directory, &grant.workspace_id)
         .await
         .mark_blocked(&mut event);
     append(&state, std::slice::from_ref(&event)).await?;
@@ -298,7 +298,7 @@ async fn batch(
     let mut parsed = raw.normalise(&meta, &state.limits, &mut new_message_id);
     let rules = state
         .identity_rules
-        .get(&*state.directory, &grant.workspace_id)
+        .get(&state.directory, &grant.workspace_id)
         .await;
     for ev in &mut parsed.events {
         rules.mark_blocked(ev);

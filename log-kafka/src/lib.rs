@@ -186,6 +186,14 @@ pub const PRODUCER_SETTINGS: &[(&str, &str)] = &[
     ("queue.buffering.max.messages", "1000000"),
 ];
 
+/// The `min.insync.replicas` of a topic with `replication` copies: a
+/// majority, so an acknowledged record (`acks=all`) is on more than half of
+/// them and survives the loss of any minority. None for one copy, where the
+/// broker's default of 1 is the only choice.
+pub fn min_insync_replicas(replication: i32) -> Option<i32> {
+    (replication > 1).then_some(replication / 2 + 1)
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
@@ -198,6 +206,7 @@ impl KafkaLog {
     pub async fn create_topics(config: &KafkaConfig) -> Result<()> {
         let admin: AdminClient<DefaultClientContext> = config.client().create().map_err(invalid)?;
         let dead = config.dead_letter_topic();
+        let min_insync = min_insync_replicas(config.replication).map(|n| n.to_string());
         let topics = [
             NewTopic::new(
                 &config.topic,
@@ -207,9 +216,14 @@ impl KafkaLog {
             NewTopic::new(&dead, 1, TopicReplication::Fixed(config.replication)),
         ]
         .map(|t| {
-            t.set("retention.ms", "-1")
+            let t = t
+                .set("retention.ms", "-1")
                 .set("retention.bytes", "-1")
-                .set("cleanup.policy", "delete")
+                .set("cleanup.policy", "delete");
+            match &min_insync {
+                Some(n) => t.set("min.insync.replicas", n),
+                None => t,
+            }
         });
         let results = admin
             .create_topics(
@@ -712,6 +726,12 @@ impl EventLog for KafkaLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replicated_topics_need_a_majority_in_sync() {
+        let got: Vec<_> = (1..=5).map(min_insync_replicas).collect();
+        assert_eq!(got, [None, Some(2), Some(2), Some(3), Some(3)]);
+    }
 
     #[test]
     fn uris_parse() {

@@ -178,7 +178,7 @@ async fn known(state: &AppState, ws: &str, raw: &str, field: &str) -> Result<Ide
     }
     if state
         .identity_rules
-        .get(&*state.directory, ws)
+        .get(&state.directory, ws)
         .await
         .is_blocked(&id)
     {

@@ -16,7 +16,8 @@ pub struct ScyllaConfig {
     /// With a data centre name, the keyspace uses `NetworkTopologyStrategy`
     /// there; without, `SimpleStrategy` (for one-DC test clusters).
     pub datacenter: Option<String>,
-    /// The consistency of reads and writes.
+    /// The consistency of reads and writes: a quorum or more, never less
+    /// (the crate's "Consistency" section says why).
     pub consistency: Consistency,
 }
 
@@ -75,12 +76,18 @@ impl ScyllaConfig {
                 "dc" => config.datacenter = Some(v.to_owned()),
                 "consistency" => {
                     config.consistency = match v.to_ascii_lowercase().as_str() {
-                        "one" => Consistency::One,
                         "quorum" => Consistency::Quorum,
                         "local_quorum" => Consistency::LocalQuorum,
-                        "local_one" => Consistency::LocalOne,
                         "each_quorum" => Consistency::EachQuorum,
                         "all" => Consistency::All,
+                        // See the crate's "Consistency" section.
+                        "one" | "local_one" | "two" | "three" | "any" => {
+                            return Err(bad(
+                                "consistency below a quorum is refused: a read could miss \
+                                 the last acknowledged write, and the projector would count \
+                                 events twice or lose them; use local_quorum",
+                            ));
+                        }
                         _ => return Err(bad("unknown consistency")),
                     }
                 }

@@ -47,8 +47,39 @@
 //!   window cleans them up.
 //!
 //! Writes are prepared statements, issued concurrently; the only batch is the
-//! checkpoint's, which stays inside one partition. The consistency level is
-//! configurable and defaults to `LOCAL_QUORUM`.
+//! checkpoint's, which stays inside one partition.
+//!
+//! # Consistency
+//! Every read and write runs at `LOCAL_QUORUM` by default (`QUORUM`,
+//! `EACH_QUORUM` and `ALL` are accepted too); `ONE`, `LOCAL_ONE`, `TWO`,
+//! `THREE` and `ANY` are refused when the URI is parsed. The fold above
+//! depends on it:
+//! - **Read-your-writes across projectors.** Counts and seen times are read,
+//!   folded and written back, and a projector that takes over a partition
+//!   reads the checkpoint and the per-partition positions its predecessor
+//!   wrote. With replication factor 3, a quorum write reaches 2 replicas and
+//!   a quorum read asks 2, so every read meets at least one replica holding
+//!   the last acknowledged write, and the newest cell wins.
+//! - **At `ONE` that breaks.** A read can be answered by the replica that
+//!   missed the last write (it was down, or its hint is not yet delivered).
+//!   The projector then folds the batch onto a stale count row, and writes
+//!   it back with a *higher* write timestamp (the sum of positions), so it
+//!   beats the correct row: the events between the stale and the true row
+//!   are lost from the counts. A stale checkpoint sends it back into the log,
+//!   and a stale de-duplication read lets a retried `messageId` through
+//!   again, so counts double. Timelines and evidence, which are upserts and
+//!   accumulations, would converge; counts would not.
+//! - **Failures.** With one replica of three down, `LOCAL_QUORUM` reads and
+//!   writes still succeed and the node catches up from hints (or repair).
+//!   With two down, they fail: the projector retries with backoff and applies
+//!   nothing, rather than apply at a level that cannot keep its promise.
+//!   A write that timed out may have reached some replicas; it is retried as
+//!   the idempotent write it is. Because every statement is idempotent, a
+//!   request a node has not answered within 500 ms is also sent to the next
+//!   node (speculative execution), so a node that hangs while it stops or
+//!   starts costs that long, not the 10 s request timeout.
+//!
+//! `trailmark migrate` changes the schema at `ALL`, so it needs every node.
 //!
 //! # Layout
 //! - `config`: [`ScyllaConfig`], from a `scylla://` URI;
@@ -73,6 +104,7 @@ use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
+use scylla::policies::speculative_execution::SimpleSpeculativeExecutionPolicy;
 use scylla::statement::Consistency;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
@@ -240,10 +272,22 @@ type RulesCache = HashMap<String, (std::time::Instant, Arc<Rules>)>;
 /// through another process applies to new data within this long.
 pub const RULES_TTL: Duration = Duration::from_secs(10);
 
+/// How long a request waits for a node before it is sent to the next one too.
+const SPECULATE_AFTER: Duration = Duration::from_millis(500);
+
 async fn open_session(config: &ScyllaConfig, keyspace: Option<&str>) -> Result<Session> {
     let profile = ExecutionProfile::builder()
         .consistency(config.consistency)
         .request_timeout(Some(Duration::from_secs(10)))
+        // Every statement is idempotent, so a request that a node has not
+        // answered within SPECULATE_AFTER is sent to the next node as well,
+        // and the first answer wins: a node that hangs (shutting down,
+        // restarting with a cold JVM) costs a projector that long, not the
+        // request timeout.
+        .speculative_execution_policy(Some(Arc::new(SimpleSpeculativeExecutionPolicy {
+            max_retry_count: 2,
+            retry_interval: SPECULATE_AFTER,
+        })))
         .build()
         .into_handle();
     let mut builder = SessionBuilder::new()
@@ -494,6 +538,9 @@ mod tests {
             "scylla://",
             "scylla://h/bad-name",
             "scylla://h?consistency=some",
+            "scylla://h?consistency=one",
+            "scylla://h?consistency=LOCAL_ONE",
+            "scylla://h?consistency=any",
             "scylla://h?replication_factor=0",
             "scylla://h?what=1",
         ] {

@@ -21,30 +21,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::faults::{Restart, assert_exactly_once, engines, load, merge, warm_up};
 use common::{Role, TOKEN, WRITE_KEY, prepare_distributed, read, spawn_role};
 use serde_json::{Value, json};
 use trailmark::config::Config;
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn engines(action: &str, name: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/local/engines");
-    let status = std::process::Command::new(script)
-        .args([action, name])
-        .status()
-        .expect("run deploy/local/engines");
-    assert!(status.success(), "engines {action} {name} failed");
-}
-
-/// Starts an engine again when dropped, even if the test failed, so that
-/// later suites find it running.
-struct Restart(&'static str);
-
-impl Drop for Restart {
-    fn drop(&mut self) {
-        engines("start", self.0);
-    }
-}
 
 /// Migrates a topic and keyspace of the test's own, then starts ingest, the
 /// query API and one projector on them.
@@ -64,56 +46,6 @@ fn config(dir: &std::path::Path) -> Config {
     config
 }
 
-/// Sends batches of `Load` events for `users` users, retrying a batch (same
-/// messageIds, as an SDK would) until it is acknowledged; returns the
-/// acknowledged count per user. Stops after `batches` batches.
-async fn load(
-    ingest: String,
-    tag: String,
-    users: usize,
-    batches: usize,
-    per_batch: usize,
-) -> BTreeMap<String, usize> {
-    let client = reqwest::Client::new();
-    let mut acked: BTreeMap<String, usize> = BTreeMap::new();
-    for b in 0..batches {
-        let items: Vec<Value> = (0..per_batch)
-            .map(|i| {
-                let user = format!("{tag}-u{}", (b * per_batch + i) % users);
-                json!({
-                    "type": "track",
-                    "event": "Load",
-                    "userId": user,
-                    "messageId": format!("{tag}-{b}-{i}"),
-                })
-            })
-            .collect();
-        let body = json!({ "batch": items });
-        loop {
-            let sent = client
-                .post(format!("{ingest}/v1/batch"))
-                .basic_auth(WRITE_KEY, Some(""))
-                .json(&body)
-                .timeout(Duration::from_secs(30))
-                .send()
-                .await;
-            match sent {
-                Ok(r) if r.status() == 200 => break,
-                Ok(r) if r.status() == 503 => {}
-                Ok(r) => panic!("unexpected status {}", r.status()),
-                Err(_) => {}
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        for item in body["batch"].as_array().unwrap() {
-            *acked
-                .entry(item["userId"].as_str().unwrap().to_owned())
-                .or_default() += 1;
-        }
-    }
-    acked
-}
-
 /// Posts one event to ingest with the write key.
 async fn track(client: &reqwest::Client, ingest: &Role, event: &Value) -> reqwest::Response {
     client
@@ -123,97 +55,6 @@ async fn track(client: &reqwest::Client, ingest: &Role, event: &Value) -> reqwes
         .send()
         .await
         .unwrap()
-}
-
-fn merge(into: &mut BTreeMap<String, usize>, from: BTreeMap<String, usize>) {
-    for (k, v) in from {
-        *into.entry(k).or_default() += v;
-    }
-}
-
-/// Waits until every user's timeline and count match what was acknowledged,
-/// then checks there are no duplicates.
-async fn assert_exactly_once(query: &str, acked: &BTreeMap<String, usize>, patience: Duration) {
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + patience;
-    for (user, want) in acked {
-        loop {
-            let (status, meta) = read(
-                client
-                    .get(format!("{query}/v1/profiles/user_id:{user}/metadata"))
-                    .bearer_auth(TOKEN)
-                    .send()
-                    .await
-                    .expect("metadata"),
-            )
-            .await;
-            let have = meta["metadata"]["event_counts"]["Load"]
-                .as_u64()
-                .unwrap_or(0) as usize;
-            if status == 200 && have == *want {
-                break;
-            }
-            assert!(
-                have <= *want,
-                "{user}: {have} counted, only {want} acknowledged"
-            );
-            assert!(
-                Instant::now() < deadline,
-                "{user}: {have} of {want} acknowledged events projected in time ({meta})"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        let (_, events) = read(
-            client
-                .get(format!(
-                    "{query}/v1/profiles/user_id:{user}/events?limit=200"
-                ))
-                .bearer_auth(TOKEN)
-                .send()
-                .await
-                .expect("events"),
-        )
-        .await;
-        let ids: std::collections::BTreeSet<&str> = events["data"]
-            .as_array()
-            .expect("events")
-            .iter()
-            .map(|e| e["message_id"].as_str().expect("message_id"))
-            .collect();
-        assert_eq!(ids.len(), *want, "{user}: each event once in the timeline");
-    }
-}
-
-async fn applied_by(role: &Role) -> u64 {
-    let text = reqwest::get(format!("{}/metrics", role.base))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .find(|l| {
-            l.starts_with("trailmark_projector_events_total") && l.contains("outcome=\"applied\"")
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|n| n.parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
-}
-
-/// Loads until both projectors have applied something: they split the
-/// partitions between them. Returns the acknowledged count per user.
-async fn warm_up(ingest: &Role, first: &Role, second: &Role) -> BTreeMap<String, usize> {
-    let mut acked = load(ingest.base.clone(), "warm".into(), 40, 10, 20).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut round = 0;
-    while applied_by(first).await == 0 || applied_by(second).await == 0 {
-        assert!(Instant::now() < deadline, "both projectors get partitions");
-        round += 1;
-        let tag = format!("warm{round}");
-        merge(&mut acked, load(ingest.base.clone(), tag, 40, 1, 20).await);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    acked
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -277,8 +118,8 @@ async fn a_cassandra_outage_delays_projections_and_loses_nothing() {
             acked
         })
     };
-    engines("stop", "cassandra");
-    let restart = Restart("cassandra");
+    engines(&["stop", "cassandra"]);
+    let restart = Restart::new(&["start", "cassandra"]);
     let client = reqwest::Client::new();
     let (status, body) = read(
         client
@@ -343,8 +184,8 @@ async fn a_kafka_outage_gets_503_not_200_and_recovers() {
     let client = reqwest::Client::new();
     let event = json!({"type": "track", "event": "Load", "userId": "k-u", "messageId": "k-during"});
 
-    engines("stop", "kafka");
-    let restart = Restart("kafka");
+    engines(&["stop", "kafka"]);
+    let restart = Restart::new(&["start", "kafka"]);
     let started = Instant::now();
     let r = track(&client, &ingest, &event).await;
     assert_eq!(r.status(), 503, "not acknowledged while Kafka is down");

@@ -11,6 +11,8 @@
 
 #![allow(dead_code)]
 
+pub mod faults;
+
 use std::time::Duration;
 
 use base64::Engine;
@@ -107,13 +109,27 @@ pub fn config_path(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 /// Writes the distributed configuration for `dir`, then runs `migrate`.
-pub async fn prepare_distributed(dir: &std::path::Path, mut config: Config) {
+pub async fn prepare_distributed(dir: &std::path::Path, config: Config) {
     let n = trailmark_testkit::name_for_path(dir);
-    config.log_uri = Some(format!(
-        "kafka://{}/tm-e2e-{n}?partitions=4",
-        kafka_brokers()
-    ));
-    config.store_uri = Some(format!("scylla://{}/tm_e2e_{n}", cassandra_host()));
+    prepare_distributed_on(
+        dir,
+        config,
+        format!("kafka://{}/tm-e2e-{n}?partitions=4", kafka_brokers()),
+        format!("scylla://{}/tm_e2e_{n}", cassandra_host()),
+    )
+    .await
+}
+
+/// Writes a distributed configuration on the given log and store for `dir`,
+/// then runs `migrate`.
+pub async fn prepare_distributed_on(
+    dir: &std::path::Path,
+    mut config: Config,
+    log_uri: String,
+    store_uri: String,
+) {
+    config.log_uri = Some(log_uri);
+    config.store_uri = Some(store_uri);
     std::fs::write(
         config_path(dir),
         toml::to_string(&config).expect("config as toml"),
