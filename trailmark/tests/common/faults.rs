@@ -257,8 +257,8 @@ pub struct Attempt {
 pub struct LoadReport {
     /// Acknowledged events per user.
     pub acked: BTreeMap<String, usize>,
-    /// Every acknowledged messageId.
-    pub ids: BTreeSet<String>,
+    /// Every acknowledged messageId, with when ingest acknowledged it.
+    pub ids: BTreeMap<String, Instant>,
     /// Every attempt, acknowledged or not.
     pub attempts: Vec<Attempt>,
 }
@@ -297,10 +297,10 @@ impl PacedLoad {
                         send_until_acked(&client, &ingest, &body, |a| report.attempts.push(a))
                             .await;
                         count_acked(&mut report.acked, &body);
+                        let at = Instant::now();
                         for item in body["batch"].as_array().expect("batch") {
-                            report
-                                .ids
-                                .insert(item["messageId"].as_str().expect("id").to_owned());
+                            let id = item["messageId"].as_str().expect("id");
+                            report.ids.insert(id.to_owned(), at);
                         }
                         b += 1;
                         next = (next + every).max(Instant::now());
