@@ -233,15 +233,15 @@ pub async fn authorize_write(state: &AppState, key: Option<&str>) -> Result<Writ
             "a write key is required: basic auth, ?writeKey= or a writeKey field".into(),
         ));
     };
-    let directory = state.directory.clone();
-    let owned = key.to_owned();
+    // The closure runs only for a stale or unknown key, so a fresh one
+    // costs no clone.
     state
         .credentials
         .writes
-        .get_or_fetch(
-            key,
-            || async move { directory.resolve_write_key(&owned).await },
-        )
+        .get_or_fetch(key, || {
+            let (directory, key) = (state.directory.clone(), key.to_owned());
+            async move { directory.resolve_write_key(&key).await }
+        })
         .await?
         .ok_or_else(|| ApiError::Unauthorized("unknown write key".into()))
 }
@@ -259,15 +259,13 @@ impl FromRequestParts<AppState> for Reader {
                 "a secret token is required: bearer or basic auth".into(),
             ));
         };
-        let directory = state.directory.clone();
-        let owned = token.clone();
         let grant = state
             .credentials
             .reads
-            .get_or_fetch(
-                &token,
-                || async move { directory.resolve_token(&owned).await },
-            )
+            .get_or_fetch(&token, || {
+                let (directory, token) = (state.directory.clone(), token.clone());
+                async move { directory.resolve_token(&token).await }
+            })
             .await?;
         if let Some(grant) = grant {
             return Ok(Reader(grant));
@@ -323,14 +321,15 @@ impl RulesCache {
         directory: &Arc<dyn WorkspaceDirectory>,
         workspace: &str,
     ) -> Arc<Rules> {
-        let directory = directory.clone();
-        let owned = workspace.to_owned();
-        let fetch = || async move {
-            let settings = directory.identity_rules(&owned).await?;
-            let rules = settings
-                .map(|s| Rules::from_settings(&s).unwrap_or_default())
-                .unwrap_or_default();
-            Ok(Some(Arc::new(rules)))
+        let fetch = || {
+            let (directory, workspace) = (directory.clone(), workspace.to_owned());
+            async move {
+                let settings = directory.identity_rules(&workspace).await?;
+                let rules = settings
+                    .map(|s| Rules::from_settings(&s).unwrap_or_default())
+                    .unwrap_or_default();
+                Ok(Some(Arc::new(rules)))
+            }
         };
         match self.0.get_or_fetch(workspace, fetch).await {
             Ok(Some(rules)) => rules,
